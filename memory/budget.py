@@ -1,0 +1,121 @@
+"""Memory budgets: how many bytes a training step may use on a device."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ondevice.errors import ConfigError
+
+__all__ = ["Budget", "HasTrainingBudget", "format_bytes", "parse_bytes"]
+
+_UNITS: dict[str, int] = {
+    "": 1,
+    "B": 1,
+    # Memory is sized in binary units (JEDEC): a "256KB" MCU has 262,144 bytes of SRAM, as datasheets and
+    # the TinyML literature mean it. KB, KiB and K are therefore all 1024 bytes; see parse_bytes.
+    "KB": 1024,
+    "MB": 1024**2,
+    "GB": 1024**3,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+}
+_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse a byte count such as ``"256KB"``, ``"64MiB"``, ``"1.5 GB"`` or ``1024``.
+
+    Units are binary as memory datasheets use them (JEDEC): ``KB`` = ``KiB`` = ``K`` = 1024 bytes, and so
+    on for M and G, so ``"256KB"`` is the 262,144 bytes of a 256 KB microcontroller. Case is ignored.
+    """
+    if isinstance(text, bool):
+        raise ConfigError(f"a byte count must be a number or a string like '256KB', got {text!r}")
+    if isinstance(text, int | float):
+        if text < 0 or text != text:
+            raise ConfigError(f"a byte count must be >= 0, got {text!r}")
+        return int(text)
+    match = _PATTERN.match(str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(
+            f"cannot read {text!r} as a byte count; write a number with an optional unit "
+            f"(B, KB, MB, GB, KiB, MiB, GiB, K, M, G), e.g. '256KB' or '64MiB'"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@runtime_checkable
+class HasTrainingBudget(Protocol):
+    """Anything that knows how many bytes a training step may use (e.g. a ``devices.DeviceProfile``)."""
+
+    name: str
+
+    @property
+    def training_budget_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A memory budget for one training step.
+
+    Attributes:
+        total_bytes: bytes available to activations, trainable parameters, gradients and optimizer state
+            (and frozen parameters, when ``count_frozen_params`` is set).
+        name: where the figure came from, for reports.
+        count_frozen_params: whether frozen weights must also fit in the budget (an MCU keeps them in
+            flash, so the default leaves them out; a Linux board keeps them in RAM).
+        frozen_param_bits: storage width of frozen weights when they are counted (8 for int8 MCU
+            deployment as in TinyTL and tiny-training, 32 for float).
+    """
+
+    total_bytes: int
+    name: str = ""
+    count_frozen_params: bool = False
+    frozen_param_bits: int = 32
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.total_bytes, bool)
+            or not isinstance(self.total_bytes, int)
+            or self.total_bytes <= 0
+        ):
+            raise ConfigError(f"Budget.total_bytes must be a positive int, got {self.total_bytes!r}")
+        if self.frozen_param_bits not in (8, 16, 32):
+            raise ConfigError(f"Budget.frozen_param_bits must be 8, 16 or 32, got {self.frozen_param_bits!r}")
+
+    @classmethod
+    def parse(cls, value: str | int | float | Budget | HasTrainingBudget, **kwargs: object) -> Budget:
+        """Make a budget from bytes, a string such as ``"256KB"``, another budget or a device profile."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, HasTrainingBudget):
+            return cls.from_profile(value, **kwargs)  # type: ignore[arg-type]
+        return cls(parse_bytes(value), name=str(value), **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_profile(cls, profile: HasTrainingBudget, **kwargs: object) -> Budget:
+        """The part of a device's memory a training step may use (see ``devices.DeviceProfile``)."""
+        return cls(int(profile.training_budget_bytes), name=profile.name, **kwargs)  # type: ignore[arg-type]
+
+    def fits(self, needed_bytes: int) -> bool:
+        """Whether ``needed_bytes`` fit in this budget."""
+        return needed_bytes <= self.total_bytes
+
+    def __str__(self) -> str:
+        return f"{format_bytes(self.total_bytes)}" + (f" ({self.name})" if self.name else "")
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size: ``format_bytes(720896) == '704.0 KiB'``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover

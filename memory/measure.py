@@ -1,0 +1,288 @@
+"""Measure the memory of one real training step: activations kept for backward, peak, state.
+
+Two trackers do the counting; both look only at tensor *metadata* (storage identity and size), never at
+values, so they work unchanged on fake or meta tensors (``memory.estimate`` reuses them):
+
+* :class:`SavedTensorTracker` sees every tensor autograd saves for backward through
+  ``torch.autograd.graph.saved_tensors_hooks`` and counts each underlying storage once (views share
+  their base's storage), skipping parameters, buffers and their views. A storage counts while it is
+  alive, so a branch whose graph is dropped before backward drops out. Forward pre/post hooks, removed
+  afterwards, attribute each storage to the module whose own forward was running when it was first saved.
+  Tensors kept on ``ctx`` outside ``save_for_backward`` are invisible to autograd's hooks (the ops in
+  ``ondevice.ops`` save everything through ``save_for_backward``).
+* :class:`LiveTensorTracker` is a ``TorchDispatchMode`` that sees the output of every ATen op in
+  forward, backward and the optimizer step and keeps the bytes of live storages, freeing them through a
+  weakref finalizer when the storage dies (storages keep their Python object while alive, so the finalizer
+  fires exactly at the free). Its peak is exact at the level of tensors, which is what a planner can
+  predict; memory an ATen kernel allocates internally for itself (e.g. an im2col or oneDNN workspace) and
+  allocator overhead are not tensors and are not counted. ``torch.profiler``'s memory events would see
+  those but cannot run on fake tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from memory.report import MemoryReport
+from ondevice.errors import ConfigError
+
+__all__ = [
+    "LiveTensorTracker",
+    "SavedTensorTracker",
+    "default_loss",
+    "distinct_storage_bytes",
+    "measure",
+    "storage_key",
+]
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+def storage_key(t: Tensor) -> int | None:
+    """An id of ``t``'s underlying storage, unique among live storages (``None`` if it has none).
+
+    Uses the storage implementation's address (``UntypedStorage._cdata``) rather than ``data_ptr()``,
+    which fake and meta tensors do not have.
+    """
+    try:
+        return int(t.untyped_storage()._cdata)
+    except (RuntimeError, NotImplementedError):  # sparse, mkldnn and other storage-less layouts
+        return None
+
+
+def distinct_storage_bytes(tensors: Iterable[Tensor | None]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a storage shared by views counts once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, Tensor):
+            key = storage_key(t)
+            if key is not None:
+                seen[key] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+class SavedTensorTracker:
+    """Counts the bytes autograd saves for backward, each storage once, per module.
+
+    Args:
+        exclude: tensors whose storages are not activations (parameters, buffers); their views are
+            excluded too.
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        self._excluded = {k for k in (storage_key(t) for t in exclude) if k is not None}
+        self._saved: dict[int, tuple[int, str]] = {}
+        self._stack: list[str] = [""]
+        self._ran: dict[str, None] = {}
+
+    def _pack(self, t: Tensor) -> Tensor:
+        key = storage_key(t)
+        if key is not None and key not in self._excluded and key not in self._saved:
+            storage = t.untyped_storage()
+            self._saved[key] = (storage.nbytes(), self._stack[-1])
+            weakref.finalize(storage, self._saved.pop, key, None)
+        # A detached alias: returning ``t`` itself would make a graph that saves its own output hold a
+        # reference cycle through C++ that the garbage collector cannot break.
+        return t.detach()
+
+    @staticmethod
+    def _unpack(t: Tensor) -> Tensor:
+        return t
+
+    @contextmanager
+    def track(self, model: nn.Module | None = None) -> Iterator[SavedTensorTracker]:
+        """Count saved tensors inside the block; attribute them to ``model``'s submodules if given."""
+        handles = []
+        if model is not None:
+            for name, module in model.named_modules():
+                handles.append(module.register_forward_pre_hook(self._enter(name)))
+                handles.append(module.register_forward_hook(self._leave(name), always_call=True))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._stack.append(name)
+            self._ran.setdefault(name, None)
+
+        return hook
+
+    def _leave(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if len(self._stack) > 1 and self._stack[-1] == name:
+                self._stack.pop()
+
+        return hook
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of the saved storages still alive."""
+        return sum(nbytes for nbytes, _ in list(self._saved.values()))
+
+    def by_module(self) -> dict[str, int]:
+        """Saved bytes still alive per module (modules whose forward ran, in forward order)."""
+        result = dict.fromkeys(self._ran, 0)
+        for nbytes, name in list(self._saved.values()):
+            result[name] = result.get(name, 0) + nbytes
+        return result
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Tracks the bytes of live tensor storages produced by ATen ops while active, and their peak.
+
+    Args:
+        known: tensors that exist before tracking starts (parameters, inputs, ...); their storages are
+            never counted as new, so ``peak_bytes`` is the peak *on top of* them.
+    """
+
+    def __init__(self, known: Iterable[Tensor] = ()) -> None:
+        super().__init__()
+        self._known = {k for k in (storage_key(t) for t in known) if k is not None}
+        self._live: dict[int, int] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                self._see(t)
+        return out
+
+    def _see(self, t: Tensor) -> None:
+        key = storage_key(t)
+        if key is None or key in self._known:
+            return
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        old = self._live.get(key)
+        if old is None:
+            weakref.finalize(storage, self._free, key)
+        elif old == nbytes:
+            return
+        self._live[key] = nbytes
+        self.current_bytes += nbytes - (old or 0)
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+
+    def _free(self, key: int) -> None:
+        self.current_bytes -= self._live.pop(key, 0)
+
+
+def default_loss(output: Tensor, target: Tensor | None) -> Tensor:
+    """Cross-entropy for class scores (``target`` defaults to class 0), MSE for a float target."""
+    if not isinstance(output, Tensor):
+        raise ConfigError(
+            f"the model returned {type(output).__name__}, not a tensor; pass loss_fn=... to measure()"
+        )
+    if target is None:
+        if output.dim() < 2:
+            return output.float().pow(2).mean()
+        target = torch.zeros((output.shape[0], *output.shape[2:]), dtype=torch.long, device=output.device)
+    if target.is_floating_point():
+        return F.mse_loss(output, target)
+    return F.cross_entropy(output, target)
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(obj) if isinstance(t, Tensor)]
+
+
+def measure(
+    model: nn.Module,
+    example_input: Tensor | tuple[Tensor, ...],
+    *,
+    target: Tensor | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: LossFn | None = None,
+) -> MemoryReport:
+    """Run one real training step of ``model`` on ``example_input`` and report its memory.
+
+    The step is forward (in the model's current train/eval mode), loss, backward and optimizer step,
+    starting from no gradients (as after ``zero_grad(set_to_none=True)``). ``activation_bytes`` is what
+    the *model's* forward saves for backward (the loss's own saved tensors count only towards the peak).
+    ``peak_bytes`` is the peak of live tensor bytes over the step plus the parameters, buffers, inputs,
+    target and existing optimizer state (see the module docstring for what it leaves out).
+
+    The default optimizer is ``SGD(lr=0, momentum=0.9)`` over the parameters that require grad: it holds
+    the state a momentum optimizer holds while leaving the weights unchanged. A given ``optimizer`` steps
+    for real. Gradients and buffers (e.g. BatchNorm running statistics updated in train mode) are put
+    back afterwards.
+
+    Args:
+        model: the model, prepared as it will train (frozen parameters have ``requires_grad=False``).
+        example_input: one batch, or a tuple of positional inputs.
+        target: labels for the loss; by default class 0 for every sample (cross-entropy).
+        optimizer: the optimizer to step; by default the zero-lr SGD above.
+        loss_fn: ``loss_fn(output, target) -> scalar``; by default :func:`default_loss`.
+
+    Raises:
+        ConfigError: no parameter requires grad, or the output is not a tensor and no ``loss_fn`` is given.
+    """
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ConfigError(
+            f"no parameter of {type(model).__name__} requires grad, so there is no training step to "
+            "measure; unfreeze some parameters (e.g. with ondevice.prepare) first"
+        )
+    buffers = list(model.buffers())
+    stashed_grads = [p.grad for p in params]
+    stashed_buffers = [b.detach().clone() for b in buffers]
+    for p in params:
+        p.grad = None
+    opt = optimizer if optimizer is not None else torch.optim.SGD(trainable, lr=0.0, momentum=0.9)
+    existing_state = _tensors(list(opt.state.values()))
+    known = [*params, *buffers, *existing_state, *_tensors(inputs), *_tensors(target)]
+    baseline_bytes = distinct_storage_bytes(known)
+    saved = SavedTensorTracker(exclude=[*params, *buffers])
+    live = LiveTensorTracker(known)
+    loss = loss_fn if loss_fn is not None else default_loss
+    try:
+        with live:
+            with saved.track(model):
+                output = model(*inputs)
+            activation_bytes = saved.saved_bytes
+            modules = saved.by_module()
+            loss(output, target).backward()
+            del output
+            gradient_bytes = distinct_storage_bytes(p.grad for p in trainable)
+            opt.step()
+            optimizer_state_bytes = distinct_storage_bytes(_tensors(list(opt.state.values())))
+        peak_bytes = baseline_bytes + live.peak_bytes
+    finally:
+        with torch.no_grad():
+            for b, old in zip(buffers, stashed_buffers, strict=True):
+                b.copy_(old)
+        for p, grad in zip(params, stashed_grads, strict=True):
+            p.grad = grad
+    report = MemoryReport(
+        activation_bytes=activation_bytes,
+        peak_bytes=peak_bytes,
+        param_bytes=distinct_storage_bytes(params),
+        trainable_param_bytes=distinct_storage_bytes(trainable),
+        gradient_bytes=gradient_bytes,
+        optimizer_state_bytes=optimizer_state_bytes,
+        modules=modules,
+    )
+    logger.debug("measured %s: %d activation bytes, %d peak bytes", type(model).__name__,
+                 activation_bytes, peak_bytes)  # fmt: skip
+    return report
+
+

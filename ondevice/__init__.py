@@ -1,0 +1,82 @@
+"""ondevice: on-device continual learning with sparse updates that really save memory.
+
+The entry points::
+
+    import ondevice
+    model = ondevice.pretrain("cnn")                    # a zoo backbone pretrained on shipped digits
+    model.replace_head(5)
+    prepared = ondevice.prepare(model, "lite_residual") # freeze, attach branches, memory-saving ops
+    trainer = ondevice.Trainer(prepared, optimizer="adam")
+    trainer.fit(data, epochs=5)
+    prepared.save_delta("delta.safetensors")            # only what trains
+
+``import ondevice`` never imports Flower, pyserial or asyncssh.
+"""
+
+from ondevice.errors import (
+    BudgetExceededError,
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigError,
+    InputDtypeError,
+    InputShapeError,
+    NonFiniteBatchError,
+    OnDeviceError,
+    UnknownModelError,
+    UnknownSchemeError,
+    UnsupportedModuleError,
+)
+from ondevice.models import ClassifierModel, create_model, list_models
+from ondevice.optim import OptimizerConfig
+from ondevice.prepared import PreparedModel, PrepareReport, prepare
+from ondevice.pretrain import pretrain
+from ondevice.schemes import (
+    Bias,
+    Full,
+    LastLayer,
+    LiteResidual,
+    LoRA,
+    Scheme,
+    Sparse,
+    list_schemes,
+    resolve_scheme,
+)
+from ondevice.trainer import EvalResult, FitResult, Trainer, evaluate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bias",
+    "BudgetExceededError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ClassifierModel",
+    "ConfigError",
+    "EvalResult",
+    "FitResult",
+    "Full",
+    "InputDtypeError",
+    "InputShapeError",
+    "LastLayer",
+    "LiteResidual",
+    "LoRA",
+    "NonFiniteBatchError",
+    "OnDeviceError",
+    "OptimizerConfig",
+    "PrepareReport",
+    "PreparedModel",
+    "Scheme",
+    "Sparse",
+    "Trainer",
+    "UnknownModelError",
+    "UnknownSchemeError",
+    "UnsupportedModuleError",
+    "__version__",
+    "create_model",
+    "evaluate",
+    "list_models",
+    "list_schemes",
+    "prepare",
+    "pretrain",
+    "resolve_scheme",
+]

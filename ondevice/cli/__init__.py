@@ -1,0 +1,13 @@
+"""The ``ondevice`` command line."""
+
+from __future__ import annotations
+
+from ondevice.cli import demo as _demo  # noqa: F401  (registers the subcommand)
+from ondevice.cli._app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Entry point of the ``ondevice`` console script."""
+    app()

@@ -1,0 +1,38 @@
+"""Memory-saving autograd ops: frozen layers keep nothing, ReLUs keep 1-bit masks.
+
+Freezing a layer's weight removes the need to keep its input for backward, and a ReLU needs only a
+1-bit mask (TinyTL, Cai et al. 2020; tiny-training, Lin et al. 2022), but stock PyTorch keeps full
+activations anyway. :func:`convert` swaps every supported layer for a subclass that computes the same
+outputs and gradients with custom ``torch.autograd.Function``\\ s that keep only what the gradients of the
+tensors that actually require grad need, decided at forward time. One module per op family; each
+registers itself in :mod:`ondevice.ops.registry` by module type.
+"""
+
+from ondevice.ops import activation, conv, dropout, linear, norm, partial, pooling
+from ondevice.ops.convert import SAVES_NOTHING, convert, restore, unsupported_leaves
+from ondevice.ops.registry import (
+    MemorySavingModule,
+    OpOptions,
+    find_op,
+    register_op,
+    supported_types,
+)
+
+__all__ = [
+    "SAVES_NOTHING",
+    "MemorySavingModule",
+    "OpOptions",
+    "activation",
+    "conv",
+    "convert",
+    "dropout",
+    "find_op",
+    "linear",
+    "norm",
+    "partial",
+    "pooling",
+    "register_op",
+    "restore",
+    "supported_types",
+    "unsupported_leaves",
+]

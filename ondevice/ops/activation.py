@@ -1,0 +1,230 @@
+"""Memory-saving activations: masks for the ReLU family, (optionally compressed) inputs for smooth ones.
+
+ReLU, ReLU6 and LeakyReLU have piecewise-constant derivatives, so backward needs only *where* the input
+fell: ``x > 0`` for ReLU and LeakyReLU, ``0 < x < 6`` for ReLU6 (strict at both ends, exactly as stock
+``hardtanh_backward`` zeroes the gradient at ``x == 0`` and ``x == 6``). The mask is packed 1 bit per
+element by default (TinyTL, Cai et al. 2020, Sec. 3: "ReLU only needs a binary mask"), or kept 1 byte per
+element with ``mask="byte"``; stock PyTorch keeps a full-precision tensor (32 bits per element).
+
+SiLU, GELU, Hardswish, Sigmoid and Tanh need the input (SiLU, GELU, Hardswish) or output (Sigmoid, Tanh)
+itself, which they keep at full precision (as TinyTL counts them), or 8-bit compressed with
+``compress="int8"`` (lossy; see ``_compress``). Backward calls the ATen kernels stock autograd calls.
+
+For the ReLU family the gradient is ``grad * mask``, equal to stock's for finite gradients (stock returns 0
+where the mask is 0 even for an infinite or NaN gradient; here ``0 * inf`` is NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ondevice.ops._bitmask import decode_mask, empty_mask, encode_mask
+from ondevice.ops._compress import compress_int8, decompress_int8
+from ondevice.ops.registry import MaskMode, MemorySavingModule, OpOptions, register_op
+
+__all__ = [
+    "MemorySavingGELU",
+    "MemorySavingHardswish",
+    "MemorySavingLeakyReLU",
+    "MemorySavingReLU",
+    "MemorySavingReLU6",
+    "MemorySavingSiLU",
+    "MemorySavingSigmoid",
+    "MemorySavingTanh",
+]
+
+
+def _write_mask(kind: str, y: Tensor, out: Tensor) -> None:
+    """Write the derivative mask of ``kind`` into the bool tensor ``out``, from the activation output."""
+    torch.gt(y, 0, out=out)
+    if kind == "relu6":
+        out.logical_and_(y < 6)
+
+
+class _MaskedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, kind: str, slope: float, inplace: bool, mode: MaskMode
+    ) -> Tensor:
+        if kind == "relu":
+            y = torch.relu_(x) if inplace else torch.relu(x)
+        elif kind == "relu6":
+            y = F.hardtanh_(x, 0.0, 6.0) if inplace else F.hardtanh(x, 0.0, 6.0)
+        else:
+            y = F.leaky_relu_(x, slope) if inplace else F.leaky_relu(x, slope)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.kind, ctx.slope, ctx.mode, ctx.shape = kind, slope, mode, y.shape
+        if ctx.needs_input_grad[0]:
+            buffer, view = empty_mask(y, mode)
+            _write_mask(kind, y, view)
+            ctx.save_for_backward(encode_mask(buffer, mode))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (stored,) = ctx.saved_tensors
+        mask = decode_mask(stored, ctx.shape.numel(), ctx.mode).view(ctx.shape)
+        if ctx.kind == "leaky_relu":
+            # leaky_relu_backward only tests ``mask > 0``, so a 0/1 proxy gives stock's exact arithmetic.
+            proxy = mask.to(grad_out.dtype)
+            grad_x = torch.ops.aten.leaky_relu_backward(grad_out, proxy, ctx.slope, False)
+        else:
+            grad_x = grad_out * mask
+        return grad_x, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _Smooth:
+    forward: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor], Tensor]
+    keeps_output: bool
+
+
+class _SmoothFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, spec: _Smooth, compress: bool) -> Tensor:  # type: ignore[override]
+        y = spec.forward(x)
+        ctx.spec, ctx.compress = spec, compress
+        if ctx.needs_input_grad[0]:
+            kept = y if spec.keeps_output else x
+            if compress:
+                ctx.shape, ctx.dtype = kept.shape, kept.dtype
+                ctx.save_for_backward(*compress_int8(kept))
+            else:
+                ctx.save_for_backward(kept)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.compress:
+            kept = decompress_int8(ctx.saved_tensors, ctx.shape, ctx.dtype)  # type: ignore[arg-type]
+        else:
+            (kept,) = ctx.saved_tensors
+        return ctx.spec.backward(grad_out, kept), None, None
+
+
+class _MaskedMixin(MemorySavingModule):
+    kind: str = ""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)  # type: ignore[safe-super]
+        slope = float(getattr(self, "negative_slope", 0.0))
+        if self.kind == "leaky_relu" and slope < 0:
+            return super().forward(x)  # type: ignore[safe-super]  # the sign of x is then not in the output
+        inplace = bool(getattr(self, "inplace", False))
+        return _MaskedFn.apply(x, self.kind, slope, inplace, self.op_options.mask)
+
+
+class MemorySavingReLU(_MaskedMixin, nn.ReLU):
+    """``nn.ReLU`` that keeps a 1-bit (or 1-byte) mask for backward."""
+
+    stock_type = nn.ReLU
+    kind = "relu"
+
+
+class MemorySavingReLU6(_MaskedMixin, nn.ReLU6):
+    """``nn.ReLU6`` that keeps a 1-bit (or 1-byte) mask of ``0 < x < 6`` for backward."""
+
+    stock_type = nn.ReLU6
+    kind = "relu6"
+
+
+class MemorySavingLeakyReLU(_MaskedMixin, nn.LeakyReLU):
+    """``nn.LeakyReLU`` that keeps a 1-bit (or 1-byte) sign mask for backward (for a slope >= 0)."""
+
+    stock_type = nn.LeakyReLU
+    kind = "leaky_relu"
+
+
+_SILU = _Smooth(F.silu, torch.ops.aten.silu_backward, keeps_output=False)
+_HARDSWISH = _Smooth(F.hardswish, torch.ops.aten.hardswish_backward, keeps_output=False)
+_SIGMOID = _Smooth(torch.sigmoid, torch.ops.aten.sigmoid_backward, keeps_output=True)
+_TANH = _Smooth(torch.tanh, torch.ops.aten.tanh_backward, keeps_output=True)
+_GELU = {
+    approximate: _Smooth(
+        lambda x, a=approximate: F.gelu(x, approximate=a),
+        lambda g, x, a=approximate: torch.ops.aten.gelu_backward(g, x, approximate=a),
+        keeps_output=False,
+    )
+    for approximate in ("none", "tanh")
+}
+
+
+class _SmoothMixin(MemorySavingModule):
+    def _spec(self) -> _Smooth:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() or getattr(self, "inplace", False):
+            return super().forward(x)  # type: ignore[safe-super]
+        return _SmoothFn.apply(x, self._spec(), self.op_options.compress == "int8")
+
+
+class MemorySavingSiLU(_SmoothMixin, nn.SiLU):
+    """``nn.SiLU`` keeping its input for backward (optionally 8-bit compressed)."""
+
+    stock_type = nn.SiLU
+
+    def _spec(self) -> _Smooth:
+        return _SILU
+
+
+class MemorySavingGELU(_SmoothMixin, nn.GELU):
+    """``nn.GELU`` keeping its input for backward (optionally 8-bit compressed)."""
+
+    stock_type = nn.GELU
+
+    def _spec(self) -> _Smooth:
+        return _GELU[self.approximate]
+
+
+class MemorySavingHardswish(_SmoothMixin, nn.Hardswish):
+    """``nn.Hardswish`` keeping its input for backward (optionally 8-bit compressed)."""
+
+    stock_type = nn.Hardswish
+
+    def _spec(self) -> _Smooth:
+        return _HARDSWISH
+
+
+class MemorySavingSigmoid(_SmoothMixin, nn.Sigmoid):
+    """``nn.Sigmoid`` keeping its output for backward (optionally 8-bit compressed)."""
+
+    stock_type = nn.Sigmoid
+
+    def _spec(self) -> _Smooth:
+        return _SIGMOID
+
+
+class MemorySavingTanh(_SmoothMixin, nn.Tanh):
+    """``nn.Tanh`` keeping its output for backward (optionally 8-bit compressed)."""
+
+    stock_type = nn.Tanh
+
+    def _spec(self) -> _Smooth:
+        return _TANH
+
+
+def _factory(cls: type[MemorySavingModule]) -> Callable[[nn.Module, OpOptions], nn.Module]:
+    return cls.from_module
+
+
+for _cls in (
+    MemorySavingReLU,
+    MemorySavingReLU6,
+    MemorySavingLeakyReLU,
+    MemorySavingSiLU,
+    MemorySavingGELU,
+    MemorySavingHardswish,
+    MemorySavingSigmoid,
+    MemorySavingTanh,
+):
+    register_op(_cls.stock_type, _factory(_cls))

@@ -1,0 +1,120 @@
+"""Memory-saving Conv1d/Conv2d/Conv3d (dense, grouped and depthwise).
+
+The gradients of a convolution ``y = W * x + b`` are ``dx = W^T * dy`` (needs only the weight),
+``dW = dy * x`` (needs the input) and ``db = sum(dy)`` (needs nothing). Stock autograd keeps ``x`` whenever
+anything requires grad; this op keeps it only when the weight trains (TinyTL, Cai et al. 2020, Sec. 2:
+"the weight update needs the input activation, the bias update does not"). Backward calls the very ATen
+kernel stock autograd calls (``aten.convolution_backward``), with a zero-stride placeholder for the input
+when only its shape is needed (as ``torch.nn.grad.conv2d_input`` does), so gradients are bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ondevice.ops.registry import MemorySavingModule, register_op
+
+__all__ = ["MemorySavingConv1d", "MemorySavingConv2d", "MemorySavingConv3d", "conv_forward"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def shape_placeholder(shape: Sequence[int], like: Tensor) -> Tensor:
+    """A tensor of ``shape`` that owns one element: stands in for an input whose values are not needed."""
+    return like.new_empty((1,)).expand(tuple(shape))
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+        groups: int,
+    ) -> Tensor:
+        needs_w = ctx.needs_input_grad[1]
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.x_shape = x.shape
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.save_for_backward(x if needs_w else None, weight)
+        return _CONV[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        if x is None:
+            x = shape_placeholder(ctx.x_shape, grad_out)
+        stride, padding, dilation, groups = ctx.conv_args
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, ctx.bias_shape, stride, padding, dilation, False,
+            [0] * len(stride), groups, mask,
+        )  # fmt: skip
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def resolve_padding(conv: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Apply non-zero padding modes and asymmetric ``'same'`` padding to ``x``; return the symmetric rest.
+
+    Mirrors ``nn.Conv*d._conv_forward`` and ATen's ``_convolution_same`` so outputs match stock exactly.
+    """
+    nd = x.dim() - 2
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return x, (0,) * nd
+    if conv.padding == "valid":
+        return x, (0,) * nd
+    if conv.padding == "same":
+        left, extra = [], [0] * (2 * nd)
+        for i in range(nd):
+            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+            left.append(total // 2)
+            extra[2 * (nd - 1 - i) + 1] = total - total // 2 - total // 2
+        if any(extra):
+            x = F.pad(x, extra)
+        return x, tuple(left)
+    return x, tuple(conv.padding)  # type: ignore[arg-type]
+
+
+def conv_forward(conv: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv``'s forward through the memory-saving op, with the given weight and bias."""
+    x, padding = resolve_padding(conv, x)
+    return _ConvFn.apply(x, weight, bias, tuple(conv.stride), padding, tuple(conv.dilation), conv.groups)
+
+
+class _ConvMixin(MemorySavingModule):
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)  # type: ignore[safe-super]
+        return conv_forward(self, x, self.weight, self.bias)  # type: ignore[arg-type]
+
+
+class MemorySavingConv1d(_ConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` that keeps its input for backward only when its weight trains."""
+
+    stock_type = nn.Conv1d
+
+
+class MemorySavingConv2d(_ConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` that keeps its input for backward only when its weight trains."""
+
+    stock_type = nn.Conv2d
+
+
+class MemorySavingConv3d(_ConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` that keeps its input for backward only when its weight trains."""
+
+    stock_type = nn.Conv3d
+
+
+for _cls in (MemorySavingConv1d, MemorySavingConv2d, MemorySavingConv3d):
+    register_op(_cls.stock_type, _cls.from_module)

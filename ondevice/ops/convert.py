@@ -1,0 +1,126 @@
+"""Swap stock layers for memory-saving ones (and back), replacing children through their parents.
+
+``convert`` walks containers (``Sequential``, ``ModuleList``, ``ModuleDict`` and any user module with
+children) and replaces every child whose type has a registered op by its memory-saving twin, which keeps
+the same parameter and buffer names and the same Parameter objects, so ``state_dict`` keys, optimizers
+and checkpoints are unaffected. Nothing is patched and nothing is stored on user modules.
+
+Judgment call on what counts as unsupported: a module holding parameters of its own whose type has no op
+runs on stock autograd with its own saving rules, which ``unsupported_leaves`` reports (``prepare()``
+lists them). Parameter-free layers without an op (Flatten, Identity, Upsample, Softmax, a user's
+activation, ...) are left alone and not reported by default: they either keep nothing for backward
+(:data:`SAVES_NOTHING`) or keep what stock keeps, which ``memory.measure`` shows per module; pass
+``include_parameterless=True`` to list those that may keep something.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from torch import nn
+
+from ondevice.ops.registry import MemorySavingModule, OpOptions, find_op, supported_types
+
+__all__ = ["SAVES_NOTHING", "convert", "restore", "unsupported_leaves"]
+
+logger = logging.getLogger(__name__)
+
+SAVES_NOTHING: tuple[type[nn.Module], ...] = (
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Upsample,
+    nn.UpsamplingBilinear2d,
+    nn.UpsamplingNearest2d,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+)
+"""Parameter-free layers that keep no tensor for backward under stock autograd (only shapes)."""
+
+
+def _registered(module_type: type[nn.Module]) -> bool:
+    return module_type in supported_types()
+
+
+def _swap(module: nn.Module, options: OpOptions) -> nn.Module | None:
+    """The memory-saving replacement of ``module``, or ``None`` when its type has no op."""
+    stock = module.to_stock() if isinstance(module, MemorySavingModule) else module
+    if not _registered(type(stock)):
+        return None
+    return find_op(type(stock))(stock, options)
+
+
+def convert(
+    module: nn.Module,
+    *,
+    mask: Literal["bit", "byte"] = "bit",
+    compress: Literal["int8"] | None = None,
+) -> nn.Module:
+    """Replace every supported layer of ``module`` by a memory-saving equivalent; return the result.
+
+    Children are replaced in place through their parents; the returned module is ``module`` itself unless
+    ``module`` is a supported layer (then its replacement is returned). Layers converted earlier are
+    converted again with the new options. Gradients are unchanged (exactly, for the lossless default).
+
+    Args:
+        module: a model or a single layer.
+        mask: ``"bit"`` (1 bit per element) or ``"byte"`` masks for ReLU-family and dropout layers.
+        compress: ``None`` or ``"int8"`` for the inputs smooth activations keep (see ``OpOptions``).
+
+    Raises:
+        ConfigError: ``mask`` or ``compress`` is not one of the allowed values.
+    """
+    options = OpOptions(mask=mask, compress=compress)
+    root = _swap(module, options)
+    if root is not None:
+        return root
+    replaced = 0
+    for parent in list(module.modules()):
+        if isinstance(parent, MemorySavingModule):
+            continue
+        for name, child in list(parent.named_children()):
+            new = _swap(child, options)
+            if new is not None:
+                setattr(parent, name, new)
+                replaced += 1
+    logger.debug("converted %d layer(s) to memory-saving ops (%s)", replaced, options)
+    return module
+
+
+def restore(module: nn.Module) -> nn.Module:
+    """Turn every memory-saving layer back into its stock layer (same Parameters); return the result."""
+    if isinstance(module, MemorySavingModule):
+        return module.to_stock()
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MemorySavingModule):
+                setattr(parent, name, child.to_stock())
+    return module
+
+
+def unsupported_leaves(model: nn.Module, *, include_parameterless: bool = False) -> dict[str, str]:
+    """Modules that hold parameters of their own but have no memory-saving op: qualified name -> type name.
+
+    Modules with an op (converted or not) and everything inside them are skipped. With
+    ``include_parameterless``, parameter-free leaves without an op that may keep tensors for backward
+    (i.e. not in :data:`SAVES_NOTHING`) are listed too.
+    """
+    found: dict[str, str] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in skip):
+            continue
+        if isinstance(module, MemorySavingModule) or _registered(type(module)):
+            skip.append(name)
+            continue
+        has_own_params = any(True for _ in module.parameters(recurse=False))
+        is_leaf = not any(True for _ in module.children())
+        if has_own_params or (
+            include_parameterless and is_leaf and not isinstance(module, SAVES_NOTHING) and type(module)
+            not in (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+        ):
+            found[name] = type(module).__name__
+    return found

@@ -1,0 +1,179 @@
+"""Memory-saving BatchNorm (eval-mode statistics), GroupNorm and LayerNorm.
+
+BatchNorm with running statistics is an affine map per channel, ``y = (x - mu) / sqrt(var + eps) * g + b``,
+so ``dx = dy * g / sqrt(var + eps)`` needs no activation; ``dg = sum(dy * x_hat)`` needs the input; ``db =
+sum(dy)`` needs nothing (TinyTL, Cai et al. 2020, Sec. 2). This op keeps the input only when the scale
+trains. A BatchNorm in training mode (batch statistics) falls back to stock autograd.
+
+GroupNorm and LayerNorm normalise with statistics of the sample itself, so ``dx`` needs the normalised
+input whenever the input or the scale needs a gradient: the op then keeps the input plus the per-group
+mean and reciprocal standard deviation, as stock autograd does. It keeps nothing when only the bias
+trains (or nothing does), e.g. in a lite-residual branch fed by a frozen block.
+
+Backward calls the ATen kernels stock autograd calls (``native_batch_norm_backward``,
+``native_group_norm_backward``, ``native_layer_norm_backward``). When the input is not kept, ``dy``
+itself is passed in its place: the kernels read it only for the gradients that were not asked for, so the
+requested ones are bit-identical to stock PyTorch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ondevice.ops.registry import MemorySavingModule, register_op
+
+__all__ = [
+    "MemorySavingBatchNorm1d",
+    "MemorySavingBatchNorm2d",
+    "MemorySavingBatchNorm3d",
+    "MemorySavingGroupNorm",
+    "MemorySavingLayerNorm",
+]
+
+
+class _BatchNormEvalFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, running_mean, running_var)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_out, grad_out if x is None else x, weight, running_mean, running_var,
+            None, None, False, ctx.eps, mask,
+        )  # fmt: skip
+        return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
+                None, None, None)  # fmt: skip
+
+
+class _BatchNormMixin(MemorySavingModule):
+    def forward(self, x: Tensor) -> Tensor:
+        bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
+        if bn.training or bn.running_mean is None or bn.running_var is None or not torch.is_grad_enabled():
+            return super().forward(x)  # type: ignore[safe-super]
+        bn._check_input_dim(x)
+        return _BatchNormEvalFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+class MemorySavingBatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d``; in eval mode keeps its input only when its scale trains."""
+
+    stock_type = nn.BatchNorm1d
+
+
+class MemorySavingBatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d``; in eval mode keeps its input only when its scale trains."""
+
+    stock_type = nn.BatchNorm2d
+
+
+class MemorySavingBatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d``; in eval mode keeps its input only when its scale trains."""
+
+    stock_type = nn.BatchNorm3d
+
+
+class _GroupNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float
+    ) -> Tensor:
+        n, c = x.shape[0], x.shape[1]
+        hw = x.numel() // max(n * c, 1)
+        out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, num_groups, eps)
+        ctx.sizes = (n, c, hw, num_groups)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, mean, rstd, weight)
+        else:
+            ctx.stats_shape = mean.shape
+            ctx.save_for_backward(None, None, None, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, mean, rstd, weight = ctx.saved_tensors
+        if x is None:
+            x = grad_out
+            mean = rstd = grad_out.new_zeros(ctx.stats_shape)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+            grad_out.contiguous(), x, mean, rstd, weight, *ctx.sizes, mask
+        )
+        return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
+                None, None)  # fmt: skip
+
+
+class MemorySavingGroupNorm(MemorySavingModule, nn.GroupNorm):
+    """``nn.GroupNorm`` that keeps nothing for backward when neither its input nor its scale needs a grad."""
+
+    stock_type = nn.GroupNorm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return _GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
+class _LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int], eps: float
+    ) -> Tensor:
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.shape = shape
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, mean, rstd, weight, bias)
+        else:
+            ctx.stats_shape = mean.shape
+            ctx.save_for_backward(None, None, None, weight, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        if x is None:
+            x = grad_out
+            mean = rstd = grad_out.new_zeros(ctx.stats_shape)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            grad_out, x, ctx.shape, mean, rstd, weight, bias, mask
+        )
+        return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
+                None, None)  # fmt: skip
+
+
+class MemorySavingLayerNorm(MemorySavingModule, nn.LayerNorm):
+    """``nn.LayerNorm`` that keeps nothing for backward when neither its input nor its scale needs a grad."""
+
+    stock_type = nn.LayerNorm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return _LayerNormFn.apply(x, self.weight, self.bias, list(self.normalized_shape), self.eps)
+
+
+for _cls in (
+    MemorySavingBatchNorm1d,
+    MemorySavingBatchNorm2d,
+    MemorySavingBatchNorm3d,
+    MemorySavingGroupNorm,
+    MemorySavingLayerNorm,
+):
+    register_op(_cls.stock_type, _cls.from_module)

@@ -1,0 +1,438 @@
+"""``ondevice.prepare(model, scheme)``: freeze a pretrained model for an update scheme.
+
+prepare copies the model (unless told not to), validates it, freezes every parameter, lets the scheme
+choose what trains and attach its branches (replacing children through their parents), swaps in
+memory-saving autograd ops, and wraps the result in a :class:`PreparedModel` that validates inputs, keeps
+frozen norm statistics frozen in ``train()`` mode, and exposes, saves and loads only what trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ondevice._apply import BATCH_NORM_TYPES, COMPUTE_TYPES, ApplyContext, apply_scheme, leaves
+from ondevice.checkpoint import read_tensors, write_tensors
+from ondevice.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    InputDtypeError,
+    InputShapeError,
+    UnsupportedModuleError,
+)
+from ondevice.schemes import Scheme, resolve_scheme
+
+__all__ = [
+    "DELTA_FORMAT",
+    "InputSpec",
+    "PrepareReport",
+    "PreparedModel",
+    "find_head",
+    "model_fingerprint",
+    "prepare",
+]
+
+logger = logging.getLogger(__name__)
+
+DELTA_FORMAT = "ondevice.delta/1"
+"""Format tag written into every delta checkpoint."""
+
+
+def find_head(model: nn.Module, head: str | None = None) -> str | None:
+    """Qualified name of the classifier head.
+
+    ``head`` if given (it must name a Linear/Conv layer); else a root attribute ``classifier``, ``fc`` or
+    ``head`` that is an ``nn.Linear``; else the last ``nn.Linear`` leaf in registration order; else None.
+    """
+    if head is not None:
+        try:
+            module = model.get_submodule(head)
+        except AttributeError:
+            raise ConfigError(f"head={head!r} is not a module of {type(model).__name__}") from None
+        if not isinstance(module, COMPUTE_TYPES):
+            raise ConfigError(
+                f"head={head!r} is a {type(module).__name__}; the head must be a Linear or Conv layer"
+            )
+        return head
+    for attr in ("classifier", "fc", "head"):
+        if isinstance(getattr(model, attr, None), nn.Linear):
+            return attr
+    linears = [name for name, module in leaves(model) if isinstance(module, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's class and the names, shapes and dtypes of its parameters and buffers."""
+    entries = [type(model).__qualname__] + [
+        f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in sorted(model.state_dict().items())
+    ]
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a batch must look like: ``ndim`` dims, ``channels`` at dim 1 (or ``features`` in the last dim)."""
+
+    ndim: int | None
+    channels: int | None = None
+    features: int | None = None
+    flat_features: int | None = None
+
+    @staticmethod
+    def infer(model: nn.Module) -> InputSpec:
+        """From the model's ``input_shape`` (zoo models) or its first layer in registration order."""
+        shape = getattr(model, "input_shape", None)
+        if isinstance(shape, tuple) and shape and all(isinstance(s, int) for s in shape):
+            return InputSpec(
+                ndim=len(shape) + 1,
+                channels=shape[0] if len(shape) > 1 else None,
+                features=shape[0] if len(shape) == 1 else None,
+            )
+        ordered = list(leaves(model))
+        for index, (_, module) in enumerate(ordered):
+            if isinstance(module, nn.Conv1d | nn.Conv2d):
+                return InputSpec(ndim=3 if isinstance(module, nn.Conv1d) else 4, channels=module.in_channels)
+            if isinstance(module, nn.Linear):
+                flattened = any(isinstance(m, nn.Flatten) for _, m in ordered[:index])
+                if flattened:
+                    return InputSpec(ndim=None, flat_features=module.in_features)
+                return InputSpec(ndim=None, features=module.in_features)
+        return InputSpec(ndim=None)
+
+    def check(self, x: object, *, dtype: torch.dtype) -> None:
+        """Raise InputShapeError/InputDtypeError, naming what was given and what is expected."""
+        if not isinstance(x, Tensor):
+            raise InputDtypeError(f"the model input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InputDtypeError(
+                f"the model input must be floating point ({dtype}), got {x.dtype}; convert with x.to({dtype})"
+            )
+        if x.dtype != dtype:
+            raise InputDtypeError(
+                f"the model's parameters are {dtype} but the input is {x.dtype}; convert with x.to({dtype})"
+            )
+        if self.ndim is not None and x.ndim != self.ndim:
+            raise InputShapeError(
+                f"expected a batch with {self.ndim} dims ({self.describe()}), got shape {tuple(x.shape)}; "
+                f"add a batch dimension with x.unsqueeze(0) for a single sample"
+            )
+        if self.channels is not None and x.shape[1] != self.channels:
+            raise InputShapeError(
+                f"expected {self.channels} channels at dim 1 ({self.describe()}), got shape {tuple(x.shape)}"
+            )
+        if self.features is not None and (x.ndim < 2 or x.shape[-1] != self.features):
+            raise InputShapeError(
+                f"expected {self.features} features in the last dim, got shape {tuple(x.shape)}"
+            )
+        if self.flat_features is not None and (x.ndim < 2 or x[0].numel() != self.flat_features):
+            raise InputShapeError(
+                f"expected {self.flat_features} values per sample, got shape {tuple(x.shape)}"
+            )
+
+    def describe(self) -> str:
+        if self.ndim == 4:
+            return f"N x {self.channels} x H x W"
+        if self.ndim == 3:
+            return f"N x {self.channels} x L"
+        return "N x ..."
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """What prepare did: the scheme, parameter counts and the names of the trainable tensors."""
+
+    scheme: dict[str, Any]
+    total_params: int
+    trainable_params: int
+    added_params: int
+    trainable_names: tuple[str, ...]
+    memory_saving: bool
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(1, self.total_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["trainable_names"] = list(self.trainable_names)
+        payload["trainable_fraction"] = self.trainable_fraction
+        return payload
+
+
+def _validate(model: nn.Module) -> None:
+    from ondevice.ops import unsupported_leaves
+
+    offenders = unsupported_leaves(model)
+    if offenders:
+        from ondevice.ops import supported_types
+
+        raise UnsupportedModuleError(offenders, [t.__name__ for t in supported_types()])
+
+
+class PreparedModel(nn.Module):
+    """A model prepared for on-device training under an update scheme.
+
+    Attributes:
+        model: the prepared network (a copy of the original unless ``copy=False``).
+        scheme: the update scheme.
+        head: qualified name (inside ``model``) of the classifier head, or None.
+        fingerprint: :func:`model_fingerprint` of the original model; checkpoints carry it.
+        input_spec: what :meth:`forward` accepts.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        scheme: Scheme,
+        head: str | None,
+        fingerprint: str,
+        input_spec: InputSpec,
+        frozen_norms: tuple[str, ...],
+        memory_saving: bool,
+        added_params: int,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.scheme = scheme
+        self.head = head
+        self.fingerprint = fingerprint
+        self.input_spec = input_spec
+        self.memory_saving = memory_saving
+        self._frozen_norms = frozen_norms
+        self._added_params = added_params
+        self.train()
+
+    # -- forward and modes -------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        self.input_spec.check(x, dtype=self.dtype)
+        return self.model(x)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the model's parameters."""
+        first = next(self.model.parameters(), None)
+        return first.dtype if first is not None else torch.get_default_dtype()
+
+    def train(self, mode: bool = True) -> PreparedModel:
+        """Like ``nn.Module.train``, but BatchNorm layers whose statistics are frozen stay in eval mode."""
+        super().train(mode)
+        for name in self._frozen_norms:
+            self.model.get_submodule(name).eval()
+        return self
+
+    # -- what trains ---------------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable parameters by name (inside ``model``), sorted by name."""
+        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        return dict(sorted(params.items()))
+
+    def trainable_buffers(self) -> dict[str, Tensor]:
+        """Buffers that change while training (running statistics of updating norms), sorted by name."""
+        if not self.scheme.update_norm_stats:
+            return {}
+        frozen = set(self._frozen_norms)
+        buffers = {
+            name: b
+            for name, b in self.model.named_buffers()
+            if name.rpartition(".")[0] not in frozen and name.rpartition(".")[2] in _NORM_BUFFERS
+        }
+        return dict(sorted(buffers.items()))
+
+    def trainable_tensors(self) -> dict[str, Tensor]:
+        """Everything training changes, by name, sorted: the delta that is saved and shared.
+
+        The tensors are the live ones (detached views sharing storage): clone them to keep a snapshot.
+        """
+        tensors = {name: p.detach() for name, p in self.trainable_parameters().items()}
+        tensors.update(self.trainable_buffers())
+        return dict(sorted(tensors.items()))
+
+    def load_trainable(self, tensors: Mapping[str, Tensor], *, strict: bool = True) -> None:
+        """Copy ``tensors`` into the trainable tensors, checking names, shapes, dtypes and finiteness.
+
+        Args:
+            tensors: name -> tensor, as returned by :meth:`trainable_tensors`.
+            strict: require exactly the same names (otherwise load the ones given, all of which must exist).
+        """
+        own = self.trainable_tensors()
+        unknown = sorted(set(tensors) - set(own))
+        missing = sorted(set(own) - set(tensors))
+        if unknown or (strict and missing):
+            raise CheckpointMismatchError(
+                f"trainable tensors do not match this prepared model (scheme {self.scheme.name!r}): "
+                f"unexpected {unknown[:5]}{'...' if len(unknown) > 5 else ''}, missing "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}. Load a delta saved from the same model "
+                f"and scheme"
+            )
+        for name, value in tensors.items():
+            target = own[name]
+            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(target.shape):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise CheckpointMismatchError(
+                    f"tensor {name!r} has shape {shape}, the model expects {tuple(target.shape)}"
+                )
+            if value.is_floating_point() != target.is_floating_point():
+                raise CheckpointMismatchError(
+                    f"tensor {name!r} has dtype {value.dtype}, expected {target.dtype}"
+                )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointMismatchError(f"tensor {name!r} holds NaN or Inf; refusing to load it")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                own[name].copy_(value.to(device=own[name].device, dtype=own[name].dtype))
+
+    # -- reporting -----------------------------------------------------------------------------------
+    @property
+    def report(self) -> PrepareReport:
+        """Counts and names of what trains."""
+        trainable = self.trainable_parameters()
+        return PrepareReport(
+            scheme=self.scheme.to_dict(),
+            total_params=sum(p.numel() for p in self.model.parameters()),
+            trainable_params=sum(p.numel() for p in trainable.values()),
+            added_params=self._added_params,
+            trainable_names=tuple(trainable),
+            memory_saving=self.memory_saving,
+        )
+
+    def extra_repr(self) -> str:
+        report = self.report
+        return (
+            f"scheme={self.scheme.name}, trainable={report.trainable_params:,}/{report.total_params:,} "
+            f"params in {len(report.trainable_names)} tensors, memory_saving={self.memory_saving}"
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def delta_metadata(self) -> dict[str, Any]:
+        """The metadata every delta carries: format, ondevice version, scheme, model fingerprint."""
+        from ondevice import __version__
+
+        return {
+            "format": DELTA_FORMAT,
+            "ondevice_version": __version__,
+            "scheme": self.scheme.to_dict(),
+            "model_fingerprint": self.fingerprint,
+            "model_class": type(self.model).__qualname__,
+        }
+
+    def save_delta(self, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the trainable tensors (and only those) to a safetensors file, atomically."""
+        metadata = self.delta_metadata()
+        if extra:
+            metadata["extra"] = dict(extra)
+        return write_tensors(path, self.trainable_tensors(), metadata)
+
+    def check_delta_metadata(self, metadata: Mapping[str, Any], *, source: str = "checkpoint") -> None:
+        """Raise CheckpointMismatchError if ``metadata`` belongs to another model or scheme."""
+        if metadata.get("format") != DELTA_FORMAT:
+            raise CheckpointMismatchError(
+                f"{source} has format {metadata.get('format')!r}, expected {DELTA_FORMAT!r}"
+            )
+        if metadata.get("model_fingerprint") != self.fingerprint:
+            raise CheckpointMismatchError(
+                f"{source} belongs to another model ({metadata.get('model_class')}, fingerprint "
+                f"{metadata.get('model_fingerprint')}), not this {type(self.model).__qualname__} "
+                f"(fingerprint {self.fingerprint}); load it into the model it was saved from"
+            )
+        theirs = metadata.get("scheme")
+        if theirs != self.scheme.to_dict():
+            raise CheckpointMismatchError(
+                f"{source} was saved under scheme {json.dumps(theirs, sort_keys=True)}, but this model is "
+                f"prepared with {self.scheme.to_json()}; prepare the model with the checkpoint's scheme"
+            )
+
+    def load_delta(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load a delta written by :meth:`save_delta`; returns its metadata."""
+        tensors, metadata = read_tensors(path)
+        self.check_delta_metadata(metadata, source=f"checkpoint {str(path)!r}")
+        self.load_trainable(tensors)
+        return metadata
+
+
+_NORM_BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+def prepare(
+    model: nn.Module,
+    scheme: Scheme | str | Mapping[str, Any] = "bias",
+    *,
+    head: str | None = None,
+    memory_saving: bool = True,
+    mask: Literal["bit", "byte"] = "bit",
+    compress: Literal["int8"] | None = None,
+    copy_model: bool = True,
+) -> PreparedModel:
+    """Prepare ``model`` for on-device training under ``scheme``.
+
+    Args:
+        model: any ``nn.Module`` built from supported layers (see ``ondevice.ops.supported_types()``).
+        scheme: a scheme object, its name (``"bias"``, ``"lite_residual"``, ...) or its dict form.
+        head: qualified name of the classifier head (found automatically when omitted, see
+            :func:`find_head`).
+        memory_saving: swap in ondevice's memory-saving autograd ops (default). Off gives stock PyTorch
+            layers, e.g. as a reference.
+        mask: how ReLU-family ops keep their gradient mask: ``"bit"`` (packed, 1 bit per element, the
+            default) or ``"byte"`` (faster, 8x larger).
+        compress: ``"int8"`` keeps the activations that smooth activations and norms must save in 8 bits
+            with a per-group scale (lossy; off by default).
+        copy_model: work on a deep copy (default) so the caller's model is untouched.
+
+    Returns:
+        A :class:`PreparedModel` whose output equals the original's until it trains.
+
+    Raises:
+        UnsupportedModuleError: the model holds layers ondevice cannot handle (every one is named).
+        UnknownSchemeError / ConfigError: a bad scheme or scheme field.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"prepare() needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, PreparedModel):
+        raise ConfigError("this model is already prepared; prepare the original model instead")
+    resolved = resolve_scheme(scheme)
+    if mask not in ("bit", "byte"):
+        raise ConfigError(f"mask must be 'bit' or 'byte', got {mask!r}")
+    if compress not in (None, "int8"):
+        raise ConfigError(f"compress must be None or 'int8', got {compress!r}")
+    _validate(model)
+    fingerprint = model_fingerprint(model)
+    input_spec = InputSpec.infer(model)
+    work = copy.deepcopy(model) if copy_model else model
+    head_name = find_head(work, head)
+    original_count = sum(p.numel() for p in work.parameters())
+    norms_before = {id(m) for m in work.modules() if isinstance(m, BATCH_NORM_TYPES)}
+    for param in work.parameters():
+        param.requires_grad_(False)
+    apply_scheme(work, resolved, ApplyContext(head=head_name))
+    added = sum(p.numel() for p in work.parameters()) - original_count
+    frozen_norms = (
+        ()
+        if resolved.update_norm_stats
+        else tuple(name for name, m in work.named_modules() if id(m) in norms_before)
+    )
+    if memory_saving:
+        from ondevice.ops import convert
+
+        convert(work, mask=mask, compress=compress)
+    prepared = PreparedModel(
+        work,
+        scheme=resolved,
+        head=head_name,
+        fingerprint=fingerprint,
+        input_spec=input_spec,
+        frozen_norms=frozen_norms,
+        memory_saving=memory_saving,
+        added_params=added,
+    )
+    logger.info("prepared %s with %s", type(model).__name__, prepared.extra_repr())
+    return prepared

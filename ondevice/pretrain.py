@@ -1,0 +1,399 @@
+"""Pretrained backbones without downloads: train a zoo model on the shipped digits once, then cache it.
+
+``pretrain("cnn")`` builds ``create_model("cnn", num_classes=5)``, trains it on the digits 0-4 (laid out
+to the model's ``input_shape``: resized, channels repeated, or scanned into a sequence) and stores the
+``state_dict`` as ``<cache>/pretrained/<model>-<hash>.safetensors`` with its provenance in the
+safetensors metadata. The next call with the same arguments loads the file instead of training. The
+cache directory is ``cache_dir``, else ``$ONDEVICE_CACHE_DIR``, else ``~/.cache/ondevice``.
+
+Recipe (version :data:`RECIPE_VERSION`): AdamW (weight decay 1e-4), one-epoch linear warm-up then
+cosine decay, batch 32, cross-entropy with label smoothing 0.05, light augmentation (images: random
+rotation of up to 10 degrees and shifts of up to 1/8 of the side; sequences: amplitude jitter and
+noise). The train/test split is :func:`ondevice.data.stratified_split` with the same ``seed``, so the
+source test set is exactly ``transfer_split(..., seed=seed).source_test``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ondevice.data.digits import load_digits
+from ondevice.data.splits import stratified_split
+from ondevice.data.tensordata import TensorData
+from ondevice.errors import CheckpointError, ConfigError
+from ondevice.models import ClassifierModel, create_model, model_defaults
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "RECIPE_VERSION",
+    "PretrainResult",
+    "default_cache_dir",
+    "pretrain",
+    "pretrain_with_report",
+    "pretrained_path",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the training recipe changes, so that old cache entries are not reused.
+RECIPE_VERSION = 1
+#: Epochs used when ``epochs`` is None (models not listed get :data:`_FALLBACK_EPOCHS`).
+DEFAULT_EPOCHS: dict[str, int] = {"cnn": 30, "cnn1d": 40, "mcunet": 25, "mobilenetv2": 25, "vit": 60}
+_FALLBACK_EPOCHS = 30
+_LR: dict[str, float] = {"vit": 2e-3}
+_DEFAULT_LR = 3e-3
+_BATCH_SIZE = 32
+_WEIGHT_DECAY = 1e-4
+_LABEL_SMOOTHING = 0.05
+_TEST_FRACTION = 0.25
+_FORMAT = "ondevice.pretrained/1"
+
+
+@dataclass(frozen=True, eq=False)
+class PretrainResult:
+    """A pretrained model and how it came to be.
+
+    Attributes:
+        model: the trained model, in eval mode.
+        source_accuracy: top-1 accuracy on the held-out 25 % of the source classes' digits.
+        cached: True when the weights were loaded from the cache rather than trained now.
+        path: the cache file.
+        epochs: epochs trained.
+        train_time_s: seconds the training took (when it was trained, possibly in an earlier run).
+    """
+
+    model: ClassifierModel
+    source_accuracy: float
+    cached: bool
+    path: Path
+    epochs: int
+    train_time_s: float
+
+
+def default_cache_dir() -> Path:
+    """``$ONDEVICE_CACHE_DIR`` if set, else ``~/.cache/ondevice``."""
+    env = os.environ.get("ONDEVICE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ondevice"
+
+
+def _check_classes(classes: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(classes, str) or not isinstance(classes, Sequence) or len(classes) < 2:
+        raise ConfigError(f"classes must list at least two digit labels (0-9), got {classes!r}")
+    out = tuple(int(c) for c in classes)
+    if len(set(out)) != len(out) or not all(0 <= c <= 9 for c in out):
+        raise ConfigError(f"classes must be distinct digit labels in 0..9, got {out}")
+    return out
+
+
+def _resolve(
+    model: str, classes: Sequence[int], epochs: int | None, model_kwargs: dict[str, Any]
+) -> tuple[tuple[int, ...], int, dict[str, Any]]:
+    cls = _check_classes(classes)
+    if "num_classes" in model_kwargs:
+        raise ConfigError("pretrain sets num_classes from classes; pass classes=... instead of num_classes")
+    defaults = model_defaults(model)  # raises UnknownModelError for unknown names
+    unknown = sorted(set(model_kwargs) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"model {model!r} got unknown argument(s) {', '.join(unknown)}; it accepts: "
+            f"{', '.join(sorted(defaults))}"
+        )
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS.get(model, _FALLBACK_EPOCHS)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be a positive int or None (recipe default), got {epochs!r}")
+    full = {k: v for k, v in {**defaults, **model_kwargs}.items() if k != "num_classes"}
+    return cls, epochs, full
+
+
+def _cache_key(model: str, classes: tuple[int, ...], epochs: int, seed: int, kwargs: dict[str, Any]) -> str:
+    spec = {
+        "classes": list(classes),
+        "epochs": epochs,
+        "kwargs": kwargs,
+        "model": model,
+        "recipe": RECIPE_VERSION,
+        "seed": int(seed),
+    }
+    try:
+        text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    except TypeError as exc:
+        raise ConfigError(
+            f"pretrain needs JSON-serialisable model arguments to key its cache: {exc}"
+        ) from None
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pretrained_path(
+    model: str,
+    *,
+    classes: Sequence[int] = (0, 1, 2, 3, 4),
+    epochs: int | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    **model_kwargs: Any,
+) -> Path:
+    """The cache file :func:`pretrain` uses for these arguments (it may not exist yet)."""
+    cls, epochs, full = _resolve(model, classes, epochs, model_kwargs)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "pretrained" / f"{model}-{_cache_key(model, cls, epochs, seed, full)}.safetensors"
+
+
+def _digits_for(input_shape: tuple[int, ...]) -> TensorData:
+    if len(input_shape) == 3:
+        channels, height, width = input_shape
+        return load_digits(image_size=(height, width), channels=channels)
+    if len(input_shape) == 2:
+        channels, length = input_shape
+        return load_digits(layout="sequence", length=length, channels=channels)
+    raise ConfigError(
+        f"pretrain handles image (C, H, W) and sequence (C, L) models, got input_shape {input_shape}"
+    )
+
+
+def _source_split(data: TensorData, classes: tuple[int, ...], seed: int) -> tuple[TensorData, TensorData]:
+    train_idx, test_idx = stratified_split(data.y, test_fraction=_TEST_FRACTION, seed=seed)
+    mapping = {c: i for i, c in enumerate(classes)}
+    wanted = torch.tensor(classes)
+    parts = []
+    for idx in (train_idx, test_idx):
+        part = data.subset(idx)
+        parts.append(part.subset(torch.isin(part.y, wanted)).map_labels(mapping))
+    return parts[0], parts[1]
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    if x.dim() == 4:
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10.0)
+        shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.25  # 1/8 of the side, in [-1, 1] units
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        fill = x.amin()
+        return F.grid_sample(x - fill, grid, padding_mode="zeros", align_corners=False) + fill
+    scale = 1 + (torch.rand(n, *([1] * (x.dim() - 1)), generator=gen) * 2 - 1) * 0.1
+    return x * scale + 0.05 * torch.randn(x.shape, generator=gen)
+
+
+@torch.no_grad()
+def _accuracy(model: ClassifierModel, data: TensorData) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), 256):
+        logits = model(data.x[start : start + 256])
+        correct += int((logits.argmax(1) == data.y[start : start + 256]).sum())
+    return correct / max(1, len(data))
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, description: str) -> Iterator[Any]:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _train(
+    model: ClassifierModel,
+    train: TensorData,
+    *,
+    name: str,
+    epochs: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    lr = _LR.get(name, _DEFAULT_LR)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=_WEIGHT_DECAY)
+    steps_per_epoch = math.ceil(len(train) / _BATCH_SIZE)
+    total = epochs * steps_per_epoch
+    warmup = steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    model.train()
+    with _progress(progress, epochs, f"pretraining {name}") as advance:
+        for _ in range(epochs):
+            order = torch.randperm(len(train), generator=gen)
+            for start in range(0, len(train), _BATCH_SIZE):
+                idx = order[start : start + _BATCH_SIZE]
+                if idx.numel() < 2:  # BatchNorm needs more than one sample
+                    continue
+                x = _augment(train.x[idx], gen)
+                loss = F.cross_entropy(model(x), train.y[idx], label_smoothing=_LABEL_SMOOTHING)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            advance()
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save(path: Path, model: ClassifierModel, metadata: dict[str, str]) -> None:
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {**metadata, "format": _FORMAT, "sha256": _digest(tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _load(path: Path, model: ClassifierModel) -> dict[str, str]:
+    """Load ``path`` into ``model``; raise CheckpointError if it is not a valid, intact cache entry."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if metadata.get("format") != _FORMAT:
+        raise CheckpointError(
+            f"{path} is not an ondevice pretrained file (format {metadata.get('format')!r})"
+        )
+    if metadata.get("sha256") != _digest(tensors):
+        raise CheckpointError(f"{path} fails its checksum (corrupt or modified)")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the model: {exc}") from exc
+    return metadata
+
+
+def pretrain_with_report(
+    model: str,
+    *,
+    classes: Sequence[int] = (0, 1, 2, 3, 4),
+    epochs: int | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    **model_kwargs: Any,
+) -> PretrainResult:
+    """Like :func:`pretrain`, returning a :class:`PretrainResult` (model, accuracy, cache status)."""
+    cls, epochs, full = _resolve(model, classes, epochs, model_kwargs)
+    path = pretrained_path(model, classes=cls, epochs=epochs, seed=seed, cache_dir=cache_dir, **model_kwargs)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        net = create_model(model, num_classes=len(cls), **model_kwargs)
+
+        if path.exists():
+            try:
+                meta = _load(path, net)
+            except CheckpointError as exc:
+                logger.warning("pretrained cache entry is unusable, retraining: %s", exc)
+            else:
+                net.eval()
+                logger.info("loaded pretrained %s from %s", model, path)
+                return PretrainResult(
+                    net,
+                    float(meta["source_accuracy"]),
+                    True,
+                    path,
+                    epochs,
+                    float(meta.get("train_time_s", "nan")),
+                )
+            torch.manual_seed(seed)
+            net = create_model(model, num_classes=len(cls), **model_kwargs)
+
+        data = _digits_for(net.input_shape)
+        train, test = _source_split(data, cls, seed)
+        logger.info("pretraining %s on digits %s (%d samples, %d epochs)", model, cls, len(train), epochs)
+        start = time.perf_counter()
+        _train(net, train, name=model, epochs=epochs, seed=seed, progress=progress)
+        train_time_s = time.perf_counter() - start
+        accuracy = _accuracy(net, test)
+    logger.info("pretrained %s: source accuracy %.4f in %.1f s", model, accuracy, train_time_s)
+    _save(
+        path,
+        net,
+        {
+            "model": model,
+            "model_kwargs": json.dumps(full, sort_keys=True),
+            "classes": json.dumps(list(cls)),
+            "seed": str(seed),
+            "epochs": str(epochs),
+            "recipe_version": str(RECIPE_VERSION),
+            "source_accuracy": repr(accuracy),
+            "train_time_s": f"{train_time_s:.3f}",
+        },
+    )
+    net.eval()
+    return PretrainResult(net, accuracy, False, path, epochs, train_time_s)
+
+
+def pretrain(
+    model: str,
+    *,
+    classes: Sequence[int] = (0, 1, 2, 3, 4),
+    epochs: int | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    **model_kwargs: Any,
+) -> ClassifierModel:
+    """A zoo model pretrained on the digits of ``classes`` (head: ``len(classes)`` outputs), cached.
+
+    Args:
+        model: registered model name (see :func:`ondevice.models.list_models`).
+        classes: digit labels to train on; label ``classes[i]`` becomes output ``i``.
+        epochs: training epochs; None uses the recipe's default for the model (:data:`DEFAULT_EPOCHS`).
+        seed: seeds initialisation, shuffling, augmentation and the train/test split.
+        cache_dir: cache root (default ``$ONDEVICE_CACHE_DIR`` or ``~/.cache/ondevice``).
+        progress: show a rich progress bar while training.
+        **model_kwargs: passed to :func:`~ondevice.models.create_model` (e.g. ``width_mult=0.35,
+            resolution=32``); the digits are resized to the model's ``input_shape``.
+
+    Returns:
+        The trained model in eval mode. A second call with the same arguments loads the cached weights
+        (bit-identical) without training; a corrupt cache file is logged and recomputed.
+    """
+    return pretrain_with_report(
+        model,
+        classes=classes,
+        epochs=epochs,
+        seed=seed,
+        cache_dir=cache_dir,
+        progress=progress,
+        **model_kwargs,
+    ).model

@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import serial
+import torch
+
+from devices.emulator import SensorEmulator, sensor_lines
+from devices.lines import LineError, Sample, SampleStream, Windower, parse_line, windows
+from devices.ports import Backoff
+
+
+@pytest.mark.parametrize(
+    ("text", "label_column", "values", "label"),
+    [
+        ("1.5,-2,3e-3", None, (1.5, -2.0, 0.003), None),
+        ("1.5\t-2\t3", None, (1.5, -2.0, 3.0), None),
+        ("  1.5  -2 3\r\n", None, (1.5, -2.0, 3.0), None),
+        ("1, 2, 3,", None, (1.0, 2.0, 3.0), None),
+        ("wave,1,2", 0, (1.0, 2.0), "wave"),
+        ("1,2,idle", -1, (1.0, 2.0), "idle"),
+    ],
+)
+def test_parse_line(text, label_column, values, label) -> None:
+    sample = parse_line(text, label_column=label_column)
+    assert sample.values == values and sample.label == label
+
+
+@pytest.mark.parametrize(
+    ("text", "label_column", "reason"),
+    [("", None, "empty"), ("1,x,3", None, "non_numeric"), ("1,nan", None, "non_numeric"),
+     ("1", 3, "column_count")],
+)
+def test_parse_line_errors(text, label_column, reason) -> None:
+    with pytest.raises(LineError) as info:
+        parse_line(text, label_column=label_column)
+    assert info.value.reason == reason
+
+
+def test_windower_shapes_hop_and_labels() -> None:
+    samples = [Sample((float(i), float(-i)), "a" if i < 6 else "b") for i in range(10)]
+    out = list(windows(samples, 4, 2))
+    assert len(out) == 4  # windows end at samples 3, 5, 7, 9
+    x, y = out[0]
+    assert x.shape == (1, 2, 4) and x.dtype == torch.float32 and y.shape == (1,) and y.dtype == torch.int64
+    assert torch.equal(x[0, 0], torch.tensor([0.0, 1, 2, 3])) and torch.equal(x[0, 1], -x[0, 0])
+    assert [int(y) for _, y in out] == [0, 0, 1, 1]  # majority label, ties to the latest
+    assert len(list(windows(samples, 3, 5))) == 2  # hop longer than the window skips samples
+    assert [int(y) for _, y in windows(samples, 5, labels=["b", "a"])] == [1, 0]
+    assert [int(y) for _, y in windows([Sample((1.0,))] * 4, 2)] == [-1, -1]
+
+
+def make_stream(port, **kwargs) -> SampleStream:
+    return SampleStream(port, backoff=Backoff(initial_s=0.01, max_s=0.1), **kwargs)
+
+
+def check_round_trip(lines: list[str], samples: list[Sample], window: int) -> None:
+    expected = [parse_line(line, label_column=-1) for line in lines]
+    assert [(s.values, s.label) for s in samples] == [(e.values, e.label) for e in expected]  # values equal
+    pairs = list(windows(samples, window, window // 2, labels=["idle", "wave"]))
+    assert len(pairs) == (len(lines) - window) // (window // 2) + 1
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 5), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = pairs[0]
+    assert torch.allclose(x[0].T, torch.tensor([e.values for e in expected[:window]], dtype=torch.float32))
+    loss = torch.nn.functional.cross_entropy(model(torch.cat([p[0] for p in pairs])),
+                                             torch.cat([p[1] for p in pairs]))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_loop_url_round_trip_with_garbage_and_partial_lines() -> None:
+    port = serial.serial_for_url("loop://", timeout=0.02)
+    lines = sensor_lines(256, label_column=-1, separator="\t")
+    noise = [b"\xff\xfe\x80\n", b"1,2\n", b"not,a,number,x\n", b"\n", b"9" * 5000 + b"\n"]
+    stream = make_stream(lambda: port, label_column=-1, resync=False)
+
+    def feed() -> None:
+        for i, line in enumerate(lines):
+            data = (line + "\n").encode()
+            port.write(data[:5])
+            time.sleep(0.0005 if i % 50 == 0 else 0)  # a read timeout may split the line
+            port.write(data[5:])
+            if i % 64 == 10:
+                port.write(noise[(i // 64) % len(noise)])
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    got = list(stream.samples(max_samples=len(lines), duration_s=20))
+    writer.join()
+    stream.close()
+    check_round_trip(lines, got, window=32)
+    stats = stream.stats
+    assert stats.samples == 256 and stats.channels == 3
+    assert stats.dropped_total == 4 and stats.dropped["undecodable"] == 1
+    assert stats.dropped["column_count"] == 1 and stats.dropped["non_numeric"] == 1
+    assert stats.dropped["empty"] == 1
+    assert stats.sampling_rate_hz is not None and stats.sampling_rate_hz > 0
+
+
+@pytest.mark.integration
+def test_pty_round_trip(pty_pair) -> None:
+    device, path = pty_pair
+    lines = sensor_lines(200, label_column=-1)
+    with make_stream(path, label_column=-1, resync=False) as stream:
+        assert stream.port.ensure_open()
+        with SensorEmulator(device, lines, rate_hz=2000, garbage_every=40, split_writes=True):
+            got = list(stream.samples(max_samples=200, duration_s=20))
+    check_round_trip(lines, got, window=50)
+    assert stream.stats.dropped["undecodable"] == 5 and stream.stats.partial_reads > 0
+    assert 100 < stream.stats.sampling_rate_hz < 10_000
+
+
+def test_column_count_change_is_dropped_then_adopted() -> None:
+    port = serial.serial_for_url("loop://", timeout=0.02)
+    port.write(b"".join(b"1,2,3\n" for _ in range(5)) + b"".join(b"1,2\n" for _ in range(6)))
+    with make_stream(lambda: port, adopt_after=4, resync=False) as stream:
+        got = list(stream.samples(max_samples=7, duration_s=5))
+    assert [len(s.values) for s in got] == [3] * 5 + [2, 2]
+    assert stream.stats.dropped["column_count"] == 3 and stream.stats.channels == 2
+
+
+class Flaky:
+    """A port that serves scripted bytes, then fails like an unplugged USB adapter."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.closed = False
+
+    def read(self, size: int = 1) -> bytes:
+        if not self.data:
+            raise serial.SerialException("device reports readiness to read but returned no data")
+        chunk, self.data = self.data[:7], self.data[7:]
+        return chunk
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_unplug_wrapper_reconnects_with_backoff() -> None:
+    first = b"0,tail-of-a-line-cut-by-opening\n" + "".join(f"{i},{i}\n" for i in range(50)).encode()
+    second = b"1,1,partial-line-cut-by-the-replug\n" + "".join(f"{i},{i}\n" for i in range(50, 80)).encode()
+    attempts: list[float] = []
+    ports = [Flaky(first), None, None, Flaky(second)]
+
+    def opener() -> Flaky:
+        attempts.append(time.monotonic())
+        port = ports.pop(0)
+        if port is None:
+            raise serial.SerialException("[Errno 2] could not open port /dev/ttyACM0")
+        return port
+
+    stream = SampleStream(opener, backoff=Backoff(initial_s=0.02, max_s=1))
+    got = list(stream.samples(max_samples=80, duration_s=10))
+    assert [s.values[0] for s in got] == [float(i) for i in range(80)]
+    assert stream.stats.reconnects == 1 and stream.stats.dropped["resync"] == 2
+    gaps = [b - a for a, b in zip(attempts[1:], attempts[2:], strict=False)]
+    assert gaps[1] >= gaps[0] * 1.5  # exponential backoff between failed attempts
+    stream.close()
+
+
+def test_backoff_gives_up() -> None:
+    def opener():
+        raise serial.SerialException("no such port")
+
+    stream = SampleStream(opener, backoff=Backoff(initial_s=0.01, max_s=0.02, max_attempts=3))
+    assert list(stream.samples()) == [] and stream.port.gave_up
+
+
+@pytest.mark.integration
+def test_pty_unplug_and_replug(socket_path) -> None:
+    device = socket_path.plug()
+    stream = make_stream(str(socket_path.path), label_column=-1, resync=False)
+    got: list[Sample] = []
+
+    def consume() -> None:
+        got.extend(stream.samples(max_samples=200, duration_s=20))
+
+    assert stream.port.ensure_open()
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    lines = sensor_lines(200, label_column=-1)
+    with SensorEmulator(device, lines[:100]) as emulator:
+        emulator.wait(5)
+        deadline = time.monotonic() + 5
+        while len(got) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    socket_path.unplug()
+    time.sleep(0.3)  # unplugged for a while: the stream retries with backoff
+    device = socket_path.plug()
+    deadline = time.monotonic() + 10
+    while stream.stats.reconnects < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with SensorEmulator(device, lines[100:]) as emulator:
+        emulator.wait(5)
+        consumer.join(timeout=15)
+    stream.close()
+    assert len(got) == 200 and [s.values for s in got] == [parse_line(x, label_column=-1).values for x in lines]
+    assert stream.stats.reconnects == 1 and stream.port.failures >= 1

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import serial
+import torch
+
+from devices.emulator import DeviceEmulator
+from devices.framing import FrameType, encode_frame, Frame
+from devices.link import Link
+from devices.payloads import decode_command, decode_tensors
+from devices.ports import Backoff, PtyPort, ReconnectingPort
+
+
+class Corrupting:
+    """Wraps a port and corrupts ``rate`` of the frames written through it (bit flip or truncation)."""
+
+    def __init__(self, port, rate: float, seed: int) -> None:
+        self.port = port
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.corrupted = 0
+
+    @property
+    def in_waiting(self) -> int:
+        return self.port.in_waiting
+
+    def read(self, size: int = 1) -> bytes:
+        return self.port.read(size)
+
+    def write(self, data: bytes) -> int:
+        if self.rng.random() < self.rate:
+            self.corrupted += 1
+            body = bytearray(data[1:-1])
+            if self.rng.random() < 0.5:
+                body[self.rng.randrange(len(body))] ^= 1 << self.rng.randrange(8)
+                data = b"\x00" + bytes(body).replace(b"\x00", b"\x01") + b"\x00"
+            else:
+                data = b"\x00" + bytes(body[: self.rng.randrange(1, len(body))]) + b"\x00"
+        return self.port.write(data)
+
+    def close(self) -> None:
+        self.port.close()
+
+
+def host_link(path: str, *, rate: float = 0.0, seed: int = 0, **kwargs) -> tuple[Link, list[Corrupting]]:
+    wrappers: list[Corrupting] = []
+
+    def opener() -> Corrupting:
+        wrappers.append(Corrupting(serial.serial_for_url(path, timeout=0.02), rate, seed + len(wrappers)))
+        return wrappers[-1]
+
+    options = {"ack_timeout_s": 0.05, "backoff": Backoff(initial_s=0.01, max_s=0.2)} | kwargs
+    return Link(opener, name="host", **options), wrappers
+
+
+@pytest.mark.integration
+def test_link_delivers_exactly_once_through_corruption(pty_pair) -> None:
+    device_port, path = pty_pair
+    device_side = Corrupting(device_port, 0.05, seed=11)  # corrupts ACKs -> retransmissions -> duplicates
+    once = ReconnectingPort(lambda: device_side, backoff=Backoff(max_attempts=1))
+    host, wrappers = host_link(path, rate=0.05, seed=12)
+    n = 300
+    with DeviceEmulator(once, parameters={"w": torch.zeros(4)}, ack_timeout_s=0.05) as device, host:
+        for i in range(n):
+            assert host.send_tensors({"w": torch.full((4,), float(i))})
+        assert host.send_command("get")
+        reply = host.receive(timeout_s=5)
+        assert reply is not None and reply.type is FrameType.TENSORS
+        deadline = time.monotonic() + 5  # let the device read the host's last ACK
+        while device.link.decoder.stats.dropped_total < wrappers[0].corrupted and time.monotonic() < deadline:
+            time.sleep(0.01)
+    expected = torch.full((4,), float(sum(range(n))))
+    assert torch.equal(device.parameters["w"], expected) and device.applied == n  # none lost, none twice
+    assert torch.equal(decode_tensors(reply.payload)["w"], expected)
+    assert wrappers[0].corrupted > 0 and device_side.corrupted > 0
+    assert host.stats.retransmissions >= wrappers[0].corrupted  # every corrupted frame was resent
+    assert device.link.decoder.stats.dropped_total == wrappers[0].corrupted  # and detected
+    assert device.link.stats.duplicates > 0  # lost ACKs made the host resend delivered frames
+    assert device.link.stats.delivered == n + 1 and host.stats.send_failures == 0
+
+
+@pytest.mark.integration
+def test_commands_and_replies(pty_pair) -> None:
+    device_port, path = pty_pair
+    host, _ = host_link(path)
+    with DeviceEmulator(device_port, parameters={"b": torch.ones(2)}), host:
+        assert host.send_command("ping", {"seq": 7})
+        frame = host.receive(timeout_s=5)
+        assert frame.type is FrameType.REPLY and decode_command(frame.payload) == ("pong", {"seq": 7})
+        assert host.send_command("bogus")
+        assert decode_command(host.receive(timeout_s=5).payload)[0] == "error"
+        assert host.send(FrameType.TENSORS, b"\x01\x00garbage")
+        assert "truncated" in decode_command(host.receive(timeout_s=5).payload)[1]["message"]
+        assert host.send_command("reset") and decode_command(host.receive(timeout_s=5).payload)[0] == "ok"
+
+
+def test_send_gives_up_without_peer_and_never_raises() -> None:
+    port = serial.serial_for_url("loop://", timeout=0.01)  # hears only itself: no ACK ever comes
+    link = Link(lambda: port, ack_timeout_s=0.01, max_retries=3, send_timeout_s=2)
+    with link:
+        assert link.send(FrameType.DATA, b"hello") is False
+        time.sleep(0.05)
+    assert link.stats.sent == 4 and link.stats.send_failures == 1
+    assert link.stats.delivered == 1 and link.stats.duplicates == 3  # it received its own copies once
+
+
+def test_duplicate_is_acked_but_delivered_once() -> None:
+    port = serial.serial_for_url("loop://", timeout=0.01)
+    link = Link(lambda: port, ack_timeout_s=0.01)
+    wire = encode_frame(Frame(FrameType.DATA, 42, b"x"))
+    with link:
+        port.write(wire + wire + b"\x00\x13garbage\x00" + wire)
+        first = link.receive(timeout_s=1)
+        time.sleep(0.1)
+        assert first.payload == b"x" and link.receive(timeout_s=0.05) is None
+    assert link.stats.duplicates == 2 and link.dropped()["cobs"] + link.dropped()["short"] == 1
+
+
+@pytest.mark.integration
+def test_unplug_mid_stream_recovers(socket_path) -> None:
+    host = Link(str(socket_path.path), ack_timeout_s=0.05, send_timeout_s=10,
+                backoff=Backoff(initial_s=0.01, max_s=0.2), name="host")
+    device = DeviceEmulator(socket_path.plug(), parameters={"w": torch.zeros(1)}).start()
+    results: list[bool] = []
+    with host:
+        for _ in range(20):
+            results.append(host.send_tensors({"w": torch.ones(1)}))
+        device.close()
+        socket_path.unplug()
+
+        def replug() -> None:
+            time.sleep(0.4)
+            nonlocal device
+            device = DeviceEmulator(socket_path.plug(), parameters={"w": torch.zeros(1)}).start()
+
+        threading.Thread(target=replug).start()
+        for _ in range(20):  # the first of these waits for the replug
+            results.append(host.send_tensors({"w": torch.ones(1)}))
+    device.close()
+    assert all(results)
+    assert host.stats.reconnects == 1 and host.port.failures >= 1
+    assert float(device.parameters["w"]) == 20.0  # the new device got every frame sent after the replug
+
+
+def test_oversized_payload_is_a_clear_error() -> None:
+    link = Link(lambda: serial.serial_for_url("loop://"), max_payload_bytes=16)
+    with pytest.raises(ValueError, match="max_payload_bytes=16"):
+        link.send(FrameType.DATA, b"x" * 17)
+    link.close()
+
+
+def test_pty_port_reads_after_close_raise_oserror() -> None:
+    from devices.ports import open_pty
+
+    port, _ = open_pty()
+    assert isinstance(port, PtyPort)
+    port.close()
+    with pytest.raises(OSError):
+        port.read(1)
