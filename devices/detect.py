@@ -227,7 +227,7 @@ def detect_system(root: str | os.PathLike[str] = "/") -> SystemInfo:
         clock_mhz = int(float(mhz_text))
     else:
         clock_mhz = 0
-    model = (_read(base / "proc" / "device-tree" / "model") or _cpuinfo_field(cpuinfo, "Model") or "")
+    model = _read(base / "proc" / "device-tree" / "model") or _cpuinfo_field(cpuinfo, "Model") or ""
     model = model.strip("\x00\n ") or (_cpuinfo_field(cpuinfo, "model name") or "")
     revision_text = _cpuinfo_field(cpuinfo, "Revision")
     revision = decode_pi_revision(revision_text) if revision_text else None
@@ -251,8 +251,11 @@ def _board_profile(info: SystemInfo) -> DeviceProfile | None:
     model = info.model.lower()
     if "jetson" in model:
         gb = 2 if info.ram_bytes <= 2 * 1024**3 else 4
-        names.append(f"jetson-orin-nano-{8 if info.ram_bytes > 4 * 1024**3 else 4}gb" if "orin" in model
-                     else f"jetson-nano-{gb}gb")
+        names.append(
+            f"jetson-orin-nano-{8 if info.ram_bytes > 4 * 1024**3 else 4}gb"
+            if "orin" in model
+            else f"jetson-nano-{gb}gb"
+        )
     for name in names:
         try:
             return get_profile(name)
@@ -277,7 +280,9 @@ def detect(root: str | os.PathLike[str] = "/") -> DeviceProfile:
     if board is not None:
         if not limited and cpus >= board.cores:
             return board
-        reserved = linux_reserved_bytes(memory_bytes, with_os=not limited) if limited else board.reserved_bytes
+        reserved = (
+            linux_reserved_bytes(memory_bytes, with_os=not limited) if limited else board.reserved_bytes
+        )
         reserved = min(reserved, memory_bytes // 2) if reserved >= memory_bytes else reserved
         return replace(
             board,

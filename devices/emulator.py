@@ -69,11 +69,12 @@ def sensor_lines(
     return lines
 
 
-def _as_port(port: str | Callable[[], PortLike] | PortLike | ReconnectingPort,
-             backoff: Backoff | None) -> ReconnectingPort:
+def _as_port(
+    port: str | Callable[[], PortLike] | PortLike | ReconnectingPort, backoff: Backoff | None
+) -> ReconnectingPort:
     if isinstance(port, ReconnectingPort):
         return port
-    if isinstance(port, str) or callable(port) and not hasattr(port, "read"):
+    if isinstance(port, str) or (callable(port) and not hasattr(port, "read")):
         return ReconnectingPort(port, backoff=backoff)  # type: ignore[arg-type]
     opened: list[PortLike] = []
 
@@ -175,7 +176,9 @@ class DeviceEmulator:
         **link_options: Any,
     ) -> None:
         self.link = Link(_as_port(port, backoff), ack_timeout_s=ack_timeout_s, name="device", **link_options)
-        self.parameters: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in (parameters or {}).items()}
+        self.parameters: dict[str, torch.Tensor] = {
+            k: v.detach().clone() for k, v in (parameters or {}).items()
+        }
         self.applied = 0
         self.rejected = 0
         self.commands = 0
@@ -213,8 +216,10 @@ class DeviceEmulator:
             if current is None:
                 self.parameters[name] = value.clone()
             elif current.shape != value.shape:
-                raise PayloadError(f"delta for {name!r} has shape {tuple(value.shape)}, the device holds "
-                                   f"{tuple(current.shape)}")
+                raise PayloadError(
+                    f"delta for {name!r} has shape {tuple(value.shape)}, the device holds "
+                    f"{tuple(current.shape)}"
+                )
             else:
                 current.add_(value.to(current.dtype))
         self.applied += 1
@@ -229,8 +234,12 @@ class DeviceEmulator:
                 value.zero_()
             self.link.send(FrameType.REPLY, encode_command("ok"))
         elif op == "stats":
-            self.link.send(FrameType.REPLY, encode_command("stats", {
-                "applied": self.applied, "rejected": self.rejected, **self.link.stats.to_dict()}))
+            self.link.send(
+                FrameType.REPLY,
+                encode_command(
+                    "stats", {"applied": self.applied, "rejected": self.rejected, **self.link.stats.to_dict()}
+                ),
+            )
         else:
             raise PayloadError(f"unknown command {op!r}; the emulator knows get, ping, reset, stats")
 

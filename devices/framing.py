@@ -142,8 +142,9 @@ def decode_frame(segment: bytes, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     if version != PROTOCOL_VERSION:
         raise FrameError("version", f"protocol version {version}, expected {PROTOCOL_VERSION}")
     if length != len(body) - HEADER.size - CRC.size:
-        raise FrameError("length", f"header says {length} payload bytes, frame has "
-                                   f"{len(body) - HEADER.size - CRC.size}")
+        raise FrameError(
+            "length", f"header says {length} payload bytes, frame has {len(body) - HEADER.size - CRC.size}"
+        )
     if length > max_payload_bytes:
         raise FrameError("oversize", f"payload of {length} bytes exceeds {max_payload_bytes}")
     try:

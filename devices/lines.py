@@ -150,8 +150,10 @@ class SampleStream:
     ) -> None:
         if max_line_bytes < 8 or adopt_after < 1 or rate_window < 2:
             raise ConfigError("SampleStream needs max_line_bytes >= 8, adopt_after >= 1 and rate_window >= 2")
-        self.port = port if isinstance(port, ReconnectingPort) else ReconnectingPort(
-            port, backoff=backoff, baudrate=baudrate, read_timeout_s=read_timeout_s
+        self.port = (
+            port
+            if isinstance(port, ReconnectingPort)
+            else ReconnectingPort(port, backoff=backoff, baudrate=baudrate, read_timeout_s=read_timeout_s)
         )
         self.label_column = label_column
         self.max_line_bytes = max_line_bytes
@@ -232,9 +234,7 @@ class SampleStream:
             self.stats.partial_reads += 1
         return samples
 
-    def samples(
-        self, *, max_samples: int | None = None, duration_s: float | None = None
-    ) -> Iterator[Sample]:
+    def samples(self, *, max_samples: int | None = None, duration_s: float | None = None) -> Iterator[Sample]:
         """Yield readings until ``max_samples``, ``duration_s``, :meth:`close`, or backoff gives up."""
         deadline = None if duration_s is None else self._clock() + duration_s
         produced = 0
@@ -283,7 +283,7 @@ class Windower:
 
     def __init__(self, window: int, hop: int | None = None, *, labels: Sequence[str] | None = None) -> None:
         hop = window if hop is None else hop
-        if window < 1 or not 1 <= hop:
+        if window < 1 or not hop >= 1:
             raise ConfigError(f"Windower needs window >= 1 and hop >= 1, got window={window}, hop={hop}")
         self.window = window
         self.hop = hop

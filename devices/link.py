@@ -98,8 +98,10 @@ class Link:
             raise ConfigError(
                 "Link needs ack_timeout_s > 0, max_retries >= 0, send_timeout_s > 0 and dedup_window >= 1"
             )
-        self.port = port if isinstance(port, ReconnectingPort) else ReconnectingPort(
-            port, backoff=backoff, baudrate=baudrate
+        self.port = (
+            port
+            if isinstance(port, ReconnectingPort)
+            else ReconnectingPort(port, backoff=backoff, baudrate=baudrate)
         )
         self.ack_timeout_s = ack_timeout_s
         self.max_retries = max_retries
@@ -177,8 +179,13 @@ class Link:
                 with self._ack_cond:
                     self._pending_seq = None
             self.stats.send_failures += 1
-            logger.warning("%s: frame %d (%s) not acknowledged after %d transmission(s)",
-                           self.name, seq, frame_type.name, transmissions)
+            logger.warning(
+                "%s: frame %d (%s) not acknowledged after %d transmission(s)",
+                self.name,
+                seq,
+                frame_type.name,
+                transmissions,
+            )
             return False
 
     def send_tensors(self, tensors: Mapping[str, torch.Tensor]) -> bool:

@@ -72,7 +72,9 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
         encoded_name = name.encode("utf-8")
         if not encoded_name or len(encoded_name) > 0xFFFF:
             raise PayloadError(f"tensor name {name!r} must be 1..65535 UTF-8 bytes")
-        array = tensor.detach().cpu().contiguous().numpy().astype(np.dtype(dtype).newbyteorder("<"), copy=False)
+        array = (
+            tensor.detach().cpu().contiguous().numpy().astype(np.dtype(dtype).newbyteorder("<"), copy=False)
+        )
         out += struct.pack("<H", len(encoded_name)) + encoded_name
         out += struct.pack(f"<BB{tensor.dim()}I", DTYPE_CODES[dtype], tensor.dim(), *tensor.shape)
         out += array.tobytes()
@@ -89,8 +91,9 @@ def decode_tensors(payload: bytes) -> dict[str, torch.Tensor]:
     def take(n: int, what: str) -> memoryview:
         nonlocal view
         if n > len(view):
-            raise PayloadError(f"tensor payload truncated while reading {what} ({n} bytes wanted, "
-                               f"{len(view)} left)")
+            raise PayloadError(
+                f"tensor payload truncated while reading {what} ({n} bytes wanted, {len(view)} left)"
+            )
         chunk, view = view[:n], view[n:]
         return chunk
 

@@ -113,9 +113,11 @@ class ReconnectingPort:
         baudrate: int = DEFAULT_BAUDRATE,
         read_timeout_s: float = 0.05,
     ) -> None:
-        self._opener = url_opener(opener, baudrate=baudrate, timeout_s=read_timeout_s) if isinstance(
-            opener, str
-        ) else opener
+        self._opener = (
+            url_opener(opener, baudrate=baudrate, timeout_s=read_timeout_s)
+            if isinstance(opener, str)
+            else opener
+        )
         self.backoff = backoff or Backoff()
         self.reconnects = 0
         self.failures = 0

@@ -139,7 +139,9 @@ class DeviceProfile:
         for attr in ("memory_bytes", "cores", "clock_mhz"):
             value = getattr(self, attr)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"DeviceProfile {self.name!r}: {attr} must be a positive int, got {value!r}")
+                raise ConfigError(
+                    f"DeviceProfile {self.name!r}: {attr} must be a positive int, got {value!r}"
+                )
         if self.flash_bytes is not None and (not isinstance(self.flash_bytes, int) or self.flash_bytes <= 0):
             raise ConfigError(
                 f"DeviceProfile {self.name!r}: flash_bytes must be a positive int or None, got "
@@ -223,8 +225,16 @@ def _pi(name: str, ram_bytes: int, cores: int, clock_mhz: int, board: str, *, fl
     )
 
 
-def _mcu(name: str, sram_bytes: int, flash_bytes: int | None, cores: int, clock_mhz: int, part: str,
-         *, reserved_bytes: int | None = None) -> None:
+def _mcu(
+    name: str,
+    sram_bytes: int,
+    flash_bytes: int | None,
+    cores: int,
+    clock_mhz: int,
+    part: str,
+    *,
+    reserved_bytes: int | None = None,
+) -> None:
     register_profile(
         DeviceProfile(
             name=name,
@@ -240,8 +250,14 @@ def _mcu(name: str, sram_bytes: int, flash_bytes: int | None, cores: int, clock_
 
 
 def _register_builtin() -> None:
-    _pi("rpi-zero-2w", 512 * MiB, 4, 1000, "Raspberry Pi Zero 2 W, 4x Cortex-A53 (no room for Flower)",
-        flower=False)
+    _pi(
+        "rpi-zero-2w",
+        512 * MiB,
+        4,
+        1000,
+        "Raspberry Pi Zero 2 W, 4x Cortex-A53 (no room for Flower)",
+        flower=False,
+    )
     _pi("rpi-3b-plus", 1 * GiB, 4, 1400, "Raspberry Pi 3 Model B+, 4x Cortex-A53")
     for gb in (1, 2, 4, 8):
         _pi(f"rpi-4b-{gb}gb", gb * GiB, 4, 1800, f"Raspberry Pi 4 Model B {gb} GB, 4x Cortex-A72")
@@ -274,14 +290,36 @@ def _register_builtin() -> None:
             )
         )
     _mcu("stm32f746", 320 * KiB, 1 * MiB, 1, 216, "STM32F746, Cortex-M7 (MCUNet's 320 KB board)")
-    _mcu("stm32h743", 1 * MiB, 2 * MiB, 1, 480,
-         "STM32H743, Cortex-M7; SRAM is split in domains, the largest block is 512 KB AXI SRAM")
+    _mcu(
+        "stm32h743",
+        1 * MiB,
+        2 * MiB,
+        1,
+        480,
+        "STM32H743, Cortex-M7; SRAM is split in domains, the largest block is 512 KB AXI SRAM",
+    )
     _mcu("nrf52840", 256 * KiB, 1 * MiB, 1, 64, "nRF52840 (Arduino Nano 33 BLE Sense), Cortex-M4F")
-    _mcu("esp32", 520 * KiB, None, 2, 240, "ESP32, 2x Xtensa LX6, external flash; Wi-Fi/BLE stacks reserved",
-         reserved_bytes=200 * KiB)
-    _mcu("esp32-s3", 512 * KiB, None, 2, 240, "ESP32-S3, 2x Xtensa LX7, external flash; Wi-Fi/BLE reserved",
-         reserved_bytes=192 * KiB)
-    _mcu("rp2040", 264 * KiB, 2 * MiB, 2, 133, "RP2040 (Raspberry Pi Pico), 2x Cortex-M0+, 2 MB external QSPI")
+    _mcu(
+        "esp32",
+        520 * KiB,
+        None,
+        2,
+        240,
+        "ESP32, 2x Xtensa LX6, external flash; Wi-Fi/BLE stacks reserved",
+        reserved_bytes=200 * KiB,
+    )
+    _mcu(
+        "esp32-s3",
+        512 * KiB,
+        None,
+        2,
+        240,
+        "ESP32-S3, 2x Xtensa LX7, external flash; Wi-Fi/BLE reserved",
+        reserved_bytes=192 * KiB,
+    )
+    _mcu(
+        "rp2040", 264 * KiB, 2 * MiB, 2, 133, "RP2040 (Raspberry Pi Pico), 2x Cortex-M0+, 2 MB external QSPI"
+    )
 
 
 _register_builtin()

@@ -247,14 +247,14 @@ class Sparse(Scheme):
             the end) or by qualified name. Default: the last layer.
         channel_ratios: per weight layer, the fraction of input channels whose weights train (the
             largest-norm ones); empty means 1.0 for all. A ratio below 1 needs a dense layer (groups=1).
-            Default: a quarter of the last layer's input channels.
+            Default: all channels.
         train_classifier: whether the head trains.
     """
 
     name: ClassVar[str] = "sparse"
     bias_last_k: int | None = None
     weight_layers: tuple[int | str, ...] = (-1,)
-    channel_ratios: tuple[float, ...] = (0.25,)
+    channel_ratios: tuple[float, ...] = ()
     train_classifier: bool = True
 
     def __post_init__(self) -> None:

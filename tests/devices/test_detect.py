@@ -9,23 +9,27 @@ from devices.detect import decode_pi_revision, detect_system
 
 MiB, GiB = 1024**2, 1024**3
 
-PI4_CPUINFO = "".join(
-    f"processor\t: {i}\nBogoMIPS\t: 108.00\nCPU part\t: 0xd08\n\n" for i in range(4)
-) + "Revision\t: c03114\nSerial\t\t: 10000000abcdef01\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
-PI5_CPUINFO = "".join(
-    f"processor\t: {i}\nBogoMIPS\t: 108.00\nCPU part\t: 0xd0b\n\n" for i in range(4)
-) + "Revision\t: d04170\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n"
+PI4_CPUINFO = (
+    "".join(f"processor\t: {i}\nBogoMIPS\t: 108.00\nCPU part\t: 0xd08\n\n" for i in range(4))
+    + "Revision\t: c03114\nSerial\t\t: 10000000abcdef01\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+)
+PI5_CPUINFO = (
+    "".join(f"processor\t: {i}\nBogoMIPS\t: 108.00\nCPU part\t: 0xd0b\n\n" for i in range(4))
+    + "Revision\t: d04170\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n"
+)
 
 
-def make_root(tmp_path: Path, cpuinfo: str, mem_kb: int, *, cgroup: dict[str, str] | None = None,
-              v1: bool = False) -> Path:
+def make_root(
+    tmp_path: Path, cpuinfo: str, mem_kb: int, *, cgroup: dict[str, str] | None = None, v1: bool = False
+) -> Path:
     (tmp_path / "proc" / "self").mkdir(parents=True)
     (tmp_path / "proc" / "cpuinfo").write_text(cpuinfo)
     (tmp_path / "proc" / "meminfo").write_text(f"MemTotal:       {mem_kb} kB\nMemFree:        1000 kB\n")
     if cgroup is not None:
         if v1:
             (tmp_path / "proc" / "self" / "cgroup").write_text(
-                "12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n")
+                "12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n"
+            )
             mem = tmp_path / "sys" / "fs" / "cgroup" / "memory" / "docker" / "abc"
             mem.mkdir(parents=True)
             cpu = tmp_path / "sys" / "fs" / "cgroup" / "cpu,cpuacct" / "docker" / "abc"
@@ -76,8 +80,9 @@ def test_detect_pi5(tmp_path: Path) -> None:
 
 
 def test_detect_cgroup_v2_memory_and_cpu_limit(tmp_path: Path) -> None:
-    root = make_root(tmp_path, PI4_CPUINFO, 3_884_000,
-                     cgroup={"memory.max": str(1 * GiB), "cpu.max": "150000 100000"})
+    root = make_root(
+        tmp_path, PI4_CPUINFO, 3_884_000, cgroup={"memory.max": str(1 * GiB), "cpu.max": "150000 100000"}
+    )
     info = detect_system(root)
     assert info.cgroup_memory_limit_bytes == GiB and info.memory_bytes == GiB
     assert info.usable_cpus == 2
@@ -89,9 +94,17 @@ def test_detect_cgroup_v2_memory_and_cpu_limit(tmp_path: Path) -> None:
 
 
 def test_detect_cgroup_v1_limit(tmp_path: Path) -> None:
-    root = make_root(tmp_path, PI5_CPUINFO, 8_000_000, v1=True,
-                     cgroup={"memory.limit_in_bytes": str(2 * GiB), "cpu.cfs_quota_us": "-1",
-                             "cpu.cfs_period_us": "100000"})
+    root = make_root(
+        tmp_path,
+        PI5_CPUINFO,
+        8_000_000,
+        v1=True,
+        cgroup={
+            "memory.limit_in_bytes": str(2 * GiB),
+            "cpu.cfs_quota_us": "-1",
+            "cpu.cfs_period_us": "100000",
+        },
+    )
     profile = devices.detect(root)
     assert profile.name == "rpi-5-8gb@cgroup" and profile.memory_bytes == 2 * GiB and profile.cores == 4
 

@@ -92,7 +92,9 @@ def corrupted_stream(n: int, rate: float, seed: int) -> tuple[bytes, list[Frame]
 
 
 def check_decoded(decoder: FrameDecoder, frames: list[Frame], expected: list[Frame], corrupted: int) -> None:
-    assert [(f.seq, f.payload) for f in frames] == [(f.seq, f.payload) for f in expected]  # none lost or doubled
+    assert [(f.seq, f.payload) for f in frames] == [
+        (f.seq, f.payload) for f in expected
+    ]  # none lost or doubled
     assert decoder.stats.dropped_total == corrupted  # every corruption detected exactly once
     assert decoder.stats.frames == len(expected)
 
@@ -117,7 +119,9 @@ def test_decoder_drops_oversize_garbage() -> None:
     assert frames == [good] and decoder.stats.dropped["oversize"] == 1
 
 
-def read_frames(read, decoder: FrameDecoder, wanted: int, corrupted: int, timeout_s: float = 30) -> list[Frame]:
+def read_frames(
+    read, decoder: FrameDecoder, wanted: int, corrupted: int, timeout_s: float = 30
+) -> list[Frame]:
     frames: list[Frame] = []
     deadline = time.monotonic() + timeout_s
     while (len(frames) < wanted or decoder.stats.dropped_total < corrupted) and time.monotonic() < deadline:
@@ -129,7 +133,9 @@ def read_frames(read, decoder: FrameDecoder, wanted: int, corrupted: int, timeou
 def test_10k_frames_5pct_corrupted_over_loop_url() -> None:
     stream, expected, corrupted = corrupted_stream(10_000, 0.05, seed=3)
     port = serial.serial_for_url("loop://", timeout=0.05)
-    writer = threading.Thread(target=lambda: [port.write(stream[i : i + 512]) for i in range(0, len(stream), 512)])
+    writer = threading.Thread(
+        target=lambda: [port.write(stream[i : i + 512]) for i in range(0, len(stream), 512)]
+    )
     writer.start()
     decoder = FrameDecoder()
     frames = read_frames(lambda: port.read(max(1, port.in_waiting)), decoder, len(expected), corrupted)
@@ -143,7 +149,9 @@ def test_10k_frames_5pct_corrupted_over_pty(pty_pair) -> None:
     device, path = pty_pair
     stream, expected, corrupted = corrupted_stream(10_000, 0.05, seed=4)
     host = serial.serial_for_url(path, timeout=0.05)
-    writer = threading.Thread(target=lambda: [device.write(stream[i : i + 997]) for i in range(0, len(stream), 997)])
+    writer = threading.Thread(
+        target=lambda: [device.write(stream[i : i + 997]) for i in range(0, len(stream), 997)]
+    )
     writer.start()
     decoder = FrameDecoder()
     frames = read_frames(lambda: host.read(max(1, host.in_waiting)), decoder, len(expected), corrupted)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -8,7 +9,7 @@ import serial
 import torch
 
 from devices.emulator import SensorEmulator, sensor_lines
-from devices.lines import LineError, Sample, SampleStream, Windower, parse_line, windows
+from devices.lines import LineError, Sample, SampleStream, parse_line, windows
 from devices.ports import Backoff
 
 
@@ -30,8 +31,12 @@ def test_parse_line(text, label_column, values, label) -> None:
 
 @pytest.mark.parametrize(
     ("text", "label_column", "reason"),
-    [("", None, "empty"), ("1,x,3", None, "non_numeric"), ("1,nan", None, "non_numeric"),
-     ("1", 3, "column_count")],
+    [
+        ("", None, "empty"),
+        ("1,x,3", None, "non_numeric"),
+        ("1,nan", None, "non_numeric"),
+        ("1", 3, "column_count"),
+    ],
 )
 def test_parse_line_errors(text, label_column, reason) -> None:
     with pytest.raises(LineError) as info:
@@ -43,8 +48,8 @@ def test_windower_shapes_hop_and_labels() -> None:
     samples = [Sample((float(i), float(-i)), "a" if i < 6 else "b") for i in range(10)]
     out = list(windows(samples, 4, 2))
     assert len(out) == 4  # windows end at samples 3, 5, 7, 9
-    x, y = out[0]
-    assert x.shape == (1, 2, 4) and x.dtype == torch.float32 and y.shape == (1,) and y.dtype == torch.int64
+    x, y0 = out[0]
+    assert x.shape == (1, 2, 4) and x.dtype == torch.float32 and y0.shape == (1,) and y0.dtype == torch.int64
     assert torch.equal(x[0, 0], torch.tensor([0.0, 1, 2, 3])) and torch.equal(x[0, 1], -x[0, 0])
     assert [int(y) for _, y in out] == [0, 0, 1, 1]  # majority label, ties to the latest
     assert len(list(windows(samples, 3, 5))) == 2  # hop longer than the window skips samples
@@ -61,12 +66,18 @@ def check_round_trip(lines: list[str], samples: list[Sample], window: int) -> No
     assert [(s.values, s.label) for s in samples] == [(e.values, e.label) for e in expected]  # values equal
     pairs = list(windows(samples, window, window // 2, labels=["idle", "wave"]))
     assert len(pairs) == (len(lines) - window) // (window // 2) + 1
-    model = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 5), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    x, y = pairs[0]
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(3, 4, 5),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool1d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+    x, _ = pairs[0]
     assert torch.allclose(x[0].T, torch.tensor([e.values for e in expected[:window]], dtype=torch.float32))
-    loss = torch.nn.functional.cross_entropy(model(torch.cat([p[0] for p in pairs])),
-                                             torch.cat([p[1] for p in pairs]))
+    loss = torch.nn.functional.cross_entropy(
+        model(torch.cat([p[0] for p in pairs])), torch.cat([p[1] for p in pairs])
+    )
     loss.backward()
     assert torch.isfinite(loss)
 
@@ -159,7 +170,7 @@ def test_unplug_wrapper_reconnects_with_backoff() -> None:
     got = list(stream.samples(max_samples=80, duration_s=10))
     assert [s.values[0] for s in got] == [float(i) for i in range(80)]
     assert stream.stats.reconnects == 1 and stream.stats.dropped["resync"] == 2
-    gaps = [b - a for a, b in zip(attempts[1:], attempts[2:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts[1:])]
     assert gaps[1] >= gaps[0] * 1.5  # exponential backoff between failed attempts
     stream.close()
 
@@ -200,5 +211,7 @@ def test_pty_unplug_and_replug(socket_path) -> None:
         emulator.wait(5)
         consumer.join(timeout=15)
     stream.close()
-    assert len(got) == 200 and [s.values for s in got] == [parse_line(x, label_column=-1).values for x in lines]
+    assert len(got) == 200 and [s.values for s in got] == [
+        parse_line(x, label_column=-1).values for x in lines
+    ]
     assert stream.stats.reconnects == 1 and stream.port.failures >= 1

@@ -31,7 +31,12 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 def test_builtin_profiles_match_references(name, kind, memory_bytes, flash_bytes, cores, clock_mhz) -> None:
     profile = devices.get_profile(name)
     assert (profile.kind, profile.memory_bytes, profile.flash_bytes, profile.cores, profile.clock_mhz) == (
-        DeviceKind(kind), memory_bytes, flash_bytes, cores, clock_mhz)
+        DeviceKind(kind),
+        memory_bytes,
+        flash_bytes,
+        cores,
+        clock_mhz,
+    )
     assert 0 < profile.training_budget_bytes < profile.memory_bytes
 
 
@@ -55,13 +60,15 @@ def test_mcu_budget_keeps_weights_in_flash() -> None:
     mcu = devices.get_profile("stm32f746")
     assert mcu.reserved_bytes == mcu_reserved_bytes(320 * KiB) == 40 * KiB
     budget = mcu.to_budget()
-    assert budget.total_bytes == 280 * KiB and not budget.count_frozen_params and budget.frozen_param_bits == 8
+    assert (
+        budget.total_bytes == 280 * KiB and not budget.count_frozen_params and budget.frozen_param_bits == 8
+    )
 
 
 def test_register_duplicate_and_unknown() -> None:
     with pytest.raises(ConfigError, match="already registered"):
         devices.register_profile(devices.get_profile("esp32"))
-    with pytest.raises(UnknownNameError, match="unknown device profile 'rpi-6'.*'rpi-5-8gb'"):
+    with pytest.raises(UnknownNameError, match=r"unknown device profile 'rpi-6'.*'rpi-5-8gb'"):
         devices.get_profile("rpi-6")
 
 
@@ -87,7 +94,14 @@ def test_register_custom_profile() -> None:
     ],
 )
 def test_profile_validation(kwargs, match) -> None:
-    fields = {"name": "x", "kind": "linux-board", "memory_bytes": GiB, "flash_bytes": None, "cores": 1,
-              "clock_mhz": 1, "reserved_bytes": 0} | kwargs
+    fields = {
+        "name": "x",
+        "kind": "linux-board",
+        "memory_bytes": GiB,
+        "flash_bytes": None,
+        "cores": 1,
+        "clock_mhz": 1,
+        "reserved_bytes": 0,
+    } | kwargs
     with pytest.raises(ConfigError, match=match):
         DeviceProfile(**fields)

@@ -1,0 +1,162 @@
+"""``ondevice fleet``: check, provision and drive the Flower SuperNodes of a Raspberry Pi fleet over SSH."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ondevice.cli._app import app, configure_logging, console, fail, print_json
+
+fleet_app = typer.Typer(
+    name="fleet",
+    help="Manage a fleet of Raspberry Pis over SSH (needs the 'fleet' extra: asyncssh).",
+    no_args_is_help=True,
+)
+app.add_typer(fleet_app, name="fleet")
+
+_INVENTORY = typer.Option(..., "--inventory", "-i", help="Inventory TOML file.", dir_okay=False)
+_HOSTS = typer.Option(None, "--hosts", help="Comma-separated host names (default: all).")
+_JSON = typer.Option(False, "--json", help="Print JSON on stdout.")
+_CONCURRENCY = typer.Option(8, "--concurrency", min=1, help="Hosts worked on at once.")
+_VERBOSE = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+
+
+def _run(
+    action: str,
+    inventory: Path,
+    hosts: str | None,
+    json_output: bool,
+    concurrency: int,
+    verbose: bool,
+    **options: object,
+) -> None:
+    configure_logging(verbose)
+    from devices.fleet import load_inventory
+    from ondevice.errors import OnDeviceError
+
+    try:
+        selected = load_inventory(inventory).select(hosts)
+    except OnDeviceError as error:
+        fail(error)
+        return
+    try:
+        import asyncssh  # noqa: F401
+    except ImportError:
+        fail("the fleet commands need asyncssh: pip install 'ondevice[fleet]'")
+        return
+    from devices.fleet import run_fleet
+
+    for host in selected:
+        if host.insecure_ignore_host_keys:
+            console.print(
+                f"[bold red]WARNING:[/] {host.name}: host key verification is OFF "
+                "(insecure_ignore_host_keys = true); anyone on the network can impersonate it"
+            )
+    with console.status(f"{action} on {len(selected)} host(s)...", spinner="dots"):
+        results = run_fleet(selected, action, concurrency=concurrency, **options)
+    if json_output:
+        print_json([r.to_dict() for r in results])
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"fleet {action}")
+        for column in ("host", "outcome", "detail", "seconds"):
+            table.add_column(column, overflow="fold")
+        for r in results:
+            color = "green" if r.ok else ("yellow" if r.outcome.value == "skipped" else "red")
+            table.add_row(r.host, f"[{color}]{r.outcome.value}[/]", r.detail, f"{r.duration_s:.2f}")
+        console.print(table)
+        if action == "logs":
+            for r in results:
+                if r.ok:
+                    console.rule(r.host)
+                    console.print(r.stdout.rstrip(), markup=False, highlight=False)
+    failed = [r.host for r in results if not r.ok]
+    if failed:
+        raise typer.Exit(1)
+
+
+@fleet_app.command("check")
+def check(
+    inventory: Path = _INVENTORY,
+    hosts: str | None = _HOSTS,
+    json_output: bool = _JSON,
+    concurrency: int = _CONCURRENCY,
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Verify each Pi runs a 64-bit OS (aarch64) and Python >= 3.11."""
+    _run("check", inventory, hosts, json_output, concurrency, verbose)
+
+
+@fleet_app.command("provision")
+def provision(
+    inventory: Path = _INVENTORY,
+    hosts: str | None = _HOSTS,
+    json_output: bool = _JSON,
+    concurrency: int = _CONCURRENCY,
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Create the venv (pinned flwr/torch) and install + enable the flower-supernode systemd unit."""
+    _run("provision", inventory, hosts, json_output, concurrency, verbose)
+
+
+@fleet_app.command("start")
+def start(
+    inventory: Path = _INVENTORY,
+    hosts: str | None = _HOSTS,
+    json_output: bool = _JSON,
+    concurrency: int = _CONCURRENCY,
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Start the SuperNode unit on each Pi."""
+    _run("start", inventory, hosts, json_output, concurrency, verbose)
+
+
+@fleet_app.command("stop")
+def stop(
+    inventory: Path = _INVENTORY,
+    hosts: str | None = _HOSTS,
+    json_output: bool = _JSON,
+    concurrency: int = _CONCURRENCY,
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Stop the SuperNode unit on each Pi."""
+    _run("stop", inventory, hosts, json_output, concurrency, verbose)
+
+
+@fleet_app.command("restart")
+def restart(
+    inventory: Path = _INVENTORY,
+    hosts: str | None = _HOSTS,
+    json_output: bool = _JSON,
+    wait_s: float = typer.Option(60.0, "--wait-s", help="Seconds to wait for 'active' per host."),
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Rolling restart: one Pi at a time, each 'active' again before the next; stops at a failure."""
+    _run("restart", inventory, hosts, json_output, 1, verbose, restart_wait_s=wait_s)
+
+
+@fleet_app.command("status")
+def status(
+    inventory: Path = _INVENTORY,
+    hosts: str | None = _HOSTS,
+    json_output: bool = _JSON,
+    concurrency: int = _CONCURRENCY,
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Show the SuperNode unit's state on each Pi (systemctl is-active)."""
+    _run("status", inventory, hosts, json_output, concurrency, verbose)
+
+
+@fleet_app.command("logs")
+def logs(
+    inventory: Path = _INVENTORY,
+    hosts: str | None = _HOSTS,
+    json_output: bool = _JSON,
+    lines: int = typer.Option(50, "--lines", "-n", min=1, help="Journal lines per host."),
+    concurrency: int = _CONCURRENCY,
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Show the last journal lines of the SuperNode unit on each Pi."""
+    _run("logs", inventory, hosts, json_output, concurrency, verbose, log_lines=lines)

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import ondevice.cli.fleet  # noqa: F401  (registers the subcommand)
+from devices.fleet import (
+    Action,
+    Host,
+    InventoryError,
+    NodeConfig,
+    Outcome,
+    load_inventory,
+    render_supernode_unit,
+    run_fleet,
+)
+from devices.fleet.inventory import parse_inventory
+from devices.fleet.remote import provision_script, systemd_quote
+from devices.fleet.standin import StandInFleet, StandInSpec
+from ondevice.cli._app import app
+from ondevice.errors import UnknownNameError
+
+pytestmark = pytest.mark.integration
+
+SPECS = [
+    StandInSpec("pi-1"),
+    StandInSpec("pi-2"),
+    StandInSpec("pi-3", machine="armv7l", python_version="3.9.2"),
+    StandInSpec("pi-down", mode="down"),
+    StandInSpec("pi-badkey", mode="refuse-key"),
+    StandInSpec("pi-spoofed", mode="wrong-host-key"),
+]
+BROKEN = {
+    "pi-down": Outcome.UNREACHABLE,
+    "pi-badkey": Outcome.AUTH_REFUSED,
+    "pi-spoofed": Outcome.HOST_KEY_MISMATCH,
+}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    with StandInFleet(tmp_path_factory.mktemp("fleet"), SPECS) as standins:
+        yield standins
+
+
+def outcomes(results) -> dict[str, Outcome]:
+    return {r.host: r.outcome for r in results}
+
+
+def test_check_reports_each_host_precisely(fleet) -> None:
+    results = run_fleet(load_inventory(fleet.inventory_path).hosts, "check")
+    assert [r.host for r in results] == [s.name for s in SPECS]
+    assert outcomes(results) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK, "pi-3": Outcome.FAILED, **BROKEN}
+    by_host = {r.host: r for r in results}
+    assert by_host["pi-1"].detail == "aarch64, Python 3.11.2"
+    assert (
+        "'armv7l' is not 64-bit" in by_host["pi-3"].detail and "Python 3.9.2 < 3.11" in by_host["pi-3"].detail
+    )
+    assert f"connection refused at 127.0.0.1:{fleet.hosts['pi-down'].port}" in by_host["pi-down"].detail
+    assert "refused the key" in by_host["pi-badkey"].detail
+    assert "known_hosts" in by_host["pi-spoofed"].detail
+
+
+def test_provision_start_status_logs_restart_stop(fleet) -> None:
+    inventory = load_inventory(fleet.inventory_path)
+    healthy = inventory.select("pi-1,pi-2")
+    results = run_fleet(inventory.hosts, "provision")
+    assert outcomes(results) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK, "pi-3": Outcome.OK, **BROKEN}
+    for host in healthy:
+        home = fleet.hosts[host.name].home
+        unit = (home / "systemd" / "ondevice-supernode.service").read_text()
+        assert unit == render_supernode_unit(host)
+        pip_log = (home / "state" / "pip.log").read_text()
+        assert "flwr==1.41.*" in pip_log and "torch" in pip_log
+        assert "dialout" in (home / "state" / "usermod.log").read_text()
+        assert (home / "state" / "ondevice-supernode.enabled").exists()
+
+    assert outcomes(run_fleet(healthy, "status")) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK}
+    assert {r.detail for r in run_fleet(healthy, "status")} == {"inactive"}
+    started = run_fleet(inventory.hosts, "start", concurrency=2)
+    assert {r.host: r.detail for r in started if r.ok} == {
+        "pi-1": "active",
+        "pi-2": "active",
+        "pi-3": "active",
+    }
+    assert fleet.hosts["pi-1"].state() == "active"
+    logs = run_fleet(healthy, Action.LOGS, log_lines=4)
+    assert all(r.ok and len(r.stdout.splitlines()) == 4 for r in logs)
+    assert logs[0].stdout.startswith("pi-1 flower-supernode")
+
+    restarted = run_fleet(inventory.hosts, "restart")
+    assert outcomes(restarted) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK, "pi-3": Outcome.OK, **BROKEN}
+    systemctl_log = (fleet.hosts["pi-2"].home / "state" / "systemctl.log").read_text()
+    assert "systemctl restart ondevice-supernode" in systemctl_log
+
+    stopped = run_fleet(healthy, "stop")
+    assert [r.detail for r in stopped] == ["inactive", "inactive"]
+
+
+def test_rolling_restart_halts_when_a_host_does_not_come_back(fleet) -> None:
+    inventory = load_inventory(fleet.inventory_path)
+    hosts = inventory.select(["pi-1", "pi-2", "pi-3"])
+    broken = fleet.hosts["pi-2"].home / "state" / "broken"
+    broken.touch()
+    try:
+        results = run_fleet(hosts, "restart", restart_wait_s=0.6)
+    finally:
+        broken.unlink()
+    assert outcomes(results) == {"pi-1": Outcome.OK, "pi-2": Outcome.FAILED, "pi-3": Outcome.SKIPPED}
+    assert "failed" in results[1].detail and "pi-2 did not come back" in results[2].detail
+
+
+def test_cli_json_and_table(fleet) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["fleet", "check", "--inventory", str(fleet.inventory_path), "--json"])
+    assert result.exit_code == 1  # some hosts failed
+    payload = json.loads(result.stdout)
+    assert {r["host"]: r["outcome"] for r in payload}["pi-spoofed"] == "host-key-mismatch"
+    result = runner.invoke(app, ["fleet", "status", "-i", str(fleet.inventory_path), "--hosts", "pi-1,pi-2"])
+    assert result.exit_code == 0, result.output
+    assert "pi-1" in result.output and "pi-down" not in result.output
+    result = runner.invoke(
+        app, ["fleet", "logs", "-i", str(fleet.inventory_path), "--hosts", "pi-1", "-n", "2"]
+    )
+    assert result.exit_code == 0 and "log line 2" in result.output
+    result = runner.invoke(app, ["fleet", "status", "-i", str(fleet.inventory_path), "--hosts", "pi-9"])
+    assert result.exit_code == 2 and "unknown host 'pi-9'" in result.output
+
+
+def test_insecure_opt_out_is_explicit_and_loud(fleet, tmp_path: Path) -> None:
+    text = fleet.inventory_toml().replace("[fleet]\n", "[fleet]\ninsecure_ignore_host_keys = true\n", 1)
+    path = tmp_path / "insecure.toml"
+    path.write_text(text)
+    results = run_fleet(load_inventory(path).select("pi-spoofed"), "status")
+    assert results[0].ok  # only because verification was switched off
+    result = CliRunner().invoke(app, ["fleet", "status", "-i", str(path), "--hosts", "pi-spoofed"])
+    assert "host key verification is OFF" in result.output
+
+
+# -- inventory and rendering (no SSH) -------------------------------------------------------------
+BASE = {"fleet": {"key": "id", "known_hosts": "kh"}, "hosts": [{"name": "a", "address": "10.0.0.1"}]}
+
+
+@pytest.mark.parametrize(
+    ("patch", "match"),
+    [
+        ({"hosts": []}, "no hosts"),
+        ({"hosts": [{"name": "a"}]}, r"hosts\[0\] \(a\): missing required field 'address'"),
+        (
+            {"hosts": [{"name": "a", "address": "x", "port": 70000}]},
+            r"\(a\): field 'port' must be an integer",
+        ),
+        ({"hosts": [{"name": "a", "address": "x", "colour": 1}]}, r"\(a\): unknown field 'colour'"),
+        ({"hosts": [{"name": "a", "address": "x"}, {"name": "a", "address": "y"}]}, "duplicate host name"),
+        ({"hosts": [{"name": "a", "address": "x", "profile": "rpi-9"}]}, r"\(a\): field 'profile'"),
+        (
+            {"hosts": [{"name": "a", "address": "x", "node": {"partition_id": 3, "num_partitions": 2}}]},
+            r"partition_id=3 must be in \[0, num_partitions=2\)",
+        ),
+        (
+            {
+                "hosts": [
+                    {"name": "a", "address": "x"},
+                    {"name": "b", "address": "y", "flower_version": "1.42.0"},
+                ]
+            },
+            "share major.minor",
+        ),
+        ({"fleet": {"superlink": "no-port"}}, r"\[fleet\]: field 'superlink'"),
+        ({"fleet": {"use_sudo": "yes"}}, "true or false"),
+    ],
+)
+def test_inventory_validation_names_host_and_field(patch, match) -> None:
+    with pytest.raises(InventoryError, match=match):
+        parse_inventory(BASE | patch, base=Path("/inv"))
+
+
+def test_inventory_defaults_and_paths(tmp_path: Path) -> None:
+    path = tmp_path / "inv.toml"
+    path.write_text(
+        '[fleet]\nkey = "keys/id"\nuser = "ops"\n\n[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n'
+        'user = "pi"\nnode = { partition_id = 1, num_partitions = 2, data_path = "/d", extra = 7 }\n'
+    )
+    (host,) = load_inventory(path).hosts
+    assert host.key == tmp_path / "keys" / "id" and host.user == "pi" and host.port == 22
+    assert host.node.as_flower_string() == 'partition-id=1 num-partitions=2 data-path="/d" extra=7'
+    with pytest.raises(UnknownNameError):
+        load_inventory(path).select("b")
+    with pytest.raises(InventoryError, match="not valid TOML"):
+        path.write_text("[fleet")
+        load_inventory(path)
+
+
+def test_render_unit_quotes_and_flags() -> None:
+    host = Host(
+        name="pi-x",
+        address="10.0.0.2",
+        user="pi",
+        superlink="10.0.0.1:9092",
+        root_certificates="/etc/flower/my ca.crt",
+        auth_key="/etc/flower/key",
+        node=NodeConfig(partition_id=0, num_partitions=2, data_path="/home/pi/data 1"),
+    )
+    unit = render_supernode_unit(host)
+    assert "SupplementaryGroups=dialout" in unit and "User=pi" in unit
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start == (
+        "ExecStart=/home/pi/ondevice/venv/bin/flower-supernode --superlink 10.0.0.1:9092 "
+        '--root-certificates "/etc/flower/my ca.crt" --auth-supernode-private-key /etc/flower/key '
+        '--node-config "partition-id=0 num-partitions=2 data-path=\\"/home/pi/data 1\\""'
+    )
+    assert systemd_quote("100%$HOME") == '"100%%$$HOME"'
+    nasty = Host(name="pi-y", address="h", remote_dir="/tmp/x'; rm -rf / #")
+    script = provision_script(nasty)
+    assert shlex.quote("/tmp/x'; rm -rf / #/venv") in script

@@ -1,0 +1,218 @@
+"""Trainer: optimizer steps equal torch.optim on stock PyTorch, accumulation, bad batches, resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import ondevice
+from ondevice import (
+    CheckpointMismatchError,
+    ConfigError,
+    InputDtypeError,
+    InputShapeError,
+    NonFiniteBatchError,
+    Trainer,
+    create_model,
+    prepare,
+)
+from ondevice.data import TensorData
+from ondevice.optim import OptimizerConfig, resolve_optimizer
+
+
+def backbone() -> nn.Module:
+    torch.manual_seed(2)
+    model = create_model("cnn", num_classes=3, channels=(8, 16, 16))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 1, 8, 8))
+    return model.eval()
+
+
+def batches(n: int, size: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, 1, 8, 8, generator=gen), torch.randint(0, 3, (size,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        OptimizerConfig(kind="sgd", lr=0.1),
+        OptimizerConfig(kind="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3),
+        OptimizerConfig(kind="sgd", lr=0.05, momentum=0.9, nesterov=True),
+        OptimizerConfig(kind="adam", lr=1e-2, betas=(0.8, 0.99)),
+    ],
+)
+@pytest.mark.parametrize("scheme", ["bias", "full", "lite_residual"])
+def test_steps_match_torch_optim_on_stock_pytorch(config: OptimizerConfig, scheme: str) -> None:
+    model = backbone()
+    ours = prepare(model, scheme)
+    stock = prepare(model, scheme, memory_saving=False)
+    stock.load_trainable({n: t.clone() for n, t in ours.trainable_tensors().items()})
+    trainer = Trainer(ours, optimizer=config)
+    params = list(stock.trainable_parameters().values())
+    if config.kind == "adam":
+        reference = torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps)
+    else:
+        reference = torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+    stock.train()
+    for x, y in batches(4):
+        trainer.step(x, y)
+        reference.zero_grad()
+        F.cross_entropy(stock(x), y).backward()
+        reference.step()
+    for name, value in stock.trainable_tensors().items():
+        torch.testing.assert_close(ours.trainable_tensors()[name], value, rtol=1e-5, atol=1e-6)
+    assert trainer.state.optimizer_steps == 4
+
+
+def test_gradient_accumulation_equals_one_big_batch() -> None:
+    model = backbone()
+    small = Trainer(prepare(model, "bias"), optimizer="sgd", lr=0.1, accumulate_steps=2)
+    big = Trainer(prepare(model, "bias"), optimizer="sgd", lr=0.1)
+    data = batches(4, size=4)
+    results = [small.step(x, y) for x, y in data]
+    assert [r.optimizer_stepped for r in results] == [False, True, False, True]
+    for i in (0, 2):
+        big.step(torch.cat([data[i][0], data[i + 1][0]]), torch.cat([data[i][1], data[i + 1][1]]))
+    for name, value in big.model.trainable_tensors().items():
+        torch.testing.assert_close(small.model.trainable_tensors()[name], value, rtol=1e-5, atol=1e-6)
+    assert small.state.optimizer_steps == 2 and small.state.batches == 4
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_nonfinite_batches_are_skipped_and_counted(poison: str) -> None:
+    prepared = prepare(backbone(), "bias")
+    trainer = Trainer(prepared, optimizer="adam", lr=1e-2)
+    x, y = batches(1)[0]
+    trainer.step(x, y)
+    before = {n: t.clone() for n, t in prepared.trainable_tensors().items()}
+    state_before = copy.deepcopy(trainer.optimizer.state_dict())
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float(poison)
+    result = trainer.step(bad, y)
+    assert result.skipped and result.reason == "nonfinite_input" and result.loss is None
+    assert trainer.state.skipped_batches == 1 and trainer.state.skipped_reasons == {"nonfinite_input": 1}
+    assert all(torch.equal(prepared.trainable_tensors()[n], t) for n, t in before.items())
+    assert str(trainer.optimizer.state_dict()["state"]) == str(state_before["state"])
+    strict = Trainer(prepared, on_nonfinite="raise")
+    with pytest.raises(NonFiniteBatchError, match="nonfinite input"):
+        strict.step(bad, y)
+
+
+def test_nonfinite_loss_from_a_custom_loss_is_skipped() -> None:
+    prepared = prepare(backbone(), "bias")
+    trainer = Trainer(prepared, loss_fn=lambda logits, y: logits.sum() * float("inf"))
+    x, y = batches(1)[0]
+    before = {n: t.clone() for n, t in prepared.trainable_tensors().items()}
+    assert trainer.step(x, y).reason == "nonfinite_loss"
+    assert all(torch.equal(prepared.trainable_tensors()[n], t) for n, t in before.items())
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "error", "message"),
+    [
+        (torch.randn(4, 1, 8, 8), torch.zeros(4), InputDtypeError, "labels must be an integer tensor"),
+        (torch.randn(4, 1, 8, 8), torch.zeros(3, dtype=torch.long), InputShapeError, "one label per sample"),
+        (
+            torch.randn(4, 1, 8, 8),
+            torch.full((4,), 7),
+            InputShapeError,
+            r"labels must be in 0..2 .*got labels 7..7",
+        ),
+        (torch.randn(4, 2, 8, 8), torch.zeros(4, dtype=torch.long), InputShapeError, "expected 1 channels"),
+        (torch.randn(4, 1, 8, 8).double(), torch.zeros(4, dtype=torch.long), InputDtypeError, "float64"),
+    ],
+)
+def test_bad_batches_raise_clear_errors(x: torch.Tensor, y: torch.Tensor, error: type, message: str) -> None:
+    prepared = prepare(backbone(), "bias")
+    before = {n: t.clone() for n, t in prepared.trainable_tensors().items()}
+    with pytest.raises(error, match=message):
+        Trainer(prepared).step(x, y)
+    assert all(torch.equal(prepared.trainable_tensors()[n], t) for n, t in before.items())
+
+
+def test_bad_trainer_arguments() -> None:
+    prepared = prepare(backbone(), "bias")
+    with pytest.raises(ConfigError, match="from ondevice.prepare"):
+        Trainer(backbone())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        Trainer(prepared, optimizer="rmsprop")
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        Trainer(prepared, lr=0.0)
+    with pytest.raises(ConfigError, match="accumulate_steps must be a positive int"):
+        Trainer(prepared, accumulate_steps=0)
+    with pytest.raises(ConfigError, match="Nesterov"):
+        resolve_optimizer("adam", nesterov=True)
+    nothing = prepare(backbone(), ondevice.Sparse(bias_last_k=0, weight_layers=(), train_classifier=False))
+    with pytest.raises(ConfigError, match="nothing to optimise"):
+        Trainer(nothing)
+
+
+def test_fit_and_evaluate_on_a_dataset() -> None:
+    from ondevice.data import load_digits
+
+    digits = load_digits()
+    data = digits.subset(torch.nonzero(digits.y < 3).flatten()[:96])
+    x, y = data.x, data.y
+    prepared = prepare(backbone(), "lite_residual")
+    trainer = Trainer(prepared, optimizer="adam", lr=1e-2, batch_size=16)
+    before = trainer.evaluate(data)
+    fit = trainer.fit(data, epochs=4)
+    after = trainer.evaluate(data)
+    assert fit.batches == 4 * 6 and fit.samples == 4 * 96 and fit.optimizer_steps == 24
+    assert fit.epoch_losses[-1] < fit.epoch_losses[0]
+    assert after.accuracy > max(0.8, before.accuracy) and after.samples == 96
+    with torch.no_grad():
+        manual = (prepared.eval()(x).argmax(1) == y).float().mean().item()
+    assert after.accuracy == pytest.approx(manual)
+
+
+def test_progress_bar_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    trainer = Trainer(prepare(backbone(), "bias"), progress=True, batch_size=8)
+    x, y = batches(1, size=16)[0]
+    result = trainer.fit(TensorData(x, y), epochs=1)
+    assert result.batches == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_checkpoint_resume_continues_bit_identically(tmp_path: Path, optimizer: str) -> None:
+    model = backbone()
+    data = batches(6)
+    first = Trainer(
+        prepare(model, "lite_residual"), optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else None
+    )
+    for x, y in data[:3]:
+        first.step(x, y)
+    path = first.save_checkpoint(tmp_path / "ckpt.safetensors")
+    for x, y in data[3:]:
+        first.step(x, y)
+    resumed = Trainer(
+        prepare(model, "lite_residual"), optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else None
+    )
+    resumed.resume(path)
+    assert resumed.state.optimizer_steps == 3
+    for x, y in data[3:]:
+        resumed.step(x, y)
+    for name, value in first.model.trainable_tensors().items():
+        assert torch.equal(resumed.model.trainable_tensors()[name], value), name
+    other = Trainer(prepare(model, "bias"))
+    with pytest.raises(CheckpointMismatchError, match="saved under scheme"):
+        other.resume(path)
+    wrong_kind = Trainer(prepare(model, "lite_residual"), optimizer="adam" if optimizer == "sgd" else "sgd")
+    with pytest.raises(CheckpointMismatchError, match="optimizer"):
+        wrong_kind.resume(path)
