@@ -301,7 +301,7 @@ def test_bad_arguments() -> None:
     model = build("cnn")
     with pytest.raises(ondevice.UnknownSchemeError, match="valid schemes are"):
         prepare(model, "tinytl")
-    with pytest.raises(ConfigError, match="needs a torch.nn.Module"):
+    with pytest.raises(ConfigError, match=r"needs a torch.nn.Module"):
         prepare("cnn", "bias")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="already prepared"):
         prepare(prepare(model, "bias"), "bias")

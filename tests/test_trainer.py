@@ -148,7 +148,7 @@ def test_bad_batches_raise_clear_errors(x: torch.Tensor, y: torch.Tensor, error:
 
 def test_bad_trainer_arguments() -> None:
     prepared = prepare(backbone(), "bias")
-    with pytest.raises(ConfigError, match="from ondevice.prepare"):
+    with pytest.raises(ConfigError, match=r"from ondevice\.prepare"):
         Trainer(backbone())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         Trainer(prepared, optimizer="rmsprop")
