@@ -338,7 +338,7 @@ def test_delta_from_another_model_or_scheme_is_refused(tmp_path: Path) -> None:
     path = prepare(build("cnn"), "bias").save_delta(tmp_path / "cnn-bias.safetensors")
     with pytest.raises(CheckpointMismatchError, match="belongs to another model"):
         prepare(build("mobilenetv2"), "bias").load_delta(path)
-    with pytest.raises(CheckpointMismatchError, match='saved under scheme .*"bias".* prepared with'):
+    with pytest.raises(CheckpointMismatchError, match=r'saved under scheme .*"bias".* prepared with'):
         prepare(build("cnn"), "last_layer").load_delta(path)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(path.read_bytes()[:40])

@@ -22,7 +22,7 @@ def load(path: Path) -> ModuleType:
 @pytest.mark.slow
 def test_serial_to_learner_quick() -> None:
     result = load(EXAMPLES / "serial_to_learner.py").main(["--quick", "--readings", "640"])
-    assert result["windows"] == (640 - 32) // 16 + 1 - 0 or result["windows"] > 30
+    assert result["windows"] == (640 - 32) // 16 + 1  # every reading arrived and was windowed
     assert result["last_loss"] < result["first_loss"]
 
 
