@@ -170,9 +170,18 @@ class PrepareReport:
 
 
 def _validate(model: nn.Module) -> None:
+    """Every leaf layer holding parameters must have a memory-saving op.
+
+    Container modules with a custom ``forward`` may hold parameters of their own (a ViT's class token and
+    position embedding): stock autograd handles them and schemes treat them like any other parameter.
+    """
     from ondevice.ops import unsupported_leaves
 
-    offenders = unsupported_leaves(model)
+    offenders = {
+        name: kind
+        for name, kind in unsupported_leaves(model).items()
+        if next(model.get_submodule(name).children(), None) is None
+    }
     if offenders:
         from ondevice.ops import supported_types
 

@@ -262,12 +262,12 @@ def test_unsupported_modules_are_all_named() -> None:
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3),
         nn.Sequential(nn.LSTM(4, 4), nn.ReLU()),
-        nn.Conv3d(4, 4, 1),
+        nn.Embedding(10, 4),
         nn.Flatten(),
         nn.Linear(4, 2),
     )
     with pytest.raises(
-        UnsupportedModuleError, match=r"2 unsupported module\(s\): 1\.0 \(LSTM\); 2 \(Conv3d\)"
+        UnsupportedModuleError, match=r"2 unsupported module\(s\): 1\.0 \(LSTM\); 2 \(Embedding\)"
     ) as info:
         prepare(model, "bias")
     assert set(info.value.offenders) == {"1.0", "2"}
