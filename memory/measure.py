@@ -14,7 +14,9 @@ values, so they work unchanged on fake or meta tensors (``memory.estimate`` reus
   forward, backward and the optimizer step and keeps the bytes of live storages, freeing them through a
   weakref finalizer when the storage dies (storages keep their Python object while alive, so the finalizer
   fires exactly at the free). Its peak is exact at the level of tensors, which is what a planner can
-  predict; memory an ATen kernel allocates internally for itself (e.g. an im2col or oneDNN workspace) and
+  predict. Placeholders (``ondevice.ops.placeholder``: uninitialised tensors a backward kernel needs only
+  for their shape, which never get physical pages) are not counted; memory an ATen kernel allocates
+  internally for itself (e.g. an im2col or oneDNN workspace) and
   allocator overhead are not tensors and are not counted. ``torch.profiler``'s memory events would see
   those but cannot run on fake tensors.
 """
@@ -35,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from memory.report import MemoryReport
 from ondevice.errors import ConfigError
+from ondevice.ops.placeholder import allocating_placeholder
 
 __all__ = [
     "LiveTensorTracker",
@@ -169,6 +172,9 @@ class LiveTensorTracker(TorchDispatchMode):
         key = storage_key(t)
         if key is None or key in self._known:
             return
+        if allocating_placeholder():  # uninitialised, never touched: no physical memory
+            self._known.add(key)
+            return
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
         old = self._live.get(key)
@@ -284,5 +290,3 @@ def measure(
     logger.debug("measured %s: %d activation bytes, %d peak bytes", type(model).__name__,
                  activation_bytes, peak_bytes)  # fmt: skip
     return report
-
-

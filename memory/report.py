@@ -81,7 +81,8 @@ class MemoryReport:
             ("gradients", self.gradient_bytes),
             ("optimizer state", self.optimizer_state_bytes),
         ]
-        lines = [f"Memory of one training step ({self.source})", "", "| what | bytes | size |", "|---|---:|---:|"]
+        lines = [f"Memory of one training step ({self.source})", "", "| what | bytes | size |"]
+        lines.append("|---|---:|---:|")
         lines += [f"| {what} | {value} | {format_bytes(value)} |" for what, value in rows]
         keeping = sorted(((n, b) for n, b in self.modules.items() if b > 0), key=lambda nb: -nb[1])
         if keeping:

@@ -10,8 +10,8 @@ SiLU, GELU, Hardswish, Sigmoid and Tanh need the input (SiLU, GELU, Hardswish) o
 itself, which they keep at full precision (as TinyTL counts them), or 8-bit compressed with
 ``compress="int8"`` (lossy; see ``_compress``). Backward calls the ATen kernels stock autograd calls.
 
-For the ReLU family the gradient is ``grad * mask``, equal to stock's for finite gradients (stock returns 0
-where the mask is 0 even for an infinite or NaN gradient; here ``0 * inf`` is NaN).
+For the ReLU family backward runs stock's ``threshold_backward`` / ``leaky_relu_backward`` on the 0/1 mask
+in place of the input, so gradients are bit-identical to stock PyTorch's.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ondevice.ops._bitmask import decode_mask, empty_mask, encode_mask
-from ondevice.ops._compress import compress_int8, decompress_int8
-from ondevice.ops.registry import MaskMode, MemorySavingModule, OpOptions, register_op
+from ondevice.ops._bitmask import decode_mask, encode_mask
+from ondevice.ops._compress import Compressed, compress_int8, decompress_int8
+from ondevice.ops.registry import MaskMode, MemorySavingModule, register_op
 
 __all__ = [
     "MemorySavingGELU",
@@ -40,11 +40,25 @@ __all__ = [
 ]
 
 
-def _write_mask(kind: str, y: Tensor, out: Tensor) -> None:
-    """Write the derivative mask of ``kind`` into the bool tensor ``out``, from the activation output."""
-    torch.gt(y, 0, out=out)
+_THRESHOLD_BACKWARD = torch.ops.aten.threshold_backward.default
+_LEAKY_RELU_BACKWARD = torch.ops.aten.leaky_relu_backward.default
+_HARDTANH_BACKWARD = torch.ops.aten.hardtanh_backward.default
+
+
+def _mask(kind: str, y: Tensor) -> Tensor:
+    """The derivative mask of ``kind`` as a bool tensor, computed from the activation's output ``y``.
+
+    A float-to-bool conversion (non-zero -> True) is a fast vectorised kernel, where ATen's comparisons
+    into bool are not. ReLU's mask is ``y != 0`` (NaN passes, as in stock ``threshold_backward``).
+    ReLU6's is the non-zeros of stock ``hardtanh_backward(y, y, 0, 6)``: ``y`` where ``0 < y < 6``, else 0,
+    i.e. exactly ``0 < x < 6`` (``y == x`` there, and ``y`` is 0 or 6 outside). LeakyReLU's (slope >= 0)
+    is ``relu(y) != 0``, i.e. ``x > 0``.
+    """
+    if kind == "relu":
+        return y.bool()
     if kind == "relu6":
-        out.logical_and_(y < 6)
+        return _HARDTANH_BACKWARD(y, y, 0.0, 6.0).bool()
+    return torch.relu(y).bool()
 
 
 class _MaskedFn(torch.autograd.Function):
@@ -62,21 +76,19 @@ class _MaskedFn(torch.autograd.Function):
             ctx.mark_dirty(x)
         ctx.kind, ctx.slope, ctx.mode, ctx.shape = kind, slope, mode, y.shape
         if ctx.needs_input_grad[0]:
-            buffer, view = empty_mask(y, mode)
-            _write_mask(kind, y, view)
-            ctx.save_for_backward(encode_mask(buffer, mode))
+            ctx.save_for_backward(encode_mask(_mask(kind, y), mode))
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (stored,) = ctx.saved_tensors
-        mask = decode_mask(stored, ctx.shape.numel(), ctx.mode).view(ctx.shape)
+        # Stock's kernels only test ``x > 0`` (or ``0 < x < 6``), so a 0/1 stand-in for x gives stock's
+        # exact arithmetic, including a zero gradient where the mask is 0 even for an infinite grad_out.
+        mask = decode_mask(stored, ctx.shape, ctx.mode, grad_out.dtype)
         if ctx.kind == "leaky_relu":
-            # leaky_relu_backward only tests ``mask > 0``, so a 0/1 proxy gives stock's exact arithmetic.
-            proxy = mask.to(grad_out.dtype)
-            grad_x = torch.ops.aten.leaky_relu_backward(grad_out, proxy, ctx.slope, False)
+            grad_x = _LEAKY_RELU_BACKWARD(grad_out, mask, ctx.slope, False)
         else:
-            grad_x = grad_out * mask
+            grad_x = _THRESHOLD_BACKWARD(grad_out, mask, 0)
         return grad_x, None, None, None, None
 
 
@@ -104,7 +116,7 @@ class _SmoothFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         if ctx.compress:
-            kept = decompress_int8(ctx.saved_tensors, ctx.shape, ctx.dtype)  # type: ignore[arg-type]
+            kept = decompress_int8(Compressed(*ctx.saved_tensors), ctx.shape, ctx.dtype)
         else:
             (kept,) = ctx.saved_tensors
         return ctx.spec.backward(grad_out, kept), None, None
@@ -112,6 +124,7 @@ class _SmoothFn(torch.autograd.Function):
 
 class _MaskedMixin(MemorySavingModule):
     kind: str = ""
+    shown_options = ("mask",)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -159,6 +172,8 @@ _GELU = {
 
 
 class _SmoothMixin(MemorySavingModule):
+    shown_options = ("compress",)
+
     def _spec(self) -> _Smooth:
         raise NotImplementedError
 
@@ -213,10 +228,6 @@ class MemorySavingTanh(_SmoothMixin, nn.Tanh):
         return _TANH
 
 
-def _factory(cls: type[MemorySavingModule]) -> Callable[[nn.Module, OpOptions], nn.Module]:
-    return cls.from_module
-
-
 for _cls in (
     MemorySavingReLU,
     MemorySavingReLU6,
@@ -227,4 +238,4 @@ for _cls in (
     MemorySavingSigmoid,
     MemorySavingTanh,
 ):
-    register_op(_cls.stock_type, _factory(_cls))
+    register_op(_cls.stock_type, _cls.from_module)

@@ -4,29 +4,25 @@ The gradients of a convolution ``y = W * x + b`` are ``dx = W^T * dy`` (needs on
 ``dW = dy * x`` (needs the input) and ``db = sum(dy)`` (needs nothing). Stock autograd keeps ``x`` whenever
 anything requires grad; this op keeps it only when the weight trains (TinyTL, Cai et al. 2020, Sec. 2:
 "the weight update needs the input activation, the bias update does not"). Backward calls the very ATen
-kernel stock autograd calls (``aten.convolution_backward``), with a zero-stride placeholder for the input
-when only its shape is needed (as ``torch.nn.grad.conv2d_input`` does), so gradients are bit-identical.
+kernel stock autograd calls (``aten.convolution_backward``), with an uninitialised placeholder for the input
+when only its shape is needed (see ``placeholder``), so gradients are bit-identical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ondevice.ops.placeholder import shape_placeholder
 from ondevice.ops.registry import MemorySavingModule, register_op
 
 __all__ = ["MemorySavingConv1d", "MemorySavingConv2d", "MemorySavingConv3d", "conv_forward"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def shape_placeholder(shape: Sequence[int], like: Tensor) -> Tensor:
-    """A tensor of ``shape`` that owns one element: stands in for an input whose values are not needed."""
-    return like.new_empty((1,)).expand(tuple(shape))
+_CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
 
 
 class _ConvFn(torch.autograd.Function):
@@ -55,7 +51,7 @@ class _ConvFn(torch.autograd.Function):
             x = shape_placeholder(ctx.x_shape, grad_out)
         stride, padding, dilation, groups = ctx.conv_args
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_x, grad_w, grad_b = _CONVOLUTION_BACKWARD(
             grad_out, x, weight, ctx.bias_shape, stride, padding, dilation, False,
             [0] * len(stride), groups, mask,
         )  # fmt: skip

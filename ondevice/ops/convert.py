@@ -119,8 +119,10 @@ def unsupported_leaves(model: nn.Module, *, include_parameterless: bool = False)
         has_own_params = any(True for _ in module.parameters(recurse=False))
         is_leaf = not any(True for _ in module.children())
         if has_own_params or (
-            include_parameterless and is_leaf and not isinstance(module, SAVES_NOTHING) and type(module)
-            not in (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+            include_parameterless
+            and is_leaf
+            and not isinstance(module, SAVES_NOTHING)
+            and type(module) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict)
         ):
             found[name] = type(module).__name__
     return found

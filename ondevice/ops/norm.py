@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ondevice.ops.registry import MemorySavingModule, register_op
 
@@ -48,13 +47,13 @@ class _BatchNormEvalFn(torch.autograd.Function):
     ) -> Tensor:
         ctx.eps = eps
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, running_mean, running_var)
-        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+        return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, running_mean, running_var = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward.default(
             grad_out, grad_out if x is None else x, weight, running_mean, running_var,
             None, None, False, ctx.eps, mask,
         )  # fmt: skip

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ondevice.adapters.partial import PartialChannelUpdate
-from ondevice.ops.conv import _CONV, resolve_padding, shape_placeholder
+from ondevice.ops.conv import _CONV, resolve_padding
 from ondevice.ops.linear import linear_backward
+from ondevice.ops.placeholder import shape_placeholder
 from ondevice.ops.registry import MemorySavingModule, register_op
 
 __all__ = ["MemorySavingPartialChannelUpdate"]
@@ -64,7 +65,8 @@ class _PartialFn(torch.autograd.Function):
         full_weight_grad = needs_base  # the whole input was kept
         grad_x = grad_w = grad_b = grad_update = None
         if ctx.conv_args is None:
-            grad_x, _, grad_b = linear_backward(grad_out, None, weight, ctx.x_shape, (needs_x, False, needs_b))
+            needs = (needs_x, False, needs_b)
+            grad_x, _, grad_b = linear_backward(grad_out, None, weight, ctx.x_shape, needs)
             if needs_base or needs_update:
                 _, grad_w, _ = linear_backward(grad_out, kept, weight, ctx.x_shape, (False, True, False))
         else:

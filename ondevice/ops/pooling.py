@@ -5,7 +5,7 @@ input. Max pooling needs only which element won each window: stock keeps the inp
 this op keeps the indices alone, as int32. The 1d variants run as 2d pooling over an inserted unit
 dimension, as ATen implements them. ``AdaptiveAvgPool`` to a single output (global pooling) is a mean,
 for which stock autograd already keeps nothing; it runs as stock. Backward calls the ATen kernels stock
-autograd calls, with a zero-stride placeholder for the input, so gradients are bit-identical.
+autograd calls, with an uninitialised placeholder for the input, so gradients are bit-identical.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from ondevice.ops.conv import shape_placeholder
+from ondevice.ops.placeholder import shape_placeholder
 from ondevice.ops.registry import MemorySavingModule, register_op
 
 __all__ = [

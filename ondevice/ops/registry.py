@@ -88,6 +88,7 @@ class MemorySavingModule(nn.Module):
     """
 
     stock_type: ClassVar[type[nn.Module]]
+    shown_options: ClassVar[tuple[str, ...]] = ()  # the OpOptions fields this layer uses, for its repr
     op_options: OpOptions
 
     @classmethod
@@ -110,10 +111,8 @@ class MemorySavingModule(nn.Module):
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
-        options = f"mask={self.op_options.mask}" + (
-            f", compress={self.op_options.compress}" if self.op_options.compress else ""
-        )
-        return f"{base}, {options}" if base else options
+        options = ", ".join(f"{name}={getattr(self.op_options, name)}" for name in self.shown_options)
+        return ", ".join(part for part in (base, options) if part)
 
 
 def register_op(module_type: type[nn.Module], factory: OpFactory, *, replace: bool = False) -> None:
