@@ -1,0 +1,42 @@
+"""The ondevice command line, driven through typer's runner and as a real console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ondevice.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_json_summary() -> None:
+    result = runner.invoke(app, ["demo", "--quick", "--json", "--schemes", "last_layer,bias,lite_residual"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [o["scheme"] for o in payload["outcomes"]] == ["last_layer", "bias", "lite_residual"]
+    assert payload["epochs"] == 2 and payload["source_classes"] == [0, 1, 2, 3, 4]
+    for outcome in payload["outcomes"]:
+        assert 0.2 < outcome["accuracy"] <= 1.0
+        assert 0 < outcome["trainable_params"] < outcome["total_params"]
+
+
+def test_demo_rejects_an_unknown_scheme_without_a_traceback() -> None:
+    result = runner.invoke(app, ["demo", "--quick", "--schemes", "bias,nonsense"])
+    assert result.exit_code == 2
+    assert "unknown scheme 'nonsense'" in result.output and "Traceback" not in result.output
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "ondevice"
+    env = {**os.environ, "COLUMNS": "120"}
+    done = subprocess.run(
+        [str(exe), "--help"], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert done.returncode == 0
+    assert "demo" in done.stdout

@@ -1,0 +1,30 @@
+"""The digits transfer task: pretrained on 0-4, adapted to 5-9 (issue 2's accuracy claim)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ondevice.transfer import run_transfer
+
+
+@pytest.mark.slow
+def test_lite_residual_plus_bias_is_close_to_full_fine_tuning_and_beats_last_layer() -> None:
+    result = run_transfer("cnn", schemes=("full", "last_layer", "lite_residual"), epochs=10, seed=0)
+    full = result.outcome("full").accuracy
+    last = result.outcome("last_layer").accuracy
+    lite = result.outcome("lite_residual").accuracy
+    assert result.source_accuracy >= 0.95  # a genuinely pretrained backbone
+    assert lite >= full - 0.03, result.to_markdown()
+    assert lite > last, result.to_markdown()
+    assert result.outcome("lite_residual").trainable_params < result.outcome("full").trainable_params
+    assert "| lite_residual |" in result.to_markdown()
+
+
+def test_inapplicable_schemes_are_reported_not_crashed() -> None:
+    result = run_transfer("cnn", schemes=("lora", "last_layer"), epochs=1, seed=0)
+    lora = result.outcome("lora")
+    assert lora.skipped and "no Linear layer" in lora.skipped and math.isnan(lora.accuracy)
+    assert 0.0 < result.outcome("last_layer").accuracy <= 1.0
+    assert result.to_dict()["outcomes"][0]["scheme"] == "lora"
