@@ -26,10 +26,19 @@ from ondevice.errors import (
     UnknownSchemeError,
     UnsupportedModuleError,
 )
-from ondevice.models import ClassifierModel, create_model, list_models
+from ondevice.continual import (
+    ClassBalancedBuffer,
+    ContinualMetrics,
+    Learner,
+    LearnerConfig,
+    ReservoirBuffer,
+    create_learner,
+)
+from ondevice.data import Stream, TensorData, as_stream, load_digits
+from ondevice.models import ClassifierModel, create_model, list_models, register_model
 from ondevice.optim import OptimizerConfig
 from ondevice.prepared import PreparedModel, PrepareReport, prepare
-from ondevice.pretrain import pretrain
+from ondevice.pretrain import pretrain, pretrain_with_report
 from ondevice.schemes import (
     Bias,
     Full,
@@ -50,14 +59,18 @@ __all__ = [
     "BudgetExceededError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "ClassBalancedBuffer",
     "ClassifierModel",
     "ConfigError",
+    "ContinualMetrics",
     "EvalResult",
     "FitResult",
     "Full",
     "InputDtypeError",
     "InputShapeError",
     "LastLayer",
+    "Learner",
+    "LearnerConfig",
     "LiteResidual",
     "LoRA",
     "NonFiniteBatchError",
@@ -65,18 +78,26 @@ __all__ = [
     "OptimizerConfig",
     "PrepareReport",
     "PreparedModel",
+    "ReservoirBuffer",
     "Scheme",
     "Sparse",
+    "Stream",
+    "TensorData",
     "Trainer",
     "UnknownModelError",
     "UnknownSchemeError",
     "UnsupportedModuleError",
     "__version__",
+    "as_stream",
+    "create_learner",
     "create_model",
     "evaluate",
     "list_models",
     "list_schemes",
+    "load_digits",
     "prepare",
     "pretrain",
+    "pretrain_with_report",
+    "register_model",
     "resolve_scheme",
 ]

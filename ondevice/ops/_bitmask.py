@@ -9,6 +9,13 @@ faster than a mixed one, which casts internally). On other tensors (fake or meta
 view: eight 0/1 bytes read as one little-endian int64 ``v`` pack to ``(v * 0x0102040810204080) >> 56``
 (every product bit lands in a distinct position, so no carry reaches the top byte), and a packed byte
 ``p`` unpacks to ``((p * 0x0101..01) & 0x8040201008040201) + 0x7F..7F >> 7 & 0x0101..01``.
+
+The ReLU family's hot path never materialises a float mask: :func:`masked_grad` computes stock's
+``threshold_backward(grad, mask, 0)`` (``grad`` where the mask is 1, ``+0`` elsewhere) as an *integer*
+multiply of the gradient's bit pattern by the 0/1 mask (``bits * 1 = bits``, ``bits * 0`` is the pattern
+of ``+0.0``), one numpy pass that reads the 1-byte mask unpacked straight from the bits, so it is exact
+for every value, ``inf`` and ``NaN`` included. ATen's comparison and ``where`` kernels into or out of
+``bool`` are several times slower than numpy's on CPU, which is why the masks are built and read there.
 """
 
 from __future__ import annotations
@@ -19,13 +26,27 @@ from torch import Tensor
 
 from ondevice.ops.registry import MaskMode
 
-__all__ = ["decode_mask", "encode_mask", "mask_nbytes", "pack_bits", "unpack_bits"]
+__all__ = [
+    "decode_mask",
+    "encode_mask",
+    "mask_nbytes",
+    "masked_grad",
+    "numpy_fast_path",
+    "pack_bits",
+    "unpack_bits",
+]
 
 _PACK = 0x0102040810204080
 _SPREAD = 0x0101010101010101
 _SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
 _ROUND = 0x7F7F7F7F7F7F7F7F
 _TABLES: dict[torch.dtype, Tensor] = {}
+# Float dtypes numpy can read, and the same-width integer dtype whose bit pattern masked_grad multiplies.
+_INT_VIEW: dict[torch.dtype, torch.dtype] = {
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
 
 def _table(dtype: torch.dtype) -> Tensor:
@@ -39,6 +60,11 @@ def _table(dtype: torch.dtype) -> Tensor:
 
 def _plain_cpu(t: Tensor) -> bool:
     return type(t) is Tensor and t.is_cpu
+
+
+def numpy_fast_path(t: Tensor) -> bool:
+    """Whether ``t`` is a plain CPU float tensor numpy can view (float16/32/64, any strides)."""
+    return _plain_cpu(t) and t.dtype in _INT_VIEW and t.layout == torch.strided and not t.is_conj()
 
 
 def mask_nbytes(numel: int, mode: MaskMode) -> int:
@@ -82,6 +108,25 @@ def _unpack_arith(packed: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
 def encode_mask(mask: Tensor, mode: MaskMode) -> Tensor:
     """What to keep of a bool mask: its packed bits, or the bool bytes themselves."""
     return pack_bits(mask) if mode == "bit" else mask
+
+
+def masked_grad(grad_out: Tensor, stored: Tensor, shape: torch.Size, mode: MaskMode) -> Tensor:
+    """``grad_out`` where the kept mask is 1 and ``+0`` where it is 0, shaped ``shape``.
+
+    Bit for bit what stock ``threshold_backward(grad_out, mask, 0)`` returns for a 0/1 ``mask``; on plain
+    CPU tensors one numpy pass (see the module docstring), elsewhere that ATen kernel itself.
+    """
+    if torch.is_grad_enabled() or not (numpy_fast_path(grad_out) and _plain_cpu(stored)):  # double backward
+        mask = decode_mask(stored, shape, mode, grad_out.dtype)
+        return torch.ops.aten.threshold_backward.default(grad_out, mask, 0)
+    itype = _INT_VIEW[grad_out.dtype]
+    if mode == "bit":
+        keep = np.unpackbits(stored.numpy(), count=shape.numel(), bitorder="little").reshape(shape)
+    else:
+        keep = stored.numpy()
+    out = torch.empty(shape, dtype=grad_out.dtype)
+    np.multiply(grad_out.detach().view(itype).numpy(), keep, out=out.view(itype).numpy())
+    return out
 
 
 def decode_mask(stored: Tensor, shape: torch.Size, mode: MaskMode, dtype: torch.dtype) -> Tensor:

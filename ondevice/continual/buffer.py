@@ -1,0 +1,367 @@
+"""Replay buffers with a byte budget: reservoir and class-balanced, for raw inputs or latents.
+
+A buffer holds at most ``capacity`` samples, given directly or derived from ``capacity_bytes`` once the
+first sample shows how many bytes one takes (values, 8-bit scales and a 2-byte label). Its storage is
+allocated once, at the first :meth:`ReplayBuffer.add`, and :attr:`ReplayBuffer.buffer_bytes` reports
+exactly those allocated bytes, which count toward the device's memory budget.
+
+Policies:
+
+- :class:`ReservoirBuffer`: Vitter's Algorithm R (Vitter, ACM TOMS 1985, "Random sampling with a
+  reservoir"): every sample seen so far is in the buffer with equal probability ``capacity / seen``.
+- :class:`ClassBalancedBuffer`: class-balanced reservoir sampling (Chrysakis & Moens, ICML 2020, "Online
+  Continual Learning from Imbalanced Data", Alg. 1): when full, a sample of a class that is not the
+  largest replaces a random sample of the largest class; one of a largest class replaces a random sample
+  of its own class with probability ``stored_c / seen_c``. It wins over reservoir at tiny buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from ondevice.continual.latent import SampleCodec
+from ondevice.errors import CheckpointError, CheckpointMismatchError, ConfigError, UnknownNameError
+
+__all__ = ["BufferConfig", "ClassBalancedBuffer", "ReplayBuffer", "ReservoirBuffer", "buffer_from_config"]
+
+logger = logging.getLogger(__name__)
+
+Policy = Literal["reservoir", "class_balanced"]
+LABEL_BYTES = 2  # labels are stored as int16
+_MAX_LABEL = 2**15 - 1
+
+
+def _count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"BufferConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """Settings of a replay buffer (JSON-serialisable, carried in checkpoints).
+
+    Attributes:
+        policy: ``"reservoir"`` or ``"class_balanced"``.
+        capacity: maximum number of samples; exactly one of ``capacity`` and ``capacity_bytes``.
+        capacity_bytes: byte budget; the capacity is ``capacity_bytes // bytes_per_sample``.
+        bits: 32 (float32) or 8 (uint8 with per-sample/per-channel scale, see :class:`SampleCodec`).
+        seed: seeds the buffer's generator (insertions and draws).
+    """
+
+    policy: Policy = "reservoir"
+    capacity: int | None = None
+    capacity_bytes: int | None = None
+    bits: Literal[8, 32] = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in _POLICIES:
+            raise UnknownNameError("buffer policy", self.policy, _POLICIES)
+        if (self.capacity is None) == (self.capacity_bytes is None):
+            raise ConfigError(
+                f"give a replay buffer exactly one of capacity (samples) and capacity_bytes, got "
+                f"capacity={self.capacity!r}, capacity_bytes={self.capacity_bytes!r}"
+            )
+        if self.capacity is not None:
+            _count("capacity", self.capacity)
+        if self.capacity_bytes is not None:
+            _count("capacity_bytes", self.capacity_bytes)
+        SampleCodec(self.bits)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"BufferConfig.seed must be an int, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ReplayBuffer:
+    """Base class of the replay buffers; subclasses choose which slot a new sample takes.
+
+    Args:
+        capacity: maximum number of samples (or give ``capacity_bytes``).
+        capacity_bytes: byte budget for the stored samples.
+        bits: 32 or 8 (see :class:`~ondevice.continual.latent.SampleCodec`).
+        seed: seeds insertions and draws; the generator state is saved with the buffer.
+    """
+
+    policy: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        capacity: int | None = None,
+        *,
+        capacity_bytes: int | None = None,
+        bits: Literal[8, 32] = 32,
+        seed: int = 0,
+    ) -> None:
+        self.config = BufferConfig(
+            policy=self.policy,  # type: ignore[arg-type]
+            capacity=capacity,
+            capacity_bytes=capacity_bytes,
+            bits=bits,
+            seed=seed,
+        )
+        self.codec = SampleCodec(bits)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seen = 0
+        self.seen_per_class: dict[int, int] = {}
+        self._size = 0
+        self._sample_shape: tuple[int, ...] | None = None
+        self._capacity: int | None = capacity
+        self._values: Tensor | None = None
+        self._params: Tensor | None = None
+        self._labels: Tensor | None = None
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int | None:
+        """Maximum samples (None until the first sample when only ``capacity_bytes`` was given)."""
+        return self._capacity
+
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """Shape of one stored sample (None before the first one)."""
+        return self._sample_shape
+
+    def bytes_per_sample(self, sample_shape: tuple[int, ...] | None = None) -> int:
+        """Bytes one stored sample takes (values, 8-bit scales and a 2-byte label)."""
+        shape = sample_shape or self._sample_shape
+        if shape is None:
+            raise ConfigError("the buffer has seen no sample yet; pass sample_shape")
+        return self.codec.bytes_per_sample(shape) + LABEL_BYTES
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of allocated storage (0 before the first sample): what counts toward a memory budget."""
+        return sum(
+            t.numel() * t.element_size() for t in (self._values, self._params, self._labels) if t is not None
+        )
+
+    def class_counts(self) -> dict[int, int]:
+        """Stored samples per label."""
+        if self._labels is None or self._size == 0:
+            return {}
+        labels, counts = torch.unique(self._labels[: self._size], return_counts=True)
+        return {int(c): int(n) for c, n in zip(labels.tolist(), counts.tolist(), strict=True)}
+
+    # -- adding and drawing ----------------------------------------------------------------------------
+    def add(self, x: Tensor, y: Tensor) -> int:
+        """Offer a batch ``x`` (N, ...) with labels ``y`` (N,); returns how many samples were stored."""
+        if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+            raise ConfigError(
+                f"add() needs a batch x of shape (N, ...) and labels y of shape (N,), got {tuple(x.shape)} "
+                f"and {tuple(y.shape)}"
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > _MAX_LABEL):
+            raise ConfigError(
+                f"replay buffer labels must be in 0..{_MAX_LABEL}, got {int(y.min())}..{int(y.max())}"
+            )
+        shape = tuple(int(s) for s in x.shape[1:])
+        self._allocate(shape)
+        values, params = self.codec.encode(x)
+        stored = 0
+        for i in range(x.shape[0]):
+            label = int(y[i])
+            self.seen += 1
+            self.seen_per_class[label] = self.seen_per_class.get(label, 0) + 1
+            slot = self._choose_slot(label)
+            if slot is None:
+                continue
+            self._write(slot, values[i], None if params is None else params[i], label)
+            stored += 1
+        return stored
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """Draw ``min(n, len(self))`` distinct samples uniformly: ``(x float32, y int64)``."""
+        if self._size == 0 or n <= 0:
+            raise ConfigError("cannot sample from an empty replay buffer (or with n <= 0)")
+        idx = torch.randperm(self._size, generator=self.generator)[:n]
+        return self._decode(idx), self._labels[idx].to(torch.int64)  # type: ignore[index]
+
+    def contents(self) -> tuple[Tensor, Tensor]:
+        """Every stored sample, decoded: ``(x float32, y int64)``."""
+        idx = torch.arange(self._size)
+        if self._size == 0:
+            raise ConfigError("the replay buffer is empty")
+        return self._decode(idx), self._labels[idx].to(torch.int64)  # type: ignore[index]
+
+    # -- policy ---------------------------------------------------------------------------------------
+    def _choose_slot(self, label: int) -> int | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    # -- storage --------------------------------------------------------------------------------------
+    def _allocate(self, shape: tuple[int, ...]) -> None:
+        if self._sample_shape is not None:
+            if shape != self._sample_shape:
+                raise ConfigError(
+                    f"this replay buffer stores samples of shape {self._sample_shape}, got {shape}"
+                )
+            return
+        per_sample = self.bytes_per_sample(shape)
+        if self._capacity is None:
+            budget = int(self.config.capacity_bytes or 0)
+            self._capacity = budget // per_sample
+            if self._capacity < 1:
+                raise ConfigError(
+                    f"capacity_bytes={budget} cannot hold one sample of shape {shape} "
+                    f"({per_sample} bytes); raise it or store 8-bit samples"
+                )
+        self._sample_shape = shape
+        cap = self._capacity
+        dtype = torch.uint8 if self.codec.bits == 8 else torch.float32
+        self._values = torch.zeros((cap, *shape), dtype=dtype)
+        if self.codec.bits == 8:
+            self._params = torch.zeros((cap, 2, *SampleCodec.scale_shape(shape)), dtype=torch.float32)
+        self._labels = torch.zeros(cap, dtype=torch.int16)
+        logger.debug("replay buffer: %d samples of shape %s, %d bytes", cap, shape, self.buffer_bytes)
+
+    def _write(self, slot: int, values: Tensor, params: Tensor | None, label: int) -> None:
+        assert self._values is not None and self._labels is not None
+        self._values[slot] = values
+        if params is not None and self._params is not None:
+            self._params[slot] = params
+        self._labels[slot] = label
+        if slot == self._size:
+            self._size += 1
+
+    def _decode(self, idx: Tensor) -> Tensor:
+        assert self._values is not None
+        params = self._params[idx] if self._params is not None else None
+        return self.codec.decode(self._values[idx], params)
+
+    # -- state ----------------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The stored samples (filled part only) and the generator state, for a checkpoint."""
+        tensors = {"rng": self.generator.get_state()}
+        if self._values is not None and self._labels is not None:
+            tensors["values"] = self._values[: self._size]
+            tensors["labels"] = self._labels[: self._size]
+            if self._params is not None:
+                tensors["params"] = self._params[: self._size]
+        return tensors
+
+    def state_metadata(self) -> dict[str, Any]:
+        """Settings and counters as JSON."""
+        return {
+            "config": self.config.to_dict(),
+            "seen": self.seen,
+            "seen_per_class": {str(k): v for k, v in sorted(self.seen_per_class.items())},
+            "size": self._size,
+            "capacity": self._capacity,
+            "sample_shape": list(self._sample_shape) if self._sample_shape is not None else None,
+        }
+
+    def load_state(self, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+        """Restore what :meth:`state_tensors` and :meth:`state_metadata` saved (validated)."""
+        if metadata.get("config") != self.config.to_dict():
+            raise CheckpointMismatchError(
+                f"the checkpoint's replay buffer has settings {metadata.get('config')}, this buffer has "
+                f"{self.config.to_dict()}; create the learner with the same buffer"
+            )
+        self.__init__(  # type: ignore[misc]
+            self.config.capacity,
+            capacity_bytes=self.config.capacity_bytes,
+            bits=self.config.bits,
+            seed=self.config.seed,
+        )
+        if "rng" not in tensors:
+            raise CheckpointError("the checkpoint's replay buffer has no generator state")
+        self.generator.set_state(tensors["rng"].clone())
+        self.seen = int(metadata.get("seen", 0))
+        self.seen_per_class = {int(k): int(v) for k, v in (metadata.get("seen_per_class") or {}).items()}
+        shape = metadata.get("sample_shape")
+        size = int(metadata.get("size", 0))
+        if shape is None:
+            if size:
+                raise CheckpointError("the checkpoint's replay buffer has samples but no sample shape")
+            return
+        self._allocate(tuple(int(s) for s in shape))
+        if self._capacity != metadata.get("capacity"):
+            raise CheckpointMismatchError(
+                f"the checkpoint's replay buffer holds {metadata.get('capacity')} samples, this one "
+                f"{self._capacity}"
+            )
+        values, labels = tensors.get("values"), tensors.get("labels")
+        if size and (values is None or labels is None):
+            raise CheckpointError("the checkpoint's replay buffer lacks its samples")
+        if size:
+            assert self._values is not None and self._labels is not None
+            if tuple(values.shape) != (size, *self._sample_shape) or values.dtype != self._values.dtype:  # type: ignore[union-attr,misc]
+                raise CheckpointError(
+                    f"replay buffer samples have shape {tuple(values.shape)} {values.dtype}, expected "  # type: ignore[union-attr]
+                    f"{(size, *self._sample_shape)} {self._values.dtype}"  # type: ignore[misc]
+                )
+            self._values[:size] = values
+            self._labels[:size] = labels
+            if self._params is not None:
+                params = tensors.get("params")
+                if params is None or params.shape[0] != size:
+                    raise CheckpointError("the checkpoint's 8-bit replay buffer lacks its scales")
+                self._params[:size] = params
+        self._size = size
+
+
+class ReservoirBuffer(ReplayBuffer):
+    """Reservoir sampling (Vitter 1985, Algorithm R): each seen sample is kept with probability
+    ``capacity / seen``."""
+
+    policy: ClassVar[str] = "reservoir"
+
+    def _choose_slot(self, label: int) -> int | None:
+        assert self._capacity is not None
+        if self._size < self._capacity:
+            return self._size
+        j = self._randint(self.seen)
+        return j if j < self._capacity else None
+
+
+class ClassBalancedBuffer(ReplayBuffer):
+    """Class-balanced reservoir sampling (Chrysakis & Moens, ICML 2020, Alg. 1)."""
+
+    policy: ClassVar[str] = "class_balanced"
+
+    def _choose_slot(self, label: int) -> int | None:
+        assert self._capacity is not None and self._labels is not None
+        if self._size < self._capacity:
+            return self._size
+        counts = self.class_counts()
+        largest = max(counts.values())
+        if counts.get(label, 0) < largest:
+            biggest = sorted(c for c, n in counts.items() if n == largest)
+            victim_class = biggest[self._randint(len(biggest))]
+            candidates = (self._labels[: self._size] == victim_class).nonzero().flatten()
+            return int(candidates[self._randint(candidates.numel())])
+        stored, seen = counts.get(label, 0), self.seen_per_class[label]
+        if self._randint(seen) >= stored:
+            return None
+        candidates = (self._labels[: self._size] == label).nonzero().flatten()
+        return int(candidates[self._randint(candidates.numel())])
+
+
+_POLICIES: dict[str, type[ReplayBuffer]] = {
+    "class_balanced": ClassBalancedBuffer,
+    "reservoir": ReservoirBuffer,
+}
+
+
+def buffer_from_config(config: BufferConfig | dict[str, Any]) -> ReplayBuffer:
+    """A fresh buffer from a :class:`BufferConfig` or its dict (as stored in checkpoints)."""
+    if isinstance(config, dict):
+        known = set(BufferConfig.__dataclass_fields__)
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise CheckpointError(f"unknown replay buffer field(s) {unknown}; fields are {sorted(known)}")
+        config = BufferConfig(**config)
+    cls = _POLICIES[config.policy]
+    return cls(config.capacity, capacity_bytes=config.capacity_bytes, bits=config.bits, seed=config.seed)

@@ -1,0 +1,387 @@
+"""Continual-learning scenarios on the shipped digits, and the loop that measures a learner on them.
+
+Honest pretraining. A device's backbone is pretrained at the factory on data that is *not* the stream.
+Every scenario splits each digit class three ways with fixed seeds: 25 % test (the same stratified split
+as :func:`ondevice.data.class_incremental`), and the remaining 75 % halved into a *pretraining pool* and
+the *stream*. The backbone never sees a stream or test sample:
+
+- ``"class-incremental"``: ``cnn`` pretrained on the pool's digits 0-4 only (digits 5-9 are never seen
+  before the stream); the head is replaced by a fresh 2-class head that grows as labels arrive; the
+  stream brings digits 0-9 in 5 experiences of 2 classes (0-1, 2-3, ...).
+- ``"domain-incremental"``: ``cnn`` pretrained on the pool's clean digits 0-9 (the factory model, head
+  kept); the stream brings all ten classes under shifting conditions: clean, rotated 30 degrees,
+  gaussian noise (std 0.8), contrast 40 % (:data:`ondevice.data.DEFAULT_DOMAIN_SHIFTS`).
+- ``"sensor"``: ``cnn1d`` on the digits scanned row by row into 64-step series
+  (``load_digits(layout="sequence")``), pretrained on the pool's clean series 0-9 (head kept); the stream
+  drifts like an ageing sensor: clean, gain 0.5 (``contrast``), noise (std 0.6), gain 0.5 with noise
+  (std 0.4).
+
+:func:`run_scenario` feeds each experience once, in a seeded random order, in small batches, then
+measures every experience's test accuracy to build the accuracy matrix (:mod:`~ondevice.continual.metrics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ondevice.checkpoint import read_tensors, write_tensors
+from ondevice.continual.metrics import ContinualMetrics
+from ondevice.data import Experience, Stream, TensorData, domain_shift, load_digits
+from ondevice.data.splits import stratified_split
+from ondevice.errors import CheckpointError, ConfigError, UnknownNameError
+from ondevice.models import ClassifierModel, create_model
+
+if TYPE_CHECKING:
+    from ondevice.continual.learner import Learner, ObserveResult
+
+__all__ = [
+    "SCENARIOS",
+    "ContinualResult",
+    "Scenario",
+    "load_scenario",
+    "load_table",
+    "pretrain_backbone",
+    "run_scenario",
+]
+
+logger = logging.getLogger(__name__)
+
+ScenarioName = Literal["class-incremental", "domain-incremental", "sensor"]
+SCENARIOS: tuple[str, ...] = ("class-incremental", "domain-incremental", "sensor")
+_RECIPE = 1
+_SENSOR_SHIFTS: tuple[tuple[tuple[str, float], ...], ...] = (
+    (),
+    (("contrast", 0.5),),
+    (("noise", 0.6),),
+    (("contrast", 0.5), ("noise", 0.4)),
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Scenario:
+    """A stream of experiences plus the factory data its backbone is pretrained on.
+
+    Attributes:
+        name: the scenario's name.
+        experiences: the stream, in order (train parts are the stream, test parts measure it).
+        pretrain_data: the pool the backbone is pretrained on (disjoint from every experience).
+        model: zoo model name of the backbone; ``model_kwargs`` its arguments.
+        initial_classes: rows of the head when the stream starts (a fresh head when it differs from the
+            pretraining classes).
+        description: one line for reports.
+    """
+
+    name: str
+    experiences: tuple[Experience, ...]
+    pretrain_data: TensorData
+    model: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    initial_classes: int = 10
+    description: str = ""
+
+    @property
+    def pretrain_classes(self) -> tuple[int, ...]:
+        return self.pretrain_data.classes
+
+    def backbone(
+        self, *, epochs: int = 20, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None
+    ) -> ClassifierModel:
+        """The pretrained backbone (cached), its head sized for the start of the stream."""
+        model = pretrain_backbone(
+            self.model, self.pretrain_data, epochs=epochs, seed=seed, cache_dir=cache_dir, **self.model_kwargs
+        )
+        if self.initial_classes != model.num_classes:
+            model.replace_head(self.initial_classes)
+        return model
+
+
+def _three_way(y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices (pool, stream, test): 25 % test, the rest halved per class."""
+    train, test = stratified_split(y, test_fraction=0.25, seed=seed)
+    stream_pos, pool_pos = stratified_split(y[train], test_fraction=0.5, seed=seed + 1)
+    return train[pool_pos], train[stream_pos], test
+
+
+def _shift(data: TensorData, shifts: Sequence[tuple[str, float]], seed: int) -> TensorData:
+    for k, (kind, severity) in enumerate(shifts):
+        data = domain_shift(data, kind, severity, seed=seed + 31 * k)  # type: ignore[arg-type]
+    return data
+
+
+def load_scenario(name: ScenarioName | str, *, seed: int = 0) -> Scenario:
+    """Build a scenario by name (see the module docstring): ``"class-incremental"``,
+    ``"domain-incremental"`` or ``"sensor"``."""
+    if name not in SCENARIOS:
+        raise UnknownNameError("scenario", name, SCENARIOS)
+    data = load_digits(layout="sequence") if name == "sensor" else load_digits()
+    pool, stream, test = _three_way(data.y, seed)
+    train_part, test_part, pool_part = data.subset(stream), data.subset(test), data.subset(pool)
+    if name == "class-incremental":
+        experiences = []
+        for i, group in enumerate(np.array_split(np.arange(10), 5)):
+            classes = tuple(int(c) for c in group)
+            mask = torch.tensor(classes)
+            experiences.append(
+                Experience(
+                    i,
+                    classes,
+                    train_part.subset(torch.isin(train_part.y, mask)),
+                    test_part.subset(torch.isin(test_part.y, mask)),
+                )
+            )
+        source = pool_part.subset(pool_part.y < 5)
+        return Scenario(
+            name,
+            tuple(experiences),
+            source,
+            "cnn",
+            initial_classes=2,
+            description="digits 0-9 in 5 experiences of 2 classes; cnn pretrained on held-out digits 0-4",
+        )
+    if name == "domain-incremental":
+        from ondevice.data import DEFAULT_DOMAIN_SHIFTS
+
+        shifts: list[tuple[tuple[str, float], ...]] = [
+            () if s is None else (s,) for s in DEFAULT_DOMAIN_SHIFTS
+        ]
+        model, kwargs, what = "cnn", {}, "clean, rotation 30, noise 0.8, contrast 0.4"
+    else:
+        shifts = list(_SENSOR_SHIFTS)
+        model, kwargs, what = "cnn1d", {}, "clean, gain 0.5, noise 0.6, gain 0.5 + noise 0.4"
+    experiences = [
+        Experience(
+            i,
+            data.classes,
+            _shift(train_part, shift, seed + 100 * i),
+            _shift(test_part, shift, seed + 100 * i + 7),
+            shift[0] if len(shift) == 1 else None,  # type: ignore[arg-type]
+        )
+        for i, shift in enumerate(shifts)
+    ]
+    return Scenario(
+        name,
+        tuple(experiences),
+        pool_part,
+        model,
+        model_kwargs=kwargs,
+        initial_classes=10,
+        description=f"digits 0-9 under {what}; {model} pretrained on held-out clean digits",
+    )
+
+
+def _data_digest(data: TensorData) -> str:
+    digest = hashlib.sha256()
+    for t in (data.x, data.y):
+        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _default_cache() -> Path:
+    env = os.environ.get("ONDEVICE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ondevice"
+
+
+def pretrain_backbone(
+    model: str,
+    data: TensorData,
+    *,
+    epochs: int = 20,
+    seed: int = 0,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **model_kwargs: Any,
+) -> ClassifierModel:
+    """A zoo model trained on ``data`` (its labels must be ``0..k-1``), cached by content.
+
+    AdamW (weight decay 1e-4), one-cycle schedule, label smoothing 0.05, no augmentation. The result is
+    cached under ``<cache>/continual/`` (``$ONDEVICE_CACHE_DIR`` or ``~/.cache/ondevice``), keyed by the
+    model, its arguments, a digest of ``data``, the epochs, the seed and the recipe version.
+    """
+    classes = data.classes
+    if classes != tuple(range(len(classes))) or len(classes) < 2:
+        raise ConfigError(f"pretraining labels must be 0..k-1 with k >= 2, got classes {classes}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
+    spec = {
+        "model": model,
+        "kwargs": model_kwargs,
+        "data": _data_digest(data),
+        "epochs": epochs,
+        "seed": seed,
+        "lr": lr,
+        "batch_size": batch_size,
+        "recipe": _RECIPE,
+    }
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache()
+    path = root / "continual" / f"{model}-{key}.safetensors"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = create_model(model, num_classes=len(classes), **model_kwargs)
+        if path.exists():
+            try:
+                tensors, _ = read_tensors(path)
+                net.load_state_dict(tensors, strict=True)
+                net.eval()
+                logger.info("loaded pretrained backbone %s from %s", model, path)
+                return net
+            except (CheckpointError, RuntimeError) as exc:
+                logger.warning("backbone cache entry %s is unusable, retraining: %s", path, exc)
+                torch.manual_seed(seed)
+                net = create_model(model, num_classes=len(classes), **model_kwargs)
+        started = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        steps = epochs * math.ceil(len(data) / batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+        net.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(data), generator=gen)
+            for start in range(0, len(data), batch_size):
+                idx = order[start : start + batch_size]
+                if idx.numel() >= 2:  # BatchNorm needs two samples
+                    loss = F.cross_entropy(net(data.x[idx]), data.y[idx], label_smoothing=0.05)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                schedule.step()
+        net.eval()
+    seconds = time.perf_counter() - started
+    write_tensors(path, net.state_dict(), {"spec": spec, "train_seconds": seconds})
+    logger.info("pretrained backbone %s on %d samples in %.1f s -> %s", model, len(data), seconds, path)
+    return net
+
+
+@dataclass(frozen=True)
+class ContinualResult:
+    """What :func:`run_scenario` measured.
+
+    Attributes:
+        metrics: ACC, BWT, FWT, forgetting over the accuracy matrix.
+        final_accuracy: accuracy of the final model on the union of all test sets.
+        samples: stream samples observed; ``seconds``: time in ``observe``.
+        samples_per_second: ``samples / seconds``.
+        buffer_bytes: bytes of the replay buffer (0 without one); ``buffer_samples``: its capacity.
+        bytes_per_sample: bytes one buffered sample takes (0 without a buffer).
+        prequential_accuracy: new samples classified right before training on them.
+        drifts: drifts the detector reported.
+    """
+
+    metrics: ContinualMetrics
+    final_accuracy: float
+    samples: int
+    seconds: float
+    samples_per_second: float
+    buffer_bytes: int
+    buffer_samples: int
+    bytes_per_sample: int
+    prequential_accuracy: float
+    drifts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "metrics"}
+        payload.update(self.metrics.to_dict())
+        return payload
+
+
+def run_scenario(
+    learner: Learner,
+    experiences: Scenario | Sequence[Experience],
+    *,
+    batch_size: int = 10,
+    seed: int = 0,
+    on_result: Callable[[ObserveResult], None] | None = None,
+    on_experience: Callable[[int, list[float]], None] | None = None,
+) -> ContinualResult:
+    """Stream every experience once (seeded random order, ``batch_size`` samples per observe), mark its
+    end, and measure all test sets after it; the accuracy matrix and baseline are recorded in the learner.
+
+    The baseline ``b_j`` is the accuracy on each experience of the learner's model before the stream.
+    """
+    exps = tuple(experiences.experiences if isinstance(experiences, Scenario) else experiences)
+    if not exps:
+        raise ConfigError("run_scenario needs at least one experience")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    learner.record_accuracies([learner.accuracy(e.test) for e in exps], baseline=True)
+    samples_before, seconds_before = learner.state.trained_samples, learner.state.train_seconds
+    for i, exp in enumerate(exps):
+        learner.learn(
+            Stream(exp.train, batch_size=batch_size, shuffle=True, seed=seed + i), on_result=on_result
+        )
+        learner.end_experience()
+        row = [learner.accuracy(e.test) for e in exps]
+        learner.record_accuracies(row)
+        if on_experience is not None:
+            on_experience(i, row)
+        logger.info("after experience %d: %s", i, " ".join(f"{a:.3f}" for a in row))
+    matrix = learner.state.accuracy_matrix[-len(exps) :]
+    metrics = ContinualMetrics.from_matrix(matrix, learner.state.baseline)
+    all_test = TensorData(torch.cat([e.test.x for e in exps]), torch.cat([e.test.y for e in exps]))
+    samples = learner.state.trained_samples - samples_before
+    seconds = learner.state.train_seconds - seconds_before
+    buffer = learner.buffer
+    return ContinualResult(
+        metrics=metrics,
+        final_accuracy=learner.accuracy(all_test),
+        samples=samples,
+        seconds=seconds,
+        samples_per_second=samples / seconds if seconds > 0 else 0.0,
+        buffer_bytes=learner.buffer_bytes,
+        buffer_samples=(buffer.capacity or 0) if buffer is not None else 0,
+        bytes_per_sample=buffer.bytes_per_sample() if buffer is not None and buffer.sample_shape else 0,
+        prequential_accuracy=learner.state.prequential_accuracy,
+        drifts=learner.state.drifts,
+    )
+
+
+def load_table(path: str | os.PathLike[str], *, input_shape: tuple[int, ...] | None = None) -> TensorData:
+    """Samples from a ``.csv`` (comma-separated, optional non-numeric header line) or ``.npy`` (2-D
+    array) file: the last column is the integer label, the other columns are the features, one sample per
+    row. ``input_shape`` reshapes the features (e.g. ``(1, 64)`` for ``cnn1d``, ``(1, 8, 8)`` for ``cnn``);
+    by default they become a 1-channel series ``(1, F)``."""
+    source = Path(path)
+    if not source.exists():
+        raise ConfigError(f"data file {str(source)!r} does not exist")
+    suffix = source.suffix.lower()
+    try:
+        if suffix == ".npy":
+            table = np.load(source, allow_pickle=False)
+        elif suffix == ".csv":
+            with source.open() as handle:
+                first = handle.readline()
+            has_header = any(c.isalpha() for c in first.replace("e", "").replace("E", ""))
+            table = np.loadtxt(source, delimiter=",", skiprows=1 if has_header else 0, ndmin=2)
+        else:
+            raise ConfigError(f"data file must be .csv or .npy, got {source.name!r}")
+    except ValueError as exc:
+        raise ConfigError(f"cannot read {str(source)!r} as a numeric table: {exc}") from None
+    if table.ndim != 2 or table.shape[1] < 2 or table.shape[0] < 1:
+        raise ConfigError(
+            f"{str(source)!r} must be a 2-D table with feature columns and a last label column, got shape "
+            f"{table.shape}"
+        )
+    features, labels = table[:, :-1].astype(np.float32), table[:, -1]
+    if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)) or labels.min() < 0:
+        raise ConfigError(f"the last column of {str(source)!r} must hold integer labels >= 0")
+    shape = input_shape or (1, features.shape[1])
+    if int(np.prod(shape)) != features.shape[1]:
+        raise ConfigError(
+            f"{features.shape[1]} feature columns cannot be reshaped to the model's input shape {shape}"
+        )
+    x = torch.from_numpy(features).reshape(-1, *shape).contiguous()
+    return TensorData(x, torch.from_numpy(labels.astype(np.int64)))

@@ -1,0 +1,271 @@
+"""A learner's whole state in one safetensors file, written atomically and validated on load.
+
+What one file holds (tensors by prefix, everything else as JSON metadata, never pickle):
+
+- ``delta/<name>``: the trainable tensors (the classifier head at its grown size included);
+- ``optim/<name>/<slot>``: optimizer state by trainable-tensor name;
+- ``buffer/<key>``: the replay buffer's stored samples and generator state;
+- ``reg/<key>``: the regulariser's state (LwF teacher, EWC Fisher and anchor);
+- metadata: the delta metadata of :meth:`~ondevice.prepared.PreparedModel.delta_metadata` (format,
+  scheme, model fingerprint), head size, learner/optimizer/buffer/regulariser settings, drift detector
+  state, counters, the accuracy matrix, a SHA-256 digest of every tensor and the caller's ``extra``.
+
+The write goes through :func:`ondevice.checkpoint.write_tensors` (temporary file, fsync, atomic rename,
+fsync of the directory), so a crash or power loss at any moment leaves the previous complete checkpoint
+or the new one, never a mix; the digest catches later corruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ondevice.checkpoint import read_tensors, write_tensors
+from ondevice.continual.buffer import buffer_from_config
+from ondevice.continual.drift import detector_from_dict
+from ondevice.continual.regularizers import regularizer_from_dict
+from ondevice.errors import CheckpointError, CheckpointMismatchError
+from ondevice.optim import resolve_optimizer
+
+if TYPE_CHECKING:
+    from ondevice.continual.learner import DriftHook, Learner
+    from ondevice.prepared import PreparedModel
+
+__all__ = [
+    "LEARNER_FORMAT",
+    "load_learner",
+    "read_learner_state",
+    "restore_learner",
+    "save_learner",
+    "snapshot_learner",
+    "tensor_digest",
+    "write_snapshot",
+]
+
+logger = logging.getLogger(__name__)
+
+LEARNER_FORMAT = "ondevice.learner/1"
+"""Format tag of learner checkpoints."""
+
+_PREFIXES = ("delta/", "optim/", "buffer/", "reg/")
+
+
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (in sorted name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _collect(learner: Learner) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {f"delta/{k}": v for k, v in learner.model.trainable_tensors().items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    by_param = {id(p): name for name, p in learner._params.items()}
+    for param, slots in learner.optimizer.state.items():
+        name = by_param[id(param)]
+        for key, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim/{name}/{key}"] = value
+            else:
+                scalars.setdefault(name, {})[key] = value
+    metadata: dict[str, Any] = {
+        "format": LEARNER_FORMAT,
+        "delta": learner.model.delta_metadata(),
+        "head": learner.model.head,
+        "num_classes": learner.num_classes,
+        "config": learner.config.to_dict(),
+        "optimizer": {"config": learner.optimizer_config.to_dict(), "scalars": scalars, "lr": learner.lr},
+        "state": learner.state.to_dict(),
+        "buffer": None,
+        "regularizer": None,
+        "drift": learner.drift.to_dict() if learner.drift is not None else None,
+    }
+    if learner.buffer is not None:
+        tensors.update({f"buffer/{k}": v for k, v in learner.buffer.state_tensors().items()})
+        metadata["buffer"] = learner.buffer.state_metadata()
+    if learner.regularizer is not None:
+        tensors.update({f"reg/{k}": v for k, v in learner.regularizer.state_tensors().items()})
+        metadata["regularizer"] = learner.regularizer.state_metadata()
+    return tensors, metadata
+
+
+def snapshot_learner(
+    learner: Learner, *, extra: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A detached copy of ``learner``'s state, ``(tensors, metadata)``, its digest in ``metadata["digest"]``.
+
+    :func:`save_learner` writes one; taking it separately lets a caller record the digest first (or send
+    the snapshot elsewhere).
+    """
+    tensors, metadata = _collect(learner)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    metadata["digest"] = tensor_digest(tensors)
+    metadata["extra"] = dict(extra or {})
+    return tensors, metadata
+
+
+def write_snapshot(path: str | os.PathLike[str], snapshot: tuple[dict[str, Tensor], dict[str, Any]]) -> Path:
+    """Write a :func:`snapshot_learner` result to ``path`` atomically."""
+    tensors, metadata = snapshot
+    target = write_tensors(path, tensors, metadata)
+    logger.debug("saved learner state (%d tensors) to %s", len(tensors), target)
+    return target
+
+
+def save_learner(
+    learner: Learner, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``learner``'s state to ``path`` atomically (see the module docstring for the layout)."""
+    return write_snapshot(path, snapshot_learner(learner, extra=extra))
+
+
+def read_learner_state(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and check a learner checkpoint (format and digest); ``(tensors, metadata)``.
+
+    Raises:
+        CheckpointError: missing, truncated, corrupt, or not a learner checkpoint.
+    """
+    tensors, metadata = read_tensors(path)
+    source = f"checkpoint {str(path)!r}"
+    if metadata.get("format") != LEARNER_FORMAT:
+        raise CheckpointError(
+            f"{source} has format {metadata.get('format')!r}, not a learner state ({LEARNER_FORMAT!r}); "
+            f"save it with Learner.save"
+        )
+    unknown = sorted(k for k in tensors if not k.startswith(_PREFIXES))
+    if unknown:
+        raise CheckpointError(f"{source} holds unexpected tensors {unknown[:5]}")
+    if metadata.get("digest") != tensor_digest(tensors):
+        raise CheckpointError(f"{source} fails its SHA-256 digest (corrupt or modified); use an older copy")
+    return tensors, metadata
+
+
+def _strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _check_setup(learner: Learner, metadata: Mapping[str, Any], source: str) -> None:
+    learner.model.check_delta_metadata(metadata.get("delta") or {}, source=source)
+    if metadata.get("head") != learner.model.head:
+        raise CheckpointMismatchError(
+            f"{source} has head {metadata.get('head')!r}, this model's head is {learner.model.head!r}"
+        )
+    if metadata.get("config") != learner.config.to_dict():
+        raise CheckpointMismatchError(
+            f"{source} was saved by a learner with settings {metadata.get('config')}, this one has "
+            f"{learner.config.to_dict()}; use Learner.restore to rebuild it from the checkpoint"
+        )
+    theirs = (metadata.get("optimizer") or {}).get("config") or {}
+    if theirs.get("kind") != learner.optimizer_config.kind:
+        raise CheckpointMismatchError(
+            f"{source} was trained with optimizer {theirs}, this learner uses "
+            f"{learner.optimizer_config.to_dict()}; create the learner with the same optimizer kind"
+        )
+    for part, own in (
+        ("buffer", learner.buffer),
+        ("regularizer", learner.regularizer),
+        ("drift", learner.drift),
+    ):
+        if (metadata.get(part) is None) != (own is None):
+            has = "has" if metadata.get(part) is not None else "has no"
+            raise CheckpointMismatchError(
+                f"{source} {has} {part} state but this learner {'has none' if own is None else 'has one'}; "
+                f"use Learner.restore to rebuild the learner from the checkpoint"
+            )
+
+
+def _apply(learner: Learner, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any], source: str) -> None:
+    from ondevice.continual.learner import LearnerState
+
+    _check_setup(learner, metadata, source)
+    num_classes = int(metadata.get("num_classes", learner.num_classes))
+    if num_classes < learner.num_classes:
+        raise CheckpointMismatchError(
+            f"{source} has a head of {num_classes} classes but this learner's has {learner.num_classes}; "
+            f"load it into a learner built from the same prepared model, before it grew"
+        )
+    if num_classes > learner.num_classes:
+        learner.grow_head(num_classes)
+    learner.model.load_trainable(_strip(tensors, "delta/"))
+    # Optimizer state by name, then the learning rate in force when saved.
+    optim_meta = metadata.get("optimizer") or {}
+    state: dict[Any, dict[str, Any]] = {}
+    for key, value in _strip(tensors, "optim/").items():
+        name, _, slot = key.rpartition("/")
+        param = learner._params.get(name)
+        if param is None:
+            raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
+        state.setdefault(param, {})[slot] = value.clone()
+    for name, slots in (optim_meta.get("scalars") or {}).items():
+        param = learner._params.get(name)
+        if param is None:
+            raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
+        state.setdefault(param, {}).update(slots)
+    learner.optimizer.state.clear()
+    for param, slots in state.items():
+        learner.optimizer.state[param] = slots
+    for group in learner.optimizer.param_groups:
+        group["lr"] = float(optim_meta.get("lr", learner.optimizer_config.lr))
+    if learner.buffer is not None:
+        learner.buffer.load_state(_strip(tensors, "buffer/"), metadata["buffer"])
+    if learner.regularizer is not None:
+        learner.regularizer.load_state(_strip(tensors, "reg/"), metadata["regularizer"])
+    if learner.drift is not None:
+        restored = detector_from_dict(metadata["drift"])
+        if type(restored) is not type(learner.drift):
+            raise CheckpointMismatchError(
+                f"{source} has a {restored.kind} drift detector, this learner a {learner.drift.kind}"
+            )
+        learner.drift = restored
+    fields = LearnerState.__dataclass_fields__
+    saved = {k: v for k, v in (metadata.get("state") or {}).items() if k in fields}
+    learner.state = LearnerState(**saved)
+    learner.optimizer.zero_grad(set_to_none=True)
+
+
+def load_learner(learner: Learner, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load ``path`` into ``learner`` after validating it; returns the checkpoint's ``extra`` dict."""
+    tensors, metadata = read_learner_state(path)
+    _apply(learner, tensors, metadata, f"checkpoint {str(path)!r}")
+    return dict(metadata.get("extra") or {})
+
+
+def restore_learner(
+    path: str | os.PathLike[str], model: PreparedModel, *, on_drift: Sequence[DriftHook] = ()
+) -> Learner:
+    """Rebuild a :class:`Learner` for ``model`` from a checkpoint (settings and state)."""
+    from ondevice.continual.learner import Learner, LearnerConfig
+
+    tensors, metadata = read_learner_state(path)
+    source = f"checkpoint {str(path)!r}"
+    model.check_delta_metadata(metadata.get("delta") or {}, source=source)
+    try:
+        config = LearnerConfig(**(metadata.get("config") or {}))
+        optimizer = resolve_optimizer((metadata.get("optimizer") or {}).get("config") or {})
+        buffer = buffer_from_config(metadata["buffer"]["config"]) if metadata.get("buffer") else None
+        regularizer = regularizer_from_dict(metadata["regularizer"]) if metadata.get("regularizer") else None
+        drift = detector_from_dict(metadata["drift"]) if metadata.get("drift") else None
+    except (TypeError, KeyError) as exc:
+        raise CheckpointError(f"{source} has malformed learner settings: {exc}") from None
+    learner = Learner(
+        model,
+        optimizer=optimizer,
+        buffer=buffer,
+        regularizer=regularizer,
+        drift=drift,
+        on_drift=on_drift,
+        config=config,
+    )
+    _apply(learner, tensors, metadata, source)
+    return learner
