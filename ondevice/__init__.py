@@ -13,6 +13,15 @@ The entry points::
 ``import ondevice`` never imports Flower, pyserial or asyncssh.
 """
 
+from ondevice.continual import (
+    ClassBalancedBuffer,
+    ContinualMetrics,
+    Learner,
+    LearnerConfig,
+    ReservoirBuffer,
+    create_learner,
+)
+from ondevice.data import Stream, TensorData, as_stream, load_digits
 from ondevice.errors import (
     BudgetExceededError,
     CheckpointError,
@@ -26,15 +35,6 @@ from ondevice.errors import (
     UnknownSchemeError,
     UnsupportedModuleError,
 )
-from ondevice.continual import (
-    ClassBalancedBuffer,
-    ContinualMetrics,
-    Learner,
-    LearnerConfig,
-    ReservoirBuffer,
-    create_learner,
-)
-from ondevice.data import Stream, TensorData, as_stream, load_digits
 from ondevice.models import ClassifierModel, create_model, list_models, register_model
 from ondevice.optim import OptimizerConfig
 from ondevice.prepared import PreparedModel, PrepareReport, prepare
