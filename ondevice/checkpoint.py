@@ -34,6 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -55,6 +56,25 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     finally:
         os.close(dir_fd)
     return target
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries a killed writer left behind for ``target`` (their rename never happened).
+
+    Only files of the exact ``.<name>.*.tmp`` pattern this module creates are removed. Two writers of one
+    file at the same time are not supported (the later rename would win anyway).
+    """
+    for stale in target.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+        try:
+            stale.unlink()
+            logger.info("removed a temporary file left by an interrupted write: %s", stale)
+        except OSError:  # pragma: no cover - raced with another cleaner
+            pass
+
+
+def glob_escape(name: str) -> str:
+    """Escape glob metacharacters in a file name."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def write_tensors(

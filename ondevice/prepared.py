@@ -210,6 +210,8 @@ class PreparedModel(nn.Module):
         frozen_norms: tuple[str, ...],
         memory_saving: bool,
         added_params: int,
+        mask: Literal["bit", "byte"] = "bit",
+        compress: Literal["int8"] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -218,6 +220,8 @@ class PreparedModel(nn.Module):
         self.fingerprint = fingerprint
         self.input_spec = input_spec
         self.memory_saving = memory_saving
+        self.mask = mask
+        self.compress = compress
         self._frozen_norms = frozen_norms
         self._added_params = added_params
         self.train()
@@ -239,6 +243,17 @@ class PreparedModel(nn.Module):
         for name in self._frozen_norms:
             self.model.get_submodule(name).eval()
         return self
+
+    def with_ops(self, module: nn.Module) -> nn.Module:
+        """``module`` with the memory-saving ops this model was prepared with (itself when they are off).
+
+        For layers added after prepare, e.g. a head grown for new classes.
+        """
+        if not self.memory_saving:
+            return module
+        from ondevice.ops import convert
+
+        return convert(module, mask=self.mask, compress=self.compress)
 
     # -- what trains ---------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -442,6 +457,8 @@ def prepare(
         frozen_norms=frozen_norms,
         memory_saving=memory_saving,
         added_params=added,
+        mask=mask,
+        compress=compress,
     )
     logger.info("prepared %s with %s", type(model).__name__, prepared.extra_repr())
     return prepared

@@ -560,10 +560,8 @@ class Learner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed * 1_000_003 + num_classes)
             new_head = inner.grow_head(num_classes)
-        if self.model.memory_saving and type(old_head) is not nn.Linear:
-            from ondevice.ops import convert
-
-            inner.classifier = convert(new_head)
+        if type(old_head) is not nn.Linear:
+            inner.classifier = self.model.with_ops(new_head)
         self._params = self.model.trainable_parameters()
         grown = {
             name: tuple(p.shape)
