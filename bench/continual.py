@@ -36,8 +36,8 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def run(scenario_name: str, seed: int, pretrain_epochs: int) -> dict[str, Any]:
-    scenario = load_scenario(scenario_name, seed=seed)
+def run(scenario_name: str, seed: int, pretrain_epochs: int, image_size: int = 8) -> dict[str, Any]:
+    scenario = load_scenario(scenario_name, seed=seed, image_size=image_size)
     backbone = scenario.backbone(epochs=pretrain_epochs, seed=seed)
     results: list[dict[str, Any]] = []
     raw_bytes = 0
@@ -76,6 +76,8 @@ def run(scenario_name: str, seed: int, pretrain_epochs: int) -> dict[str, Any]:
         "pretrain_samples": len(scenario.pretrain_data),
         "stream_samples": sum(len(e.train) for e in scenario.experiences),
         "scheme": "last_layer",
+        "image_size": image_size,
+        "model_kwargs": dict(scenario.model_kwargs),
         "seed": seed,
         "rows": results,
     }
@@ -83,7 +85,8 @@ def run(scenario_name: str, seed: int, pretrain_epochs: int) -> dict[str, Any]:
 
 def to_markdown(payload: dict[str, Any]) -> str:
     lines = [
-        f"{payload['scenario']}: {payload['description']} ({payload['stream_samples']} stream samples)",
+        f"{payload['scenario']}: {payload['description']} ({payload['stream_samples']} stream samples, "
+        f"{payload['image_size']} px)",
         "",
         "| strategy | ACC | BWT | avg forgetting | buffer samples | bytes/sample | buffer bytes "
         "| samples/s |",
@@ -103,9 +106,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scenario", default="class-incremental")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-epochs", type=int, default=20)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=16,
+        help="digit side in pixels (default 16: at 8 px a raw digit, 256 B, is smaller than a 128-value "
+        "latent, which no camera frame is)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
     args = parser.parse_args(argv)
-    payload = run(args.scenario, args.seed, args.pretrain_epochs)
+    payload = run(args.scenario, args.seed, args.pretrain_epochs, args.image_size)
     if args.json:
         print(json.dumps(payload, indent=2, sort_keys=True))
     else:

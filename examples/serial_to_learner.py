@@ -8,8 +8,9 @@ into windows and trains on each window as it arrives. ``--port /dev/ttyACM0`` re
     python examples/serial_to_learner.py --quick     # a few seconds
     python examples/serial_to_learner.py --port /dev/ttyACM0 --label-column -1 --seconds 60
 
-The hand-over point is :func:`learn_step` (one ``(x, y)`` window -> one update); swap its body for the
-ondevice learner when it lands.
+Each window goes to an ``ondevice`` continual learner (``learner.observe(x, y)``): a zoo ``cnn1d``
+prepared with the memory-saving ops, a class-balanced replay buffer of 64 windows, prequential accuracy
+(each window is predicted before it is learned).
 """
 
 from __future__ import annotations
@@ -18,45 +19,20 @@ import argparse
 import time
 
 import torch
-from torch import nn
 
 from devices.emulator import SensorEmulator, sensor_lines
 from devices.lines import SampleStream, Windower
 from devices.ports import open_pty
+from ondevice import Learner, create_learner, create_model, prepare
 
 CLASSES = ("idle", "wave")
 
 
-def tiny_cnn(channels: int, classes: int) -> nn.Module:
-    """A 1-D CNN small enough for a Pi Zero: conv -> ReLU -> pool -> linear."""
-    return nn.Sequential(
-        nn.Conv1d(channels, 8, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool1d(1),
-        nn.Flatten(),
-        nn.Linear(8, classes),
-    )
-
-
-def learn_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One on-device update on one window; returns the loss. (Swap in the ondevice learner here.)"""
-    model.train()
-    optimizer.zero_grad()
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
-
-
-def accuracy(model: nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Share of windows classified correctly."""
-    if not windows:
-        return 0.0
-    model.eval()
-    with torch.no_grad():
-        x = torch.cat([w[0] for w in windows])
-        y = torch.cat([w[1] for w in windows])
-        return float((model(x).argmax(1) == y).float().mean())
+def build_learner(channels: int, window: int, classes: int) -> Learner:
+    """A small 1-D CNN from the zoo, trained from scratch on the device, with a replay buffer."""
+    model = create_model("cnn1d", in_channels=channels, length=window, num_classes=classes, channels=(8, 16))
+    prepared = prepare(model, "full")
+    return create_learner(prepared, "replay", buffer_size=64, optimizer="sgd", lr=0.05, seed=0)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -82,11 +58,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             device, lines, rate_hz=0 if args.quick else 400, garbage_every=97, split_writes=True
         )
 
-    model = tiny_cnn(3, len(CLASSES))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    learner = build_learner(3, args.window, len(CLASSES))
     windower = Windower(args.window, args.hop, labels=CLASSES)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     losses: list[float] = []
+    hits: list[float] = []
     start = time.monotonic()
     with SampleStream(port, label_column=args.label_column, resync=emulator is None) as stream:
         stream.port.ensure_open()
@@ -98,7 +74,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for x, y in windower.push(sample):
                 if int(y) < 0:
                     continue
-                losses.append(learn_step(model, optimizer, x, y))
+                outcome = learner.observe(x, y)  # predicts the window first, then learns from it
+                if outcome.loss is not None:
+                    losses.append(outcome.loss)
+                    hits.append(outcome.accuracy or 0.0)
                 seen.append((x, y))
     if emulator is not None:
         emulator.close()
@@ -106,7 +85,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "windows": float(len(seen)),
         "first_loss": sum(losses[:10]) / max(1, len(losses[:10])),
         "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
-        "accuracy_last_100": accuracy(model, seen[-100:]),
+        "accuracy_last_100": (
+            learner.accuracy((torch.cat([w[0] for w in seen[-100:]]), torch.cat([w[1] for w in seen[-100:]])))
+            if seen
+            else 0.0
+        ),
+        "prequential_accuracy_last_50": sum(hits[-50:]) / max(1, len(hits[-50:])),
         "seconds": time.monotonic() - start,
     }
     stats = stream.stats
@@ -116,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     print(
         f"trained on {len(seen)} windows: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
-        f"accuracy on the last 100 windows {result['accuracy_last_100']:.0%} in {result['seconds']:.1f} s"
+        f"accuracy on the last 100 windows {result['accuracy_last_100']:.0%} "
+        f"(prequential, last 50: {result['prequential_accuracy_last_50']:.0%}) in {result['seconds']:.1f} s"
     )
     return result
 

@@ -121,12 +121,19 @@ def _shift(data: TensorData, shifts: Sequence[tuple[str, float]], seed: int) -> 
     return data
 
 
-def load_scenario(name: ScenarioName | str, *, seed: int = 0) -> Scenario:
+def load_scenario(name: ScenarioName | str, *, seed: int = 0, image_size: int = 8) -> Scenario:
     """Build a scenario by name (see the module docstring): ``"class-incremental"``,
-    ``"domain-incremental"`` or ``"sensor"``."""
+    ``"domain-incremental"`` or ``"sensor"``.
+
+    ``image_size`` resizes the digits (bilinear) for the image scenarios and sizes the ``cnn`` to match;
+    a device's camera frame is far larger than an 8x8 digit, which matters for replay-buffer bytes.
+    """
     if name not in SCENARIOS:
         raise UnknownNameError("scenario", name, SCENARIOS)
-    data = load_digits(layout="sequence") if name == "sensor" else load_digits()
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 64:
+        raise ConfigError(f"image_size must be an int in 8..64, got {image_size!r}")
+    data = load_digits(layout="sequence") if name == "sensor" else load_digits(image_size=image_size)
+    image_kwargs: dict[str, Any] = {} if image_size == 8 else {"resolution": image_size}
     pool, stream, test = _three_way(data.y, seed)
     train_part, test_part, pool_part = data.subset(stream), data.subset(test), data.subset(pool)
     if name == "class-incremental":
@@ -148,6 +155,7 @@ def load_scenario(name: ScenarioName | str, *, seed: int = 0) -> Scenario:
             tuple(experiences),
             source,
             "cnn",
+            model_kwargs=image_kwargs,
             initial_classes=2,
             description="digits 0-9 in 5 experiences of 2 classes; cnn pretrained on held-out digits 0-4",
         )
@@ -157,7 +165,7 @@ def load_scenario(name: ScenarioName | str, *, seed: int = 0) -> Scenario:
         shifts: list[tuple[tuple[str, float], ...]] = [
             () if s is None else (s,) for s in DEFAULT_DOMAIN_SHIFTS
         ]
-        model, kwargs, what = "cnn", {}, "clean, rotation 30, noise 0.8, contrast 0.4"
+        model, kwargs, what = "cnn", image_kwargs, "clean, rotation 30, noise 0.8, contrast 0.4"
     else:
         shifts = list(_SENSOR_SHIFTS)
         model, kwargs, what = "cnn1d", {}, "clean, gain 0.5, noise 0.6, gain 0.5 + noise 0.4"

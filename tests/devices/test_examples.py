@@ -24,6 +24,7 @@ def test_serial_to_learner_quick() -> None:
     result = load(EXAMPLES / "serial_to_learner.py").main(["--quick", "--readings", "640"])
     assert result["windows"] == (640 - 32) // 16 + 1  # every reading arrived and was windowed
     assert result["last_loss"] < result["first_loss"]
+    assert result["accuracy_last_100"] > 0.6  # the learner really learned the two gestures (chance: 0.5)
 
 
 @pytest.mark.integration
