@@ -1,0 +1,1 @@
+"""The ondevice federated app: thin Flower entry points over ``federated.make_*_app``."""

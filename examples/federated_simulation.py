@@ -1,0 +1,35 @@
+"""Ten simulated devices learn the ten digits together with lite-residual updates (Flower simulation).
+
+Run: ``python examples/federated_simulation.py``. The backbone is pretrained on digits 0-4 (cached);
+each device holds a Dirichlet(0.3) share of the digits and sends only its small trainable tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+import federated
+
+
+def main() -> None:
+    config = federated.FederatedConfig(
+        scheme={"name": "lite_residual", "expand": 0.25, "kernel_size": 3, "groups": 8, "downsample": 1},
+        partition="dirichlet:0.3",
+        num_clients=10,
+        rounds=5,
+        local_epochs=2,
+        lr=2e-2,
+        compression="fp16",
+        downlink="fp16",
+    )
+    result = federated.simulate(
+        config, on_round=lambda r: print(f"round {r.round}: accuracy {r.accuracy:.4f}")
+    )
+    print(f"final accuracy {result.final_accuracy:.4f}, {result.bytes_per_round:,.0f} bytes per round")
+
+
+if __name__ == "__main__":
+    main()

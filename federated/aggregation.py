@@ -1,0 +1,92 @@
+"""Aggregation of sparse (trainable-only) updates: FedAvg weighted by samples, FedProx's proximal term.
+
+Devices send *updates* ``delta_k = w_k - w`` of the trainable tensors only. The server's new tensors are
+``w + sum_k n_k delta_k / sum_k n_k``, which is FedAvg (McMahan et al., "Communication-Efficient
+Learning of Deep Networks from Decentralized Data", AISTATS 2017, Alg. 1) restricted to what trains:
+frozen tensors are identical on every device and never travel. FedProx (Li et al., "Federated
+Optimization in Heterogeneous Networks", MLSys 2020, Eq. 2) aggregates the same way; its difference is
+the proximal term each device adds to its local loss, :func:`proximal_term`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ondevice.errors import ConfigError
+
+__all__ = ["apply_update", "proximal_term", "update_norm", "weighted_average"]
+
+
+def weighted_average(
+    updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Per-key average of ``updates`` weighted by ``weights`` (sample counts), in float64, sorted keys.
+
+    Float tensors keep their dtype; integer tensors (BatchNorm's ``num_batches_tracked``) are rounded
+    back to their dtype. Equals ``numpy.average(stacked, axis=0, weights=weights)`` per key.
+
+    Raises:
+        ConfigError: no updates, mismatched keys or shapes, or weights that are not positive and finite.
+    """
+    if not updates:
+        raise ConfigError("weighted_average needs at least one update")
+    if len(weights) != len(updates):
+        raise ConfigError(f"got {len(updates)} updates but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ConfigError(f"weights must be positive and finite, got {list(weights)}")
+    keys = sorted(updates[0])
+    for i, update in enumerate(updates[1:], start=1):
+        if sorted(update) != keys:
+            raise ConfigError(f"update {i} has keys {sorted(update)[:5]}..., expected {keys[:5]}...")
+    w = w / w.sum()
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+        first = updates[0][key]
+        total = np.zeros(first.shape, dtype=np.float64)
+        for share, update in zip(w, updates, strict=True):
+            if update[key].shape != first.shape:
+                raise ConfigError(f"{key!r}: shape {update[key].shape} differs from {first.shape}")
+            total += share * update[key].astype(np.float64)
+        out[key] = (
+            total.astype(first.dtype)
+            if np.issubdtype(first.dtype, np.floating)
+            else (np.rint(total).astype(first.dtype))
+        )
+    return out
+
+
+def apply_update(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``base + update`` per key (same keys required), keeping each tensor's dtype."""
+    if sorted(base) != sorted(update):
+        raise ConfigError("apply_update needs the same keys in base and update")
+    return {k: (base[k] + update[k]).astype(base[k].dtype) for k in sorted(base)}
+
+
+def update_norm(update: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the floating-point tensors of an update, taken together (integer counters ignored)."""
+    total = 0.0
+    for value in update.values():
+        if np.issubdtype(value.dtype, np.floating):
+            total += float(np.sum(np.square(value.astype(np.float64))))
+    return float(np.sqrt(total))
+
+
+def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu: float) -> Tensor:
+    """FedProx's ``mu / 2 * ||w - w_t||^2`` over the trainable tensors (Li et al. 2020, Eq. 2).
+
+    ``params`` are the live trainable parameters, ``anchor`` the global values received this round
+    (detached). Differentiable in ``params``; zero when ``mu`` is 0.
+    """
+    if isinstance(mu, bool) or not isinstance(mu, int | float) or mu < 0:
+        raise ConfigError(f"mu must be a number >= 0, got {mu!r}")
+    terms = [
+        torch.sum((p - anchor[name].to(p.dtype)) ** 2) for name, p in params.items() if p.is_floating_point()
+    ]
+    if not terms:
+        return torch.zeros(())
+    return 0.5 * float(mu) * torch.stack(terms).sum()

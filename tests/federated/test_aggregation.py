@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from federated.aggregation import apply_update, proximal_term, update_norm, weighted_average
+from ondevice.errors import ConfigError
+
+
+@pytest.mark.parametrize("n_clients", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_average_matches_numpy_average(n_clients: int, dtype: type) -> None:
+    rng = np.random.default_rng(n_clients)
+    updates = [
+        {"b.bias": rng.normal(size=(7,)).astype(dtype), "a.weight": rng.normal(size=(3, 4)).astype(dtype)}
+        for _ in range(n_clients)
+    ]
+    weights = rng.integers(1, 100, size=n_clients).tolist()
+    got = weighted_average(updates, weights)
+    assert list(got) == ["a.weight", "b.bias"]
+    for key in got:
+        expected = np.average(np.stack([u[key] for u in updates]), axis=0, weights=weights)
+        assert got[key].dtype == dtype
+        np.testing.assert_allclose(got[key], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_integer_tensors_are_rounded_back() -> None:
+    got = weighted_average([{"n": np.array(3, np.int64)}, {"n": np.array(4, np.int64)}], [1, 3])
+    assert got["n"].dtype == np.int64 and int(got["n"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("updates", "weights", "match"),
+    [
+        ([], [], "at least one"),
+        ([{"a": np.zeros(2)}], [1, 2], "weights"),
+        ([{"a": np.zeros(2)}, {"b": np.zeros(2)}], [1, 1], "keys"),
+        ([{"a": np.zeros(2)}, {"a": np.zeros(3)}], [1, 1], "shape"),
+        ([{"a": np.zeros(2)}], [0], "positive"),
+        ([{"a": np.zeros(2)}], [float("nan")], "positive"),
+    ],
+)
+def test_weighted_average_rejects_bad_input(updates: list, weights: list, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        weighted_average(updates, weights)
+
+
+def test_apply_update_and_norm() -> None:
+    base = {"w": np.ones(3, np.float32)}
+    out = apply_update(base, {"w": np.full(3, 2.0, np.float32)})
+    np.testing.assert_array_equal(out["w"], np.full(3, 3.0))
+    assert update_norm({"w": np.array([3.0, 4.0]), "n": np.array(100, np.int64)}) == pytest.approx(5.0)
+
+
+def test_proximal_term_value_and_gradient() -> None:
+    w = torch.randn(4, 3, requires_grad=True)
+    anchor = torch.randn(4, 3)
+    mu = 0.3
+    term = proximal_term({"w": w}, {"w": anchor}, mu)
+    assert float(term.detach()) == pytest.approx(0.5 * mu * float(((w - anchor) ** 2).sum()), rel=1e-6)
+    term.backward()
+    torch.testing.assert_close(w.grad, mu * (w.detach() - anchor))
+    with pytest.raises(ConfigError, match="mu"):
+        proximal_term({"w": w}, {"w": anchor}, -1.0)
