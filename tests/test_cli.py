@@ -15,8 +15,8 @@ from ondevice.cli import app
 runner = CliRunner()
 
 
-def test_demo_json_summary() -> None:
-    result = runner.invoke(app, ["demo", "--quick", "--json", "--schemes", "last_layer,bias,lite_residual"])
+def test_transfer_json_summary() -> None:
+    result = runner.invoke(app, ["transfer", "--quick", "--json", "--schemes", "last_layer,bias,lite_residual"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert [o["scheme"] for o in payload["outcomes"]] == ["last_layer", "bias", "lite_residual"]
@@ -26,8 +26,8 @@ def test_demo_json_summary() -> None:
         assert 0 < outcome["trainable_params"] < outcome["total_params"]
 
 
-def test_demo_rejects_an_unknown_scheme_without_a_traceback() -> None:
-    result = runner.invoke(app, ["demo", "--quick", "--schemes", "bias,nonsense"])
+def test_transfer_rejects_an_unknown_scheme_without_a_traceback() -> None:
+    result = runner.invoke(app, ["transfer", "--quick", "--schemes", "bias,nonsense"])
     assert result.exit_code == 2
     assert "unknown scheme 'nonsense'" in result.output and "Traceback" not in result.output
 
@@ -39,4 +39,4 @@ def test_console_script_is_installed() -> None:
         [str(exe), "--help"], capture_output=True, text=True, env=env, timeout=120, check=False
     )
     assert done.returncode == 0
-    assert "demo" in done.stdout
+    assert "demo" in done.stdout and "transfer" in done.stdout

@@ -1,80 +1,256 @@
-"""``ondevice demo``: the end-to-end job on the built-in digits."""
+"""``ondevice demo``: the end-to-end job on the built-in digits.
+
+1. detect the machine (or take ``--device``), turn its profile into a memory budget and plan the update
+   scheme that fits it, with the memory report; measure every scheme against stock PyTorch;
+2. pretrain a backbone (cached) and learn a class-incremental stream on the device with the planned
+   scheme and a replay buffer, showing accuracy and forgetting after each experience;
+3. simulate a federation of devices on Flower's Simulation Engine, sharing only their sparse updates;
+4. write a report folder: Markdown + HTML with PNG plots, and every figure as JSON.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from ondevice.cli._app import app, configure_logging, console, fail, print_json
 from ondevice.errors import OnDeviceError
 
+MEMORY_SCHEMES = ("full", "last_layer", "bias", "lite_residual", "sparse")
+
+
+def _device_step(device: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    from devices import detect, get_profile
+    from memory import Budget
+
+    profile = get_profile(device) if device else detect()
+    budget = Budget.from_profile(profile)
+    figures = {
+        "name": profile.name,
+        "kind": str(getattr(profile.kind, "value", profile.kind)),
+        "description": profile.description,
+        "memory_bytes": profile.memory_bytes,
+        "training_budget_bytes": budget.total_bytes,
+        "budget": str(budget),
+        "detected": device is None,
+    }
+    return profile, budget, figures
+
+
+def _plan_step(backbone: Any, budget: Any, *, batch_size: int) -> tuple[Any, dict[str, Any]]:
+    from memory import plan
+
+    chosen = plan(backbone, budget=budget, input_shape=tuple(backbone.input_shape), batch_size=batch_size)
+    figures = {
+        "scheme": chosen.scheme.name,
+        "scheme_config": chosen.scheme.to_dict(),
+        "needed_bytes": chosen.needed_bytes,
+        "budget_bytes": budget.total_bytes,
+        "table": chosen.report.to_markdown(top=8),
+        "report": chosen.report.to_dict(),
+    }
+    return chosen.scheme, figures
+
+
+def _memory_step(*, resolution: int, batch_size: int) -> list[dict[str, Any]]:
+    """Measure one real training step of each scheme, stock PyTorch against ondevice."""
+    import torch
+
+    import ondevice
+    from memory import measure
+
+    torch.manual_seed(0)
+    model = ondevice.create_model("mobilenetv2", width_mult=0.35, resolution=resolution, num_classes=10)
+    x = torch.randn(batch_size, 3, resolution, resolution)
+    rows = []
+    for scheme in MEMORY_SCHEMES:
+        stock = measure(ondevice.prepare(model, scheme, memory_saving=False), x)
+        ours = measure(ondevice.prepare(model, scheme), x)
+        rows.append(
+            {
+                "scheme": scheme,
+                "model": f"mobilenetv2-w0.35 @{resolution}px, batch {batch_size}",
+                "stock_activation_bytes": stock.activation_bytes,
+                "ondevice_activation_bytes": ours.activation_bytes,
+                "stock_peak_bytes": stock.peak_bytes,
+                "ondevice_peak_bytes": ours.peak_bytes,
+                "trainable_param_bytes": ours.trainable_param_bytes,
+            }
+        )
+    return rows
+
+
+def _stream_step(scheme: Any, *, quick: bool, show: bool) -> dict[str, Any]:
+    import torch
+
+    import ondevice
+    from ondevice.continual import LearnerConfig, create_learner, load_scenario, run_scenario
+
+    scenario = load_scenario("class-incremental", seed=0)
+    backbone = scenario.backbone(epochs=8 if quick else 20, seed=0)
+    torch.manual_seed(0)
+    prepared = ondevice.prepare(backbone, scheme)
+    learner = create_learner(
+        prepared,
+        "replay",
+        buffer_size=200,
+        optimizer="adam",
+        lr=0.01 if scheme.name == "last_layer" else 1e-3,
+        config=LearnerConfig(replay_steps=1 if quick else 4, replay_batch_size=32, seed=0),
+        seed=0,
+    )
+    correct: list[float] = []
+    boundaries: list[int] = []
+    labels = ["+".join(str(c) for c in e.classes) for e in scenario.experiences]
+
+    def on_result(result: Any) -> None:
+        if result.accuracy is not None:
+            correct.extend([float(result.accuracy)] * int(result.samples))
+
+    rows: list[list[float]] = []
+
+    def on_experience(index: int, row: list[float]) -> None:
+        boundaries.append(len(correct))
+        rows.append(list(row))
+        if show:
+            seen = row[: index + 1]
+            drops = [max(r[j] for r in rows[:-1]) - row[j] for j in range(index)] if index else [0.0]
+            console.print(
+                f"  after experience {index + 1}/{len(labels)} (digits {labels[index]}): "
+                f"accuracy on the digits seen so far {sum(seen) / len(seen):.3f}, forgetting {sum(drops) / len(drops):.3f}"
+            )
+
+    result = run_scenario(
+        learner, scenario, batch_size=10, seed=0, on_result=on_result, on_experience=on_experience
+    )
+    metrics = result.metrics
+    return {
+        "scenario": scenario.description,
+        "scheme": scheme.name,
+        "strategy": "replay, 200 samples",
+        "samples": result.samples,
+        "correct": correct,
+        "boundaries": boundaries[:-1],
+        "matrix": [list(r) for r in metrics.accuracy_matrix],
+        "experience_labels": labels,
+        "acc": metrics.acc,
+        "bwt": metrics.bwt,
+        "avg_forgetting": metrics.avg_forgetting,
+        "buffer_bytes": result.buffer_bytes,
+        "samples_per_second": result.samples_per_second,
+    }
+
+
+def _federated_step(*, quick: bool, show: bool) -> dict[str, Any]:
+    from federated import simulate
+
+    clients, rounds = (3, 2) if quick else (6, 4)
+
+    def on_round(record: Any) -> None:
+        if show:
+            accuracy = "-" if record.accuracy is None else f"{record.accuracy:.3f}"
+            console.print(
+                f"  round {record.round}: accuracy {accuracy}, {record.accepted}/{record.replies} updates "
+                f"accepted, {record.bytes_down:,} B down, {record.bytes_up:,} B up"
+            )
+
+    result = simulate(
+        num_clients=clients,
+        rounds=rounds,
+        scheme="lite_residual",
+        partition="dirichlet:0.5",
+        on_round=on_round,
+    )
+    return {
+        "clients": clients,
+        "scheme": "lite_residual",
+        "partition": "dirichlet:0.5",
+        "seconds": result.seconds,
+        "final_accuracy": result.final_accuracy,
+        "rounds": [r.to_dict() for r in result.rounds],
+    }
+
 
 @app.command()
 def demo(
-    model: Annotated[
-        str, typer.Option(help="Zoo model to pretrain and adapt (see `ondevice models`).")
-    ] = "cnn",
-    schemes: Annotated[
-        str, typer.Option(help="Comma-separated update schemes to compare.")
-    ] = "full,last_layer,bias,lite_residual,sparse",
-    epochs: Annotated[int, typer.Option(min=1, help="Adaptation epochs per scheme.")] = 10,
-    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed for data splits, initialisation and shuffling.")] = 0,
-    quick: Annotated[bool, typer.Option("--quick", help="A fast pass: 2 epochs per scheme.")] = False,
+    device: Annotated[
+        str | None, typer.Option(help="Device profile to plan for (see `ondevice devices`); default: detect.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("ondevice-report"),
+    quick: Annotated[bool, typer.Option("--quick", help="A fast pass (under a minute).")] = False,
+    skip_federated: Annotated[bool, typer.Option("--skip-federated", help="Leave out step 3.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
 ) -> None:
-    """Pretrain a backbone on digits 0-4, adapt it to digits 5-9 under each scheme, and compare."""
-    from rich.table import Table
-
-    from ondevice.transfer import SchemeOutcome, run_transfer
+    """Plan, learn on a stream, federate and report: the whole SDK on the built-in digits."""
+    from ondevice.report import write_report
 
     configure_logging(verbose)
-    names = [s.strip() for s in schemes.split(",") if s.strip()]
-    if quick:
-        epochs = min(epochs, 2)
+    show = not json_output
     started = time.perf_counter()
-
-    def announce(outcome: SchemeOutcome) -> None:
-        if not json_output:
-            state = f"skipped ({outcome.skipped})" if outcome.skipped else f"accuracy {outcome.accuracy:.4f}"
-            console.print(f"  [bold]{outcome.scheme}[/]: {state} in {outcome.train_seconds:.1f} s")
-
+    timings: dict[str, float] = {}
+    figures: dict[str, Any] = {}
     try:
-        if not json_output:
-            console.print(f"[bold]ondevice demo[/]: {model}, pretrained on digits 0-4, adapted to 5-9")
-        result = run_transfer(
-            model,
-            schemes=names,
-            epochs=epochs,
-            lr=lr,
-            seed=seed,
-            progress=not json_output,
-            on_outcome=announce,
-        )
+        with console.status("[bold]1/4[/] detecting the device and planning the update scheme") as status:
+            t0 = time.perf_counter()
+            _profile, budget, figures["device"] = _device_step(device)
+            from ondevice.continual import load_scenario
+
+            backbone = load_scenario("class-incremental", seed=0).backbone(epochs=8 if quick else 20, seed=0)
+            scheme, figures["plan"] = _plan_step(backbone, budget, batch_size=10)
+            status.update("[bold]1/4[/] measuring each scheme against stock PyTorch")
+            figures["memory"] = _memory_step(resolution=64 if quick else 128, batch_size=4 if quick else 8)
+            timings["plan"] = time.perf_counter() - t0
+        if show:
+            console.print(
+                f"[bold]1/4 device[/] {figures['device']['name']} ({figures['device']['description']}), "
+                f"training budget {figures['device']['budget']}; planned scheme [bold]{scheme.name}[/] "
+                f"needs {figures['plan']['needed_bytes']:,} B"
+            )
+            for row in figures["memory"]:
+                ratio = row["stock_activation_bytes"] / max(1, row["ondevice_activation_bytes"])
+                console.print(
+                    f"  {row['scheme']:>13}: activations "
+                    f"{row['stock_activation_bytes'] / 2**20:7.2f} MiB stock -> "
+                    f"{row['ondevice_activation_bytes'] / 2**20:7.3f} MiB ondevice ({ratio:.0f}x less)"
+                )
+            console.print("[bold]2/4 continual learning[/] on a class-incremental digit stream")
+        t0 = time.perf_counter()
+        figures["stream"] = _stream_step(scheme, quick=quick, show=show)
+        timings["stream"] = time.perf_counter() - t0
+        if show:
+            s = figures["stream"]
+            console.print(f"  ACC {s['acc']:.3f}, BWT {s['bwt']:+.3f}, forgetting {s['avg_forgetting']:.3f}")
+        if not skip_federated:
+            if show:
+                console.print("[bold]3/4 federated simulation[/] on Flower's Simulation Engine")
+            t0 = time.perf_counter()
+            with console.status("starting the simulation engine"):
+                figures["federated"] = _federated_step(quick=quick, show=show)
+            timings["federated"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        files = write_report(out, figures=figures)
+        timings["report"] = time.perf_counter() - t0
     except OnDeviceError as exc:
         fail(exc)
         return
     total_s = time.perf_counter() - started
+    summary = {
+        "report": str(files.html),
+        "device": figures["device"],
+        "plan": {k: v for k, v in figures["plan"].items() if k not in ("table", "report")},
+        "memory": figures["memory"],
+        "stream": {k: v for k, v in figures["stream"].items() if k not in ("correct",)},
+        "federated": figures.get("federated"),
+        "seconds": {**timings, "total": total_s},
+    }
     if json_output:
-        payload = result.to_dict()
-        payload["total_seconds"] = total_s
-        print_json(payload)
+        print_json(summary)
         return
-    table = Table(title=f"Transfer digits 0-4 -> 5-9 ({model}, {epochs} epochs, Adam lr {lr:g})")
-    for column in ("scheme", "accuracy", "trainable params", "share", "train time (s)"):
-        table.add_column(column, justify="left" if column == "scheme" else "right")
-    for o in result.outcomes:
-        if o.skipped:
-            table.add_row(o.scheme, "skipped", "-", "-", "-")
-            continue
-        share = o.trainable_params / max(1, o.total_params)
-        table.add_row(
-            o.scheme, f"{o.accuracy:.4f}", f"{o.trainable_params:,}", f"{share:.2%}", f"{o.train_seconds:.1f}"
-        )
-    console.print(table)
     console.print(
-        f"source accuracy of the pretrained backbone: {result.source_accuracy:.4f}; total {total_s:.1f} s"
+        f"[bold]4/4 report[/] written to {files.folder}/ (index.html, index.md, figures.json, plots/)"
     )
+    console.print(f"done in {total_s:.0f} s")

@@ -1,0 +1,78 @@
+"""``ondevice transfer``: compare update schemes on the digits transfer task (pretrained 0-4, adapted 5-9)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from ondevice.cli._app import app, configure_logging, console, fail, print_json
+from ondevice.errors import OnDeviceError
+
+
+@app.command()
+def transfer(
+    model: Annotated[str, typer.Option(help="Zoo model to pretrain and adapt.")] = "cnn",
+    schemes: Annotated[
+        str, typer.Option(help="Comma-separated update schemes to compare.")
+    ] = "full,last_layer,bias,lite_residual,sparse",
+    epochs: Annotated[int, typer.Option(min=1, help="Adaptation epochs per scheme.")] = 10,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for data splits, initialisation and shuffling.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="A fast pass: 2 epochs per scheme.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+) -> None:
+    """Pretrain a backbone on digits 0-4, adapt it to digits 5-9 under each scheme, and compare."""
+    from rich.table import Table
+
+    from ondevice.transfer import SchemeOutcome, run_transfer
+
+    configure_logging(verbose)
+    names = [s.strip() for s in schemes.split(",") if s.strip()]
+    if quick:
+        epochs = min(epochs, 2)
+    started = time.perf_counter()
+
+    def announce(outcome: SchemeOutcome) -> None:
+        if not json_output:
+            state = f"skipped ({outcome.skipped})" if outcome.skipped else f"accuracy {outcome.accuracy:.4f}"
+            console.print(f"  [bold]{outcome.scheme}[/]: {state} in {outcome.train_seconds:.1f} s")
+
+    try:
+        if not json_output:
+            console.print(f"[bold]transfer[/]: {model}, pretrained on digits 0-4, adapted to 5-9")
+        result = run_transfer(
+            model,
+            schemes=names,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            progress=not json_output,
+            on_outcome=announce,
+        )
+    except OnDeviceError as exc:
+        fail(exc)
+        return
+    total_s = time.perf_counter() - started
+    if json_output:
+        payload = result.to_dict()
+        payload["total_seconds"] = total_s
+        print_json(payload)
+        return
+    table = Table(title=f"Transfer digits 0-4 -> 5-9 ({model}, {epochs} epochs, Adam lr {lr:g})")
+    for column in ("scheme", "accuracy", "trainable params", "share", "train time (s)"):
+        table.add_column(column, justify="left" if column == "scheme" else "right")
+    for o in result.outcomes:
+        if o.skipped:
+            table.add_row(o.scheme, "skipped", "-", "-", "-")
+            continue
+        share = o.trainable_params / max(1, o.total_params)
+        table.add_row(
+            o.scheme, f"{o.accuracy:.4f}", f"{o.trainable_params:,}", f"{share:.2%}", f"{o.train_seconds:.1f}"
+        )
+    console.print(table)
+    console.print(
+        f"source accuracy of the pretrained backbone: {result.source_accuracy:.4f}; total {total_s:.1f} s"
+    )
