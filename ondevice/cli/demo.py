@@ -120,7 +120,8 @@ def _stream_step(scheme: Any, *, quick: bool, show: bool) -> dict[str, Any]:
             drops = [max(r[j] for r in rows[:-1]) - row[j] for j in range(index)] if index else [0.0]
             console.print(
                 f"  after experience {index + 1}/{len(labels)} (digits {labels[index]}): "
-                f"accuracy on the digits seen so far {sum(seen) / len(seen):.3f}, forgetting {sum(drops) / len(drops):.3f}"
+                f"accuracy on the digits seen so far {sum(seen) / len(seen):.3f}, "
+                f"forgetting {sum(drops) / len(drops):.3f}"
             )
 
     result = run_scenario(
