@@ -169,3 +169,17 @@ def init_conv_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def pooled_features(layers: list[nn.Module], *, dims: int, dropout: float) -> nn.Sequential:
+    """``layers`` + global average pooling + flatten (+ dropout), initialised by :func:`init_conv_weights`.
+
+    Every zoo CNN ends its feature extractor this way, so ``features(x)`` is a flat ``(N, C)`` tensor.
+    """
+    pool: nn.Module = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+    body = [*layers, pool, nn.Flatten(1)]
+    if dropout > 0:
+        body.append(nn.Dropout(dropout))
+    features = nn.Sequential(*body)
+    init_conv_weights(features)
+    return features

@@ -8,7 +8,7 @@ from torch import nn
 
 from ondevice.models._validate import int_tuple, positive_int, probability
 from ondevice.models.base import ClassifierModel
-from ondevice.models.blocks import ConvBNAct, init_conv_weights
+from ondevice.models.blocks import ConvBNAct, pooled_features
 from ondevice.models.registry import register_model
 
 __all__ = ["SmallCNN", "cnn"]
@@ -37,11 +37,7 @@ class SmallCNN(ClassifierModel):
         for i, width in enumerate(widths):
             layers.append(ConvBNAct(prev, width, 3, 1 if i == 0 else 2))
             prev = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        features = nn.Sequential(*layers)
-        init_conv_weights(features)
+        features = pooled_features(layers, dims=2, dropout=dropout)
         super().__init__(
             features,
             feature_dim=prev,

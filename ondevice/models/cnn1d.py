@@ -9,7 +9,7 @@ from torch import nn
 from ondevice.errors import ConfigError
 from ondevice.models._validate import int_tuple, positive_int, probability
 from ondevice.models.base import ClassifierModel
-from ondevice.models.blocks import ConvBNAct1d, init_conv_weights
+from ondevice.models.blocks import ConvBNAct1d, pooled_features
 from ondevice.models.registry import register_model
 
 __all__ = ["CNN1d", "cnn1d"]
@@ -41,11 +41,7 @@ class CNN1d(ClassifierModel):
         for i, width in enumerate(widths):
             layers.append(ConvBNAct1d(prev, width, kernel_size, 1 if i == 0 else 2))
             prev = width
-        layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(1)]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        features = nn.Sequential(*layers)
-        init_conv_weights(features)
+        features = pooled_features(layers, dims=1, dropout=dropout)
         super().__init__(
             features, feature_dim=prev, num_classes=num_classes, input_shape=(in_channels, length)
         )

@@ -17,7 +17,7 @@ from torch import nn
 from ondevice.errors import ConfigError
 from ondevice.models._validate import positive_float, positive_int, probability
 from ondevice.models.base import ClassifierModel
-from ondevice.models.blocks import InvertedResidual, conv_bn_act, init_conv_weights, make_divisible
+from ondevice.models.blocks import InvertedResidual, conv_bn_act, make_divisible, pooled_features
 from ondevice.models.registry import register_model
 
 __all__ = ["MCUNET_IN1_BLOCKS", "MCUNet", "mcunet"]
@@ -72,11 +72,7 @@ class MCUNet(ClassifierModel):
             out_channels = make_divisible(out * width_mult)
             layers.append(InvertedResidual(channels, out_channels, stride, expand, kernel))
             channels = out_channels
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        features = nn.Sequential(*layers)
-        init_conv_weights(features)
+        features = pooled_features(layers, dims=2, dropout=dropout)
         super().__init__(
             features,
             feature_dim=channels,

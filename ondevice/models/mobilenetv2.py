@@ -6,7 +6,7 @@ from torch import nn
 
 from ondevice.models._validate import positive_float, positive_int, probability
 from ondevice.models.base import ClassifierModel
-from ondevice.models.blocks import InvertedResidual, conv_bn_act, init_conv_weights, make_divisible
+from ondevice.models.blocks import InvertedResidual, conv_bn_act, make_divisible, pooled_features
 from ondevice.models.registry import register_model
 
 __all__ = ["INVERTED_RESIDUAL_SETTING", "MobileNetV2", "mobilenetv2"]
@@ -58,11 +58,7 @@ class MobileNetV2(ClassifierModel):
                 layers.append(InvertedResidual(input_channel, output_channel, s if i == 0 else 1, t))
                 input_channel = output_channel
         layers.append(conv_bn_act(input_channel, last_channel, 1))
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        features = nn.Sequential(*layers)
-        init_conv_weights(features)
+        features = pooled_features(layers, dims=2, dropout=dropout)
         super().__init__(
             features,
             feature_dim=last_channel,
