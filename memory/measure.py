@@ -27,7 +27,7 @@ import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +42,13 @@ from ondevice.ops.placeholder import allocating_placeholder
 __all__ = [
     "LiveTensorTracker",
     "SavedTensorTracker",
+    "check_trainable",
     "default_loss",
     "distinct_storage_bytes",
+    "frozen_bytes",
     "measure",
     "storage_key",
+    "training_step_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,7 +176,9 @@ class LiveTensorTracker(TorchDispatchMode):
         if key is None or key in self._known:
             return
         if allocating_placeholder():  # uninitialised, never touched: no physical memory
+            # Forget the key when the placeholder dies: the next storage may reuse its address.
             self._known.add(key)
+            weakref.finalize(t.untyped_storage(), self._known.discard, key)
             return
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
@@ -209,6 +214,82 @@ def _tensors(obj: Any) -> list[Tensor]:
     return [t for t in tree_leaves(obj) if isinstance(t, Tensor)]
 
 
+def check_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that require grad; ConfigError if there are none."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError(
+            f"no parameter of {type(model).__name__} requires grad, so there is no training step to "
+            "measure; unfreeze some parameters (e.g. with ondevice.prepare) first"
+        )
+    return trainable
+
+
+def frozen_bytes(params: Iterable[Tensor], bits: int) -> int:
+    """Bytes of the frozen tensors among ``params`` stored at ``bits`` per element (TinyTL, Sec. 4: int8).
+
+    At ``bits=32`` (or the tensors' own width) this is their storage; each storage counts once.
+    """
+    seen: dict[int, int] = {}
+    for p in params:
+        if not p.requires_grad:
+            key = storage_key(p)
+            if key is not None:
+                width = bits if bits < 8 * p.element_size() else 8 * p.element_size()
+                seen[key] = (p.untyped_storage().nbytes() // p.element_size()) * width // 8
+    return sum(seen.values())
+
+
+def training_step_report(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    *,
+    target: Tensor | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: LossFn | None = None,
+    source: Literal["measured", "estimated"] = "measured",
+    frozen_param_bits: int = 32,
+) -> MemoryReport:
+    """Run forward, loss, backward and optimizer step once and report the memory (the shared core).
+
+    ``measure`` calls it on real tensors; ``memory.estimate`` on fake ones, inside a ``FakeTensorMode``.
+    The model's gradients must be ``None`` on entry; gradients, optimizer state and buffers are left as
+    the step leaves them (the callers put them back or throw the model away).
+    """
+    params = list(model.parameters())
+    trainable = check_trainable(model)
+    buffers = list(model.buffers())
+    opt = optimizer if optimizer is not None else torch.optim.SGD(trainable, lr=0.0, momentum=0.9)
+    existing_state = _tensors(list(opt.state.values()))
+    known = [*params, *buffers, *existing_state, *_tensors(inputs), *_tensors(target)]
+    baseline_bytes = distinct_storage_bytes(known)
+    saved = SavedTensorTracker(exclude=[*params, *buffers])
+    live = LiveTensorTracker(known)
+    loss = loss_fn if loss_fn is not None else default_loss
+    with live:
+        with saved.track(model):
+            output = model(*inputs)
+        activation_bytes = saved.saved_bytes
+        modules = saved.by_module()
+        loss(output, target).backward()
+        del output
+        gradient_bytes = distinct_storage_bytes(p.grad for p in trainable)
+        opt.step()
+        optimizer_state_bytes = distinct_storage_bytes(_tensors(list(opt.state.values())))
+    return MemoryReport(
+        activation_bytes=activation_bytes,
+        peak_bytes=baseline_bytes + live.peak_bytes,
+        param_bytes=distinct_storage_bytes(params),
+        trainable_param_bytes=distinct_storage_bytes(trainable),
+        gradient_bytes=gradient_bytes,
+        optimizer_state_bytes=optimizer_state_bytes,
+        modules=modules,
+        source=source,
+        frozen_param_bytes=frozen_bytes(params, frozen_param_bits),
+        frozen_param_bits=frozen_param_bits,
+    )
+
+
 def measure(
     model: nn.Module,
     example_input: Tensor | tuple[Tensor, ...],
@@ -242,51 +323,22 @@ def measure(
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
-        raise ConfigError(
-            f"no parameter of {type(model).__name__} requires grad, so there is no training step to "
-            "measure; unfreeze some parameters (e.g. with ondevice.prepare) first"
-        )
+    check_trainable(model)
     buffers = list(model.buffers())
     stashed_grads = [p.grad for p in params]
     stashed_buffers = [b.detach().clone() for b in buffers]
     for p in params:
         p.grad = None
-    opt = optimizer if optimizer is not None else torch.optim.SGD(trainable, lr=0.0, momentum=0.9)
-    existing_state = _tensors(list(opt.state.values()))
-    known = [*params, *buffers, *existing_state, *_tensors(inputs), *_tensors(target)]
-    baseline_bytes = distinct_storage_bytes(known)
-    saved = SavedTensorTracker(exclude=[*params, *buffers])
-    live = LiveTensorTracker(known)
-    loss = loss_fn if loss_fn is not None else default_loss
     try:
-        with live:
-            with saved.track(model):
-                output = model(*inputs)
-            activation_bytes = saved.saved_bytes
-            modules = saved.by_module()
-            loss(output, target).backward()
-            del output
-            gradient_bytes = distinct_storage_bytes(p.grad for p in trainable)
-            opt.step()
-            optimizer_state_bytes = distinct_storage_bytes(_tensors(list(opt.state.values())))
-        peak_bytes = baseline_bytes + live.peak_bytes
+        report = training_step_report(
+            model, inputs, target=target, optimizer=optimizer, loss_fn=loss_fn, source="measured"
+        )
     finally:
         with torch.no_grad():
             for b, old in zip(buffers, stashed_buffers, strict=True):
                 b.copy_(old)
         for p, grad in zip(params, stashed_grads, strict=True):
             p.grad = grad
-    report = MemoryReport(
-        activation_bytes=activation_bytes,
-        peak_bytes=peak_bytes,
-        param_bytes=distinct_storage_bytes(params),
-        trainable_param_bytes=distinct_storage_bytes(trainable),
-        gradient_bytes=gradient_bytes,
-        optimizer_state_bytes=optimizer_state_bytes,
-        modules=modules,
-    )
     logger.debug("measured %s: %d activation bytes, %d peak bytes", type(model).__name__,
-                 activation_bytes, peak_bytes)  # fmt: skip
+                 report.activation_bytes, report.peak_bytes)  # fmt: skip
     return report

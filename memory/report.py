@@ -1,17 +1,27 @@
-"""The memory report of one training step, as ``memory.measure`` (and later ``memory.estimate``) return it."""
+"""The memory report of one training step, as ``memory.measure`` and ``memory.estimate`` return it.
+
+What counts against a :class:`memory.Budget` (:func:`budget_bytes_needed`): the activations kept for
+backward, the trainable parameters, their gradients and the optimizer state -- the memory training adds
+on top of inference, which TinyTL (Cai et al. 2020, Sec. 2) and tiny-training (Lin et al. 2022, Sec. 3)
+budget -- plus the frozen parameters at the budget's ``frozen_param_bits`` when the budget counts them
+(a Linux board keeps them in RAM; a microcontroller keeps them, int8, in flash). ``peak_bytes`` is
+reported beside it: it adds the transient tensors of this eager implementation (outputs in flight,
+gradient buffers), which a compiler such as tiny-training's plans in place.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from memory.budget import format_bytes
+from memory.budget import Budget, format_bytes
 from ondevice.errors import ConfigError
 
-__all__ = ["MemoryReport"]
+__all__ = ["MemoryReport", "budget_bytes_needed"]
 
 _BYTE_FIELDS = (
     "activation_bytes",
+    "frozen_param_bytes",
     "peak_bytes",
     "param_bytes",
     "trainable_param_bytes",
@@ -37,6 +47,10 @@ class MemoryReport:
             root) -> bytes kept by tensors saved while that module's own forward ran, in forward order.
             Modules whose forward ran are listed even when they keep nothing.
         source: ``"measured"`` (real tensors) or ``"estimated"`` (fake tensors).
+        frozen_param_bytes: bytes of the frozen parameters stored at ``frozen_param_bits`` per element
+            (``None`` on construction means their own storage, ``param_bytes - trainable_param_bytes``).
+        frozen_param_bits: storage width the frozen parameters are counted at (8 for int8 MCU
+            deployment as in TinyTL and tiny-training, 32 for float).
     """
 
     activation_bytes: int
@@ -47,8 +61,18 @@ class MemoryReport:
     optimizer_state_bytes: int
     modules: dict[str, int] = field(default_factory=dict)
     source: Literal["measured", "estimated"] = "measured"
+    frozen_param_bytes: int | None = None
+    frozen_param_bits: int = 32
 
     def __post_init__(self) -> None:
+        if self.frozen_param_bytes is None:
+            object.__setattr__(
+                self, "frozen_param_bytes", max(0, self.param_bytes - self.trainable_param_bytes)
+            )
+        if self.frozen_param_bits not in (8, 16, 32):
+            raise ConfigError(
+                f"MemoryReport.frozen_param_bits must be 8, 16 or 32, got {self.frozen_param_bits!r}"
+            )
         for name in _BYTE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -61,6 +85,18 @@ class MemoryReport:
     def training_state_bytes(self) -> int:
         """Trainable parameters, their gradients and the optimizer state."""
         return self.trainable_param_bytes + self.gradient_bytes + self.optimizer_state_bytes
+
+    def frozen_bytes_at(self, bits: int) -> int:
+        """Bytes of the frozen parameters stored at ``bits`` per element instead of ``frozen_param_bits``."""
+        return int(self.frozen_param_bytes or 0) * bits // self.frozen_param_bits
+
+    def needed_bytes(self, budget: Budget) -> int:
+        """Bytes of this step that count against ``budget`` (see :func:`budget_bytes_needed`)."""
+        return budget_bytes_needed(self, budget)
+
+    def fits(self, budget: Budget) -> bool:
+        """Whether this step fits in ``budget``."""
+        return budget.fits(budget_bytes_needed(self, budget))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``MemoryReport.from_dict`` reads it back)."""
@@ -80,6 +116,7 @@ class MemoryReport:
             ("trainable parameters", self.trainable_param_bytes),
             ("gradients", self.gradient_bytes),
             ("optimizer state", self.optimizer_state_bytes),
+            (f"frozen parameters at {self.frozen_param_bits} bit", int(self.frozen_param_bytes or 0)),
         ]
         lines = [f"Memory of one training step ({self.source})", "", "| what | bytes | size |"]
         lines.append("|---|---:|---:|")
@@ -93,3 +130,18 @@ class MemoryReport:
             if len(shown) < len(keeping):
                 lines.append(f"| ... {len(keeping) - len(shown)} more | | |")
         return "\n".join(lines) + "\n"
+
+
+def budget_bytes_needed(report: MemoryReport, budget: Budget) -> int:
+    """The bytes of ``report`` that count against ``budget``.
+
+    ``activation_bytes + trainable_param_bytes + gradient_bytes + optimizer_state_bytes``, plus the
+    frozen parameters at ``budget.frozen_param_bits`` when ``budget.count_frozen_params`` is set. This is
+    TinyTL's accounting (Cai et al. 2020, Sec. 2 and Fig. 1: activations, trainable parameters at 32 bit,
+    frozen parameters at 8 bit), with gradients and optimizer state made explicit as tiny-training
+    (Lin et al. 2022, Sec. 3) keeps them in SRAM too.
+    """
+    needed = report.activation_bytes + report.training_state_bytes
+    if budget.count_frozen_params:
+        needed += report.frozen_bytes_at(budget.frozen_param_bits)
+    return needed

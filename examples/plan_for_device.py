@@ -1,0 +1,31 @@
+"""Plan on-device training for a microcontroller: which tensors to train so a step fits its SRAM.
+
+Run: ``python examples/plan_for_device.py [--device stm32f746] [--model mcunet]``. No data is needed (a
+prior ranks layers, as tiny-training observed); nothing is computed (memory comes from fake tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import memory
+from devices import get_profile
+from ondevice.models import create_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="stm32f746")
+    parser.add_argument("--model", default="mcunet", choices=["mcunet", "mobilenetv2"])
+    parser.add_argument("--resolution", type=int, default=128)
+    args = parser.parse_args()
+
+    model = create_model(args.model, width_mult=0.35, resolution=args.resolution, num_classes=10)
+    budget = memory.Budget.from_profile(get_profile(args.device), frozen_param_bits=8)  # weights: int8 flash
+    chosen = memory.plan(model, budget, batch_size=1)
+    print(chosen.to_markdown(top=6))
+    print(f"train with: ondevice.prepare(model, {chosen.scheme!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,574 @@
+"""``memory.plan``: choose the update scheme that fits a memory budget and promises the most accuracy.
+
+tiny-training's recipe (Lin et al., NeurIPS 2022, Sec. 3.2), whose search code was never released:
+
+1. **Contribution analysis** (:mod:`memory.contribution`): the accuracy gain of each bias depth and of each
+   layer's weights at each channel ratio, measured by brief fine-tuning when ``data`` is given, else a
+   documented prior; gains are assumed additive.
+2. **Memory of a sparse scheme** from a per-layer cost table built with :func:`memory.estimate` (one
+   fake-tensor step of the all-biases scheme gives what each depth keeps; one fake forward gives each
+   layer's input size), so a candidate costs arithmetic, not a step.
+3. **Evolutionary search** under the budget (population 48, 40 generations, mutation of the bias depth and
+   of single layers' ratios, crossover of two parents' layer choices; seeded, so deterministic), seeded
+   with a greedy solution (add the best gain-per-byte part that still fits).
+4. **Verification**: the winner is estimated for real (``memory.estimate`` of the prepared model); if the
+   cost table was optimistic it is searched again under the budget less the overshoot.
+
+The named schemes (``last_layer``, ``bias``, ``lite_residual``, ``full``) compete too, each estimated (or
+skipped when its trainable state alone exceeds the budget). What counts against the budget is
+:func:`memory.budget_bytes_needed`: activations + trainable parameters + gradients + optimizer state
+(+ frozen parameters at the budget's width when it counts them).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memory.budget import Budget, HasTrainingBudget, format_bytes
+from memory.contribution import Contributions, LayerInfo, measure_contributions, prior_contributions
+from memory.estimate import OptimizerSpec, _batch_shape, estimate, fake_copy, make_optimizer
+from memory.measure import LossFn, distinct_storage_bytes
+from memory.report import MemoryReport, budget_bytes_needed
+from ondevice.errors import BudgetExceededError, ConfigError, OnDeviceError
+
+__all__ = ["Candidate", "Plan", "plan"]
+
+logger = logging.getLogger(__name__)
+
+NAMED_SCHEMES: tuple[str, ...] = ("last_layer", "bias", "lite_residual", "full")
+DEFAULT_RATIOS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scheme the planner weighed: its bytes against the budget and its predicted gain.
+
+    Attributes:
+        scheme: the scheme's ``to_dict()``.
+        needed_bytes: bytes counting against the budget (a lower bound when ``how == "bound"``).
+        score: predicted accuracy gain (see ``Plan.score_source`` for the unit).
+        fits: whether ``needed_bytes`` fits the budget.
+        how: ``"estimated"`` (a fake-tensor step), ``"cost-table"`` (the per-layer table) or ``"bound"``
+            (trainable state alone already exceeds the budget, so no step was run).
+    """
+
+    scheme: dict[str, Any]
+    needed_bytes: int
+    score: float
+    fits: bool
+    how: Literal["estimated", "cost-table", "bound"] = "estimated"
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.needed_bytes, bool)
+            or not isinstance(self.needed_bytes, int)
+            or self.needed_bytes < 0
+        ):
+            raise ConfigError(f"Candidate.needed_bytes must be an int >= 0, got {self.needed_bytes!r}")
+        if self.how not in ("estimated", "cost-table", "bound"):
+            raise ConfigError(f"Candidate.how must be estimated, cost-table or bound, got {self.how!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "needed_bytes": self.needed_bytes, "score": self.score,
+                "fits": self.fits, "how": self.how}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The update scheme chosen for a budget, with its memory report and what else was considered.
+
+    Attributes:
+        scheme: the chosen scheme (pass it to ``ondevice.prepare``).
+        report: ``memory.estimate``'s report of the chosen scheme.
+        budget: the budget planned for.
+        needed_bytes: ``budget_bytes_needed(report, budget)``.
+        score: predicted accuracy gain of the scheme.
+        considered: every named scheme and the best searched sparse schemes, best score first.
+        score_source: ``"measured"`` (accuracy gain over training the classifier alone, from the
+            contribution analysis on ``data``) or ``"prior"`` (relative, full fine-tuning = 1).
+    """
+
+    scheme: Any
+    report: MemoryReport
+    budget: Budget
+    needed_bytes: int
+    score: float
+    considered: tuple[Candidate, ...] = field(default_factory=tuple)
+    score_source: Literal["prior", "measured"] = "prior"
+
+    def __post_init__(self) -> None:
+        from ondevice.schemes import Scheme
+
+        if not isinstance(self.scheme, Scheme):
+            raise ConfigError(f"Plan.scheme must be a Scheme, got {type(self.scheme).__name__}")
+        if not isinstance(self.report, MemoryReport) or not isinstance(self.budget, Budget):
+            raise ConfigError("Plan.report must be a MemoryReport and Plan.budget a Budget")
+        if self.needed_bytes > self.budget.total_bytes:
+            raise ConfigError(f"Plan.needed_bytes {self.needed_bytes} exceeds the budget {self.budget}")
+        object.__setattr__(self, "considered", tuple(self.considered))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "scheme": self.scheme.to_dict(),
+            "report": self.report.to_dict(),
+            "budget": {
+                "total_bytes": self.budget.total_bytes,
+                "name": self.budget.name,
+                "count_frozen_params": self.budget.count_frozen_params,
+                "frozen_param_bits": self.budget.frozen_param_bits,
+            },
+            "needed_bytes": self.needed_bytes,
+            "score": self.score,
+            "score_source": self.score_source,
+            "considered": [c.to_dict() for c in self.considered],
+        }
+
+    def to_markdown(self, *, top: int | None = 10) -> str:
+        """The chosen scheme, its budget share, the candidates and the memory report, as Markdown."""
+        lines = [
+            f"Plan for a budget of {self.budget}: **{self.scheme.name}** "
+            f"({format_bytes(self.needed_bytes)} of {format_bytes(self.budget.total_bytes)}, "
+            f"{100 * self.needed_bytes / self.budget.total_bytes:.1f} %), predicted gain {self.score:.3f} "
+            f"({self.score_source})",
+            "",
+            f"`{self.scheme.to_json()}`",
+            "",
+            "| candidate | needed | fits | gain | how |",
+            "|---|---:|:---:|---:|---|",
+        ]
+        shown = self.considered if top is None else self.considered[:top]
+        for c in shown:
+            lines.append(
+                f"| {_describe(c.scheme)} | {format_bytes(c.needed_bytes)} | {'yes' if c.fits else 'no'} "
+                f"| {c.score:.3f} | {c.how} |"
+            )
+        return "\n".join(lines) + "\n\n" + self.report.to_markdown()
+
+
+def _describe(scheme: dict[str, Any]) -> str:
+    if scheme.get("name") != "sparse":
+        return str(scheme.get("name"))
+    weights = ", ".join(
+        f"{w}@{r:g}"
+        for w, r in zip(
+            scheme.get("weight_layers", []),
+            scheme.get("channel_ratios") or [1.0] * len(scheme.get("weight_layers", [])),
+            strict=True,
+        )
+    )
+    return f"sparse (bias last {scheme.get('bias_last_k')}, weights [{weights}])"
+
+
+# -- the per-layer cost table ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sparse:
+    bias_k: int
+    weights: tuple[tuple[int, float], ...]  # sorted (layer index, ratio)
+
+
+class _CostTable:
+    """Bytes of a sparse scheme from per-layer figures (see the module docstring, step 2)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: str | None,
+        shape: tuple[int, ...],
+        budget: Budget,
+        *,
+        optimizer: OptimizerSpec | None,
+        loss_fn: LossFn | None,
+    ) -> None:
+        from ondevice import prepare
+        from ondevice._apply import compute_layers, layer_bias
+        from ondevice.schemes import Sparse
+
+        self.budget = budget
+        pairs = compute_layers(model, head)
+        self.layers = _layer_infos(pairs)
+        n = len(self.layers)
+        self.in_bytes = _input_bytes(model, [name for name, _ in pairs], shape)
+        self.bias_bytes = []
+        for name, _ in pairs:
+            bias = layer_bias(model, name)
+            self.bias_bytes.append(0 if bias is None else bias.numel() * bias.element_size())
+        self.weight_numel = [m.weight.numel() for _, m in pairs]
+        self.elem = [m.weight.element_size() for _, m in pairs]
+        head_module = model.get_submodule(head) if head else None
+        self.head_param_bytes = (
+            distinct_storage_bytes(head_module.parameters()) if head_module is not None else 0
+        )
+        self.head_tensors = len(list(head_module.parameters())) if head_module is not None else 0
+        all_bias = prepare(model, Sparse(bias_last_k=n, weight_layers=()), head=head)
+        report = estimate(all_bias.model, shape, optimizer=optimizer, loss_fn=loss_fn, copy_model=False)
+        order = list(report.modules)
+        positions = {name: order.index(name) for name, _ in pairs if name in order}
+        values = list(report.modules.values())
+        self.chain = [sum(values[positions.get(name, 0) + 1 :]) for name, _ in pairs]
+        self.head_only = report.modules.get(head or "", 0)
+        self.opt_a, self.opt_b = _optimizer_state_model(optimizer)
+        self.total_param_numel = sum(p.numel() for p in model.parameters())
+        self.frozen_bits = budget.frozen_param_bits
+
+    def channels(self, index: int, ratio: float) -> int:
+        c = self.layers[index].in_channels
+        return c if ratio >= 1.0 else max(1, -(-int(ratio * c * 1_000_000) // 1_000_000))
+
+    def needed(self, cand: _Sparse) -> int:
+        n = len(self.layers)
+        starts = [i for i, _ in cand.weights]
+        if cand.bias_k > 0:
+            starts.append(n - cand.bias_k)
+        activation = self.chain[min(starts)] if starts else self.head_only
+        trainable = self.head_param_bytes
+        tensors = self.head_tensors
+        full_numel = 0
+        for i in range(n - cand.bias_k, n):
+            trainable += self.bias_bytes[i]
+            tensors += self.bias_bytes[i] > 0
+            full_numel += self.bias_bytes[i] // 4
+        for i, ratio in cand.weights:
+            c = self.channels(i, ratio)
+            activation += self.in_bytes[i] * c // self.layers[i].in_channels
+            trainable += self.weight_numel[i] * c // self.layers[i].in_channels * self.elem[i]
+            tensors += 1
+            if ratio >= 1.0:
+                full_numel += self.weight_numel[i]
+        needed = activation + 2 * trainable + int(self.opt_a * trainable) + self.opt_b * tensors
+        if self.budget.count_frozen_params:
+            frozen_numel = self.total_param_numel - full_numel - self.head_param_bytes // 4
+            needed += frozen_numel * self.frozen_bits // 8
+        return needed
+
+
+def _layer_infos(pairs: Sequence[tuple[str, nn.Module]]) -> list[LayerInfo]:
+    infos = []
+    for i, (name, module) in enumerate(pairs):
+        groups = int(getattr(module, "groups", 1))
+        kernel = getattr(module, "kernel_size", (1,))
+        kernel_numel = 1
+        for k in kernel:
+            kernel_numel *= int(k)
+        in_channels = int(getattr(module, "in_channels", getattr(module, "in_features", 1)))
+        nxt = pairs[i + 1][1] if i + 1 < len(pairs) else None
+        first_pointwise = (
+            kernel_numel == 1 and groups == 1 and nxt is not None and int(getattr(nxt, "groups", 1)) > 1
+        )
+        infos.append(LayerInfo(name, i, in_channels, groups, kernel_numel, first_pointwise))
+    return infos
+
+
+def _input_bytes(model: nn.Module, names: Sequence[str], shape: tuple[int, ...]) -> list[int]:
+    """Bytes of each named layer's input, from one forward pass on fake tensors (no compute)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    work = fake_copy(model, mode)
+    sizes: dict[str, int] = {}
+    handles = []
+    for name in names:
+
+        def hook(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            x = args[0]
+            sizes.setdefault(name, x.numel() * x.element_size() if isinstance(x, Tensor) else 0)
+
+        handles.append(work.get_submodule(name).register_forward_pre_hook(hook))
+    dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        with mode, torch.no_grad():
+            work.eval()(torch.empty(shape, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [sizes.get(name, 0) for name in names]
+
+
+def _optimizer_state_model(optimizer: OptimizerSpec | None) -> tuple[float, int]:
+    """``(a, b)`` with optimizer state = ``a * trainable bytes + b * tensors``, from two fake steps."""
+    mode = FakeTensorMode()
+    figures = []
+    with mode:
+        for sizes in ((256,), (256, 768)):
+            params = [nn.Parameter(torch.empty(s)) for s in sizes]
+            for p in params:
+                p.grad = torch.empty_like(p)
+            opt = make_optimizer(optimizer, params)
+            opt.step()
+            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, Tensor)]
+            figures.append(distinct_storage_bytes(state))
+    # one tensor of 1024 bytes: s0 = 1024 a + b; two of 1024 + 3072 bytes: s1 = 4096 a + 2 b
+    a = (figures[1] - 2 * figures[0]) / 2048
+    b = figures[0] - 1024 * a
+    return float(a), round(b)
+
+
+# -- search -----------------------------------------------------------------------------------------
+
+
+def _options(table: _CostTable, ratios: Sequence[float]) -> dict[int, list[float]]:
+    return {info.index: [float(r) for r in ratios if r >= 1.0 or info.groups == 1] for info in table.layers}
+
+
+def _fitness(c: _Sparse, table: _CostTable, gains: Contributions, limit: int) -> float:
+    return gains.gain(c.bias_k, c.weights) if table.needed(c) <= limit else float("-inf")
+
+
+def _greedy(table: _CostTable, gains: Contributions, options: dict[int, list[float]], limit: int) -> _Sparse:
+    n = len(table.layers)
+    best = _Sparse(0, ())
+    for k in range(n + 1):
+        if table.needed(_Sparse(k, ())) <= limit and gains.bias_gain[k] >= gains.bias_gain[best.bias_k]:
+            best = _Sparse(k, ())
+    while True:
+        current = dict(best.weights)
+        base_gain, base_cost = gains.gain(best.bias_k, best.weights), table.needed(best)
+        step, step_value = None, 0.0
+        for i, rs in options.items():
+            for r in rs:
+                if current.get(i, 0.0) >= r:
+                    continue
+                trial = _Sparse(best.bias_k, tuple(sorted({**current, i: r}.items())))
+                cost = table.needed(trial)
+                if cost > limit:
+                    continue
+                value = (gains.gain(trial.bias_k, trial.weights) - base_gain) / max(1, cost - base_cost)
+                if value > step_value:
+                    step, step_value = trial, value
+        if step is None:
+            return best
+        best = step
+
+
+def _evolve(
+    table: _CostTable,
+    gains: Contributions,
+    options: dict[int, list[float]],
+    limit: int,
+    seed: int,
+    *,
+    population: int = 48,
+    generations: int = 40,
+) -> _Sparse:
+    rng = random.Random(seed)
+    n = len(table.layers)
+    layer_ids = list(options)
+
+    def mutate(c: _Sparse) -> _Sparse:
+        weights = dict(c.weights)
+        k = c.bias_k
+        if rng.random() < 0.4:
+            k = min(n, max(0, k + rng.randint(-max(1, n // 8), max(1, n // 8))))
+        if layer_ids and rng.random() < 0.8:
+            i = rng.choice(layer_ids)
+            choice = rng.choice([0.0, *options[i]])
+            if choice == 0.0:
+                weights.pop(i, None)
+            else:
+                weights[i] = choice
+        return _Sparse(k, tuple(sorted(weights.items())))
+
+    def crossover(a: _Sparse, b: _Sparse) -> _Sparse:
+        ids = {i for i, _ in a.weights} | {i for i, _ in b.weights}
+        da, db = dict(a.weights), dict(b.weights)
+        weights = {}
+        for i in ids:
+            pick = da.get(i) if rng.random() < 0.5 else db.get(i)
+            if pick:
+                weights[i] = pick
+        return _Sparse(rng.choice((a.bias_k, b.bias_k)), tuple(sorted(weights.items())))
+
+    greedy = _greedy(table, gains, options, limit)
+    pool = [greedy, _Sparse(0, ())]
+    while len(pool) < population:
+        pool.append(mutate(rng.choice(pool)))
+    for _ in range(generations):
+        ranked = sorted(set(pool), key=lambda c: _fitness(c, table, gains, limit), reverse=True)
+        parents = ranked[: max(2, population // 4)]
+        pool = list(parents)
+        while len(pool) < population:
+            child = crossover(rng.choice(parents), rng.choice(parents)) if rng.random() < 0.5 else None
+            pool.append(mutate(child or rng.choice(parents)))
+    return max(set(pool), key=lambda c: (_fitness(c, table, gains, limit), -table.needed(c)))
+
+
+def _to_scheme(c: _Sparse) -> Any:
+    from ondevice.schemes import Sparse
+
+    return Sparse(
+        bias_last_k=c.bias_k,
+        weight_layers=tuple(i for i, _ in c.weights),
+        channel_ratios=tuple(r for _, r in c.weights),
+    )
+
+
+# -- plan -------------------------------------------------------------------------------------------
+
+
+def plan(
+    model: nn.Module,
+    budget: Budget | str | int | HasTrainingBudget,
+    input_shape: Sequence[int] | None = None,
+    data: tuple[Tensor, Tensor] | None = None,
+    *,
+    batch_size: int = 1,
+    candidates: Sequence[Any] | None = None,
+    search_sparse: bool = True,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    optimizer: OptimizerSpec | None = None,
+    loss_fn: LossFn | None = None,
+    head: str | None = None,
+    steps: int = 30,
+    lr: float = 0.05,
+    weight_layers: Sequence[int] | None = None,
+    seed: int = 0,
+) -> Plan:
+    """Choose the update scheme for ``model`` that fits ``budget`` and promises the most accuracy.
+
+    tiny-training's contribution analysis and search (Lin et al. 2022, Sec. 3.2); see the module
+    docstring for the steps and :func:`memory.budget_bytes_needed` for what counts.
+
+    Args:
+        model: the pretrained model (not prepared).
+        budget: a :class:`Budget`, bytes, a string such as ``"256KB"`` or a device profile. Frozen weights
+            are counted (at the budget's ``frozen_param_bits``) only when the budget says so.
+        input_shape: per-sample input shape (default: the model's ``input_shape``).
+        data: a little held-out ``(x, y)`` for the contribution analysis; without it, the prior of
+            :func:`memory.contribution.prior_contributions`.
+        batch_size: samples per training step.
+        candidates: fixed schemes (objects, names or dicts) to weigh instead of the named ones
+            (``last_layer``, ``bias``, ``lite_residual``, ``full``).
+        search_sparse: also search tiny-training's sparse schemes.
+        ratios: channel ratios a weight layer may train on (dense layers; grouped ones only 1).
+        optimizer, loss_fn: as for :func:`memory.estimate` (default: momentum SGD, cross-entropy).
+        head: the classifier head's qualified name (found automatically when omitted).
+        steps, lr: length and learning rate of each fine-tuning run of the contribution analysis.
+        weight_layers: layer indices whose weights the analysis measures (default all; others get no
+            gain); use it to bound the analysis on deep models.
+        seed: seeds the fine-tuning runs and the evolutionary search.
+
+    Raises:
+        BudgetExceededError: no candidate fits; the message gives the smallest achievable figure and
+            the scheme that reaches it.
+    """
+    from ondevice import prepare
+    from ondevice.prepared import find_head
+    from ondevice.schemes import Sparse, resolve_scheme
+
+    budget = Budget.parse(budget)
+    shape = _batch_shape(model, input_shape, batch_size)
+    head = find_head(model, head)
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1:
+            raise ConfigError(f"plan ratios must be in (0, 1], got {r!r}")
+    bits = budget.frozen_param_bits
+
+    def measure_scheme(scheme: Any) -> MemoryReport:
+        prepared = prepare(model, scheme, head=head)
+        return estimate(prepared.model, shape, optimizer=optimizer, loss_fn=loss_fn,
+                        frozen_param_bits=bits, copy_model=False)  # fmt: skip
+
+    from ondevice._apply import compute_layers
+
+    layers = _layer_infos(compute_layers(model, head))
+    if data is not None:
+        gains = measure_contributions(
+            model, layers, data, ratios=ratios, weight_layers=weight_layers, steps=steps, lr=lr, seed=seed,
+            named=[n for n in NAMED_SCHEMES if n != "last_layer"] if candidates is None else (),
+        )  # fmt: skip
+    else:
+        gains = prior_contributions(layers, ratios)
+
+    considered: list[Candidate] = []
+    best: tuple[float, int, Any, MemoryReport] | None = None
+    smallest: tuple[int, Any] | None = None
+
+    def weigh(scheme: Any, score: float, report: MemoryReport | None, bound: int | None) -> None:
+        nonlocal best, smallest
+        needed = budget_bytes_needed(report, budget) if report is not None else int(bound or 0)
+        fits = report is not None and budget.fits(needed)
+        how: Literal["estimated", "bound"] = "estimated" if report is not None else "bound"
+        considered.append(Candidate(scheme.to_dict(), needed, score, fits, how))
+        if report is not None and (smallest is None or needed < smallest[0]):
+            smallest = (needed, scheme)
+        if fits and report is not None and (best is None or (score, -needed) > (best[0], -best[1])):
+            best = (score, needed, scheme, report)
+
+    fixed = [resolve_scheme(c) for c in (candidates if candidates is not None else NAMED_SCHEMES)]
+    for scheme in fixed:
+        try:
+            prepared = prepare(model, scheme, head=head)
+        except OnDeviceError as exc:
+            logger.info("plan skips %s: %s", scheme.name, exc)
+            continue
+        trainable = [p for p in prepared.model.parameters() if p.requires_grad]
+        if not trainable:
+            continue
+        bound = 2 * distinct_storage_bytes(trainable)
+        score = gains.named_gain.get(scheme.name, 0.0) if scheme.name in NAMED_SCHEMES else 0.0
+        if bound > budget.total_bytes:
+            weigh(scheme, score, None, bound)
+            continue
+        report = estimate(prepared.model, shape, optimizer=optimizer, loss_fn=loss_fn,
+                          frozen_param_bits=bits, copy_model=False)  # fmt: skip
+        weigh(scheme, score, report, None)
+
+    if search_sparse and layers:
+        table = _CostTable(model, head, shape, budget, optimizer=optimizer, loss_fn=loss_fn)
+        options = _options(table, ratios)
+        limit = budget.total_bytes
+        for _attempt in range(4):
+            found = _evolve(table, gains, options, limit, seed)
+            if table.needed(found) > limit:
+                break
+            scheme = _to_scheme(found)
+            report = measure_scheme(scheme)
+            needed = budget_bytes_needed(report, budget)
+            logger.info("plan: cost table %d bytes, estimate %d bytes for %s", table.needed(found), needed,
+                        _describe(scheme.to_dict()))  # fmt: skip
+            weigh(scheme, gains.gain(found.bias_k, found.weights), report, None)
+            if needed <= budget.total_bytes:
+                break
+            limit -= needed - budget.total_bytes
+        minimal = _Sparse(0, ())
+        if smallest is None or table.needed(minimal) < smallest[0]:
+            scheme = Sparse(bias_last_k=0, weight_layers=())
+            weigh(scheme, 0.0, measure_scheme(scheme), None)
+
+    if best is None:
+        if smallest is None:
+            raise BudgetExceededError(
+                f"no update scheme could be estimated for {type(model).__name__} under {budget}",
+                budget_bytes=budget.total_bytes,
+                smallest_bytes=0,
+            )
+        needed, scheme = smallest
+        raise BudgetExceededError(
+            f"no update scheme of {type(model).__name__} fits the budget of {budget} "
+            f"({budget.total_bytes} bytes) at input {shape}: the smallest achievable is {needed} bytes "
+            f"({format_bytes(needed)}) with {_describe(scheme.to_dict())}. Raise the budget, lower the "
+            f"batch size or resolution, or count frozen weights at 8 bits",
+            budget_bytes=budget.total_bytes,
+            smallest_bytes=needed,
+        )
+    score, needed, scheme, report = best
+    considered.sort(key=lambda c: (not c.fits, -c.score, c.needed_bytes))
+    result = Plan(
+        scheme=scheme,
+        report=report,
+        budget=budget,
+        needed_bytes=needed,
+        score=score,
+        considered=tuple(considered),
+        score_source=gains.source,
+    )
+    logger.info("plan under %s: %s, %d bytes, gain %.3f", budget, _describe(scheme.to_dict()), needed, score)
+    return result
