@@ -25,12 +25,13 @@ logger = logging.getLogger(__name__)
 _META_KEY = "ondevice"
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never a mix.
 
     The bytes go to a temporary file in the same directory, are flushed and fsync'ed, then renamed over
     the target (``os.replace`` is atomic on POSIX and Windows); the directory is fsync'ed afterwards so
-    the rename itself survives a power loss.
+    the rename itself survives a power loss. The file gets permissions ``mode`` (temporary files are
+    created private, 0600).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +39,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -27,6 +27,7 @@ def test_overwrite_replaces_the_whole_file_and_leaves_no_temporary(tmp_path: Pat
     loaded, meta = read_tensors(path)
     assert meta == {"v": 2} and torch.equal(loaded["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_temporaries_of_an_interrupted_write_are_removed_by_the_next_write(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 """Progress bars, tables and messages for people go to stderr; ``--json`` output goes to stdout."""
 
 

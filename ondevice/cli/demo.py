@@ -209,7 +209,7 @@ def demo(
             console.print(
                 f"[bold]1/4 device[/] {figures['device']['name']} ({figures['device']['description']}), "
                 f"training budget {figures['device']['budget']}; planned scheme [bold]{scheme.name}[/] "
-                f"needs {figures['plan']['needed_bytes']:,} B"
+                f"needs {figures['plan']['needed_bytes']:,} B: {scheme.to_json()}"
             )
             for row in figures["memory"]:
                 ratio = row["stock_activation_bytes"] / max(1, row["ondevice_activation_bytes"])
