@@ -16,7 +16,9 @@ runner = CliRunner()
 
 
 def test_transfer_json_summary() -> None:
-    result = runner.invoke(app, ["transfer", "--quick", "--json", "--schemes", "last_layer,bias,lite_residual"])
+    result = runner.invoke(
+        app, ["transfer", "--quick", "--json", "--schemes", "last_layer,bias,lite_residual"]
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert [o["scheme"] for o in payload["outcomes"]] == ["last_layer", "bias", "lite_residual"]
