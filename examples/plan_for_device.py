@@ -13,18 +13,20 @@ from devices import get_profile
 from ondevice.models import create_model
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> memory.Plan:
+    """Plan for the device and print the chosen scheme with its memory report."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="stm32f746")
     parser.add_argument("--model", default="mcunet", choices=["mcunet", "mobilenetv2"])
     parser.add_argument("--resolution", type=int, default=128)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model = create_model(args.model, width_mult=0.35, resolution=args.resolution, num_classes=10)
     budget = memory.Budget.from_profile(get_profile(args.device), frozen_param_bits=8)  # weights: int8 flash
     chosen = memory.plan(model, budget, batch_size=1)
     print(chosen.to_markdown(top=6))
     print(f"train with: ondevice.prepare(model, {chosen.scheme!r})")
+    return chosen
 
 
 if __name__ == "__main__":
