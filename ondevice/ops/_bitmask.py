@@ -124,9 +124,8 @@ def masked_grad(grad_out: Tensor, stored: Tensor, shape: torch.Size, mode: MaskM
         keep = np.unpackbits(stored.numpy(), count=shape.numel(), bitorder="little").reshape(shape)
     else:
         keep = stored.numpy()
-    out = torch.empty(shape, dtype=grad_out.dtype)
-    np.multiply(grad_out.detach().view(itype).numpy(), keep, out=out.view(itype).numpy())
-    return out
+    grad_bits = np.multiply(grad_out.detach().view(itype).numpy(), keep)  # bit patterns times 0 or 1
+    return torch.from_numpy(grad_bits).view(grad_out.dtype).view(shape)
 
 
 def decode_mask(stored: Tensor, shape: torch.Size, mode: MaskMode, dtype: torch.dtype) -> Tensor:

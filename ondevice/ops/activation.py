@@ -23,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-import numpy as np
 
 from ondevice.ops._bitmask import decode_mask, encode_mask, masked_grad, numpy_fast_path
 from ondevice.ops._compress import Compressed, compress_int8, decompress_int8
@@ -47,34 +46,68 @@ __all__ = [
 
 _LEAKY_RELU_BACKWARD = torch.ops.aten.leaky_relu_backward.default
 _HARDTANH_BACKWARD = torch.ops.aten.hardtanh_backward.default
+_CHUNK = 1 << 18  # elements per numpy pass over a large mask: 1 MiB of float32, cache-sized
 
 
 def _mask(kind: str, y: Tensor) -> Tensor:
-    """The derivative mask of ``kind`` as a bool tensor of ``y``'s shape, from the activation's output ``y``.
+    """The derivative mask of ``kind`` as a bool tensor, computed from the activation's output ``y``.
 
-    ReLU's mask is ``y != 0`` (NaN passes, as in stock ``threshold_backward`` on the output); ReLU6's is
-    ``y != 0 and not y >= 6``, i.e. exactly ``0 < x < 6`` (``y == x`` there, and ``y`` is 0 or 6 outside;
-    NaN passes, as in stock ``hardtanh_backward``); LeakyReLU's (slope >= 0) is ``y > 0``, i.e. ``x > 0``.
+    A float-to-bool conversion (non-zero -> True) is a fast vectorised kernel, where ATen's comparisons
+    into bool are not. ReLU's mask is ``y != 0`` (NaN passes, as in stock ``threshold_backward``).
+    ReLU6's is the non-zeros of stock ``hardtanh_backward(y, y, 0, 6)``: ``y`` where ``0 < y < 6``, else 0,
+    i.e. exactly ``0 < x < 6`` (``y == x`` there, and ``y`` is 0 or 6 outside). LeakyReLU's (slope >= 0)
+    is ``relu(y) != 0``, i.e. ``x > 0``. Used where numpy cannot run (see :func:`_keep_mask`).
+    """
+    if kind == "relu":
+        return y.bool()
+    if kind == "relu6":
+        return _HARDTANH_BACKWARD(y, y, 0.0, 6.0).bool()
+    return torch.relu(y).bool()
+
+
+def _keep_mask(kind: str, y: Tensor, mode: MaskMode) -> Tensor:
+    """What the op keeps for backward: the derivative mask of ``kind`` from the output ``y``, encoded.
+
+    On plain CPU tensors numpy builds it with the same tests as :func:`_mask` (``y != 0`` for ReLU;
+    ``y != 0 and not y >= 6`` for ReLU6, NaN passing as in stock; ``y > 0`` for LeakyReLU) and packs it,
+    a few microseconds of fixed cost instead of the tens that allocating through torch takes, in chunks of
+    :data:`_CHUNK` elements for large tensors. The result passes through one ATen ``view``, so
+    ``memory``'s live-tensor tracker sees its storage.
     """
     if not numpy_fast_path(y):
-        if kind == "relu":
-            return y.bool()
-        if kind == "relu6":
-            return _HARDTANH_BACKWARD(y, y, 0.0, 6.0).bool()
-        return torch.relu(y).bool()
+        return encode_mask(_mask(kind, y), mode)
     values = y.detach().numpy()
-    mask = torch.empty(y.shape, dtype=torch.bool)  # allocated by torch, so memory trackers see it
-    out = mask.numpy()
+    if y.numel() <= _CHUNK or not values.flags.c_contiguous:
+        keep = _numpy_mask(kind, values, None)
+        if mode == "bit":
+            return torch.from_numpy(np.packbits(keep, axis=None, bitorder="little")).view(-1)
+        return torch.from_numpy(np.ascontiguousarray(keep)).view(y.shape)
+    # Large tensors in chunks, so the comparisons after the first read ``y`` from cache, not memory.
+    flat, numel = values.reshape(-1), y.numel()
+    bit = mode == "bit"
+    out = np.empty((numel + 7) // 8 if bit else numel, dtype=np.uint8 if bit else np.bool_)
+    scratch = np.empty((2, _CHUNK), dtype=np.bool_)
+    for start in range(0, numel, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        size = chunk.size
+        if mode == "bit":
+            keep = _numpy_mask(kind, chunk, scratch[0, :size], scratch[1, :size])
+            out[start // 8 : (start + size + 7) // 8] = np.packbits(keep, bitorder="little")
+        else:
+            _numpy_mask(kind, chunk, out[start : start + size], scratch[1, :size])
+    return torch.from_numpy(out).view(-1 if mode == "bit" else y.shape)
+
+
+def _numpy_mask(
+    kind: str, values: np.ndarray, out: np.ndarray | None, scratch: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`_mask`'s tests in numpy on ``values`` (into ``out`` if given; ``scratch``: a bool buffer)."""
     if kind == "relu":
-        np.not_equal(values, 0, out=out)
-    elif kind == "relu6":
-        np.not_equal(values, 0, out=out)
-        saturated = torch.empty(y.shape, dtype=torch.bool).numpy()
-        np.greater_equal(values, 6, out=saturated)
-        np.greater(out, saturated, out=out)  # out and not saturated
-    else:
-        np.greater(values, 0, out=out)
-    return mask
+        return np.not_equal(values, 0, out=out)
+    if kind == "relu6":
+        keep = np.not_equal(values, 0, out=out)
+        return np.greater(keep, np.greater_equal(values, 6, out=scratch), out=keep)  # and not saturated
+    return np.greater(values, 0, out=out)
 
 
 class _MaskedFn(torch.autograd.Function):
@@ -92,7 +125,7 @@ class _MaskedFn(torch.autograd.Function):
             ctx.mark_dirty(x)
         ctx.kind, ctx.slope, ctx.mode, ctx.shape = kind, slope, mode, y.shape
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(encode_mask(_mask(kind, y), mode))
+            ctx.save_for_backward(_keep_mask(kind, y, mode))
         return y
 
     @staticmethod
@@ -140,7 +173,7 @@ class _MaskedMixin(MemorySavingModule):
     shown_options = ("mask",)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
+        if not (torch.is_grad_enabled() and x.requires_grad):  # nothing to keep: stock, no Function
             return super().forward(x)  # type: ignore[safe-super]
         slope = float(getattr(self, "negative_slope", 0.0))
         if self.kind == "leaky_relu" and slope < 0:
@@ -191,7 +224,7 @@ class _SmoothMixin(MemorySavingModule):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() or getattr(self, "inplace", False):
+        if not (torch.is_grad_enabled() and x.requires_grad) or getattr(self, "inplace", False):
             return super().forward(x)  # type: ignore[safe-super]
         return _SmoothFn.apply(x, self._spec(), self.op_options.compress == "int8")
 

@@ -6,6 +6,10 @@ anything requires grad; this op keeps it only when the weight trains (TinyTL, Ca
 "the weight update needs the input activation, the bias update does not"). Backward calls the very ATen
 kernel stock autograd calls (``aten.convolution_backward``), with an uninitialised placeholder for the input
 when only its shape is needed (see ``placeholder``), so gradients are bit-identical.
+
+Where this op would keep what stock keeps anyway (the weight trains, so the input must be kept) or nothing
+needs a gradient at all, the layer runs stock ``F.conv*d`` and skips the Python autograd Function, whose
+per-call overhead is the price of the saving.
 """
 
 from __future__ import annotations
@@ -32,17 +36,12 @@ class _ConvFn(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        stride: tuple[int, ...],
-        padding: tuple[int, ...],
-        dilation: tuple[int, ...],
-        groups: int,
+        conv_args: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int],
     ) -> Tensor:
-        needs_w = ctx.needs_input_grad[1]
-        ctx.conv_args = (stride, padding, dilation, groups)
-        ctx.x_shape = x.shape
+        ctx.conv_args, ctx.x_shape = conv_args, x.shape
         ctx.bias_shape = None if bias is None else bias.shape
-        ctx.save_for_backward(x if needs_w else None, weight)
-        return _CONV[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return _CONV[x.dim() - 2](x, weight, bias, *conv_args)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -50,12 +49,11 @@ class _ConvFn(torch.autograd.Function):
         if x is None:
             x = shape_placeholder(ctx.x_shape, grad_out)
         stride, padding, dilation, groups = ctx.conv_args
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         grad_x, grad_w, grad_b = _CONVOLUTION_BACKWARD(
             grad_out, x, weight, ctx.bias_shape, stride, padding, dilation, False,
-            [0] * len(stride), groups, mask,
+            [0] * len(stride), groups, list(ctx.needs_input_grad[:3]),
         )  # fmt: skip
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None
 
 
 def resolve_padding(conv: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -82,9 +80,15 @@ def resolve_padding(conv: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, t
 
 
 def conv_forward(conv: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``conv``'s forward through the memory-saving op, with the given weight and bias."""
+    """``conv``'s forward through the memory-saving op, with the given weight and bias.
+
+    Runs stock ``conv._conv_forward`` when the op would keep what stock keeps: the weight trains (its
+    gradient needs the input), or nothing needs a gradient.
+    """
+    if weight.requires_grad or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return conv._conv_forward(x, weight, bias)  # type: ignore[operator]
     x, padding = resolve_padding(conv, x)
-    return _ConvFn.apply(x, weight, bias, tuple(conv.stride), padding, tuple(conv.dilation), conv.groups)
+    return _ConvFn.apply(x, weight, bias, (conv.stride, padding, conv.dilation, conv.groups))
 
 
 class _ConvMixin(MemorySavingModule):

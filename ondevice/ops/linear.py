@@ -1,14 +1,17 @@
 """Memory-saving Linear.
 
 For ``y = x W^T + b``: ``dx = dy W`` needs only the weight, ``dW = dy^T x`` needs the input and
-``db = sum(dy)`` needs nothing, so the input is kept only when the weight trains (TinyTL, Cai et al.
-2020, Sec. 2). The products are computed in the order stock autograd's ``AddmmBackward0`` uses
-(``mm_mat1_backward``/``mm_mat2_backward``), so gradients match stock PyTorch bit for bit.
+``db = sum(dy)`` needs nothing, so the input is needed only when the weight trains (TinyTL, Cai et al.
+2020, Sec. 2). Stock autograd already realises this for ``F.linear``: ``addmm``/``mm``/``bmm`` save the
+input only when the weight's gradient is wanted (their derivative formulas each use one operand, and
+autograd's generated code saves an operand only if the other one requires grad). So this layer runs stock
+``F.linear`` (no Python autograd Function, no overhead, stock gradients) and exists so that ``convert``
+accounts for Linear layers. :func:`linear_backward` computes the products in the order stock autograd's
+``AddmmBackward0`` uses (``mm_mat1_backward``/``mm_mat2_backward``), for ops built on a linear map
+(``partial``), so their gradients match stock PyTorch bit for bit.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,29 +45,13 @@ def linear_backward(
     return grad_x, grad_w, grad_b
 
 
-class _LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
-        ctx.x_shape = x.shape
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        return linear_backward(grad_out, x, weight, ctx.x_shape, needs)
-
-
 class MemorySavingLinear(MemorySavingModule, nn.Linear):
-    """``nn.Linear`` that keeps its input for backward only when its weight trains."""
+    """``nn.Linear`` keeping its input for backward only when its weight trains (as stock autograd does)."""
 
     stock_type = nn.Linear
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return super().forward(x)
-        return _LinearFn.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 register_op(nn.Linear, MemorySavingLinear.from_module)

@@ -14,6 +14,9 @@ Backward calls the ATen kernels stock autograd calls (``native_batch_norm_backwa
 ``native_group_norm_backward``, ``native_layer_norm_backward``). When the input is not kept, ``dy``
 itself is passed in its place: the kernels read it only for the gradients that were not asked for, so the
 requested ones are bit-identical to stock PyTorch's.
+
+Where the op would keep what stock keeps (the scale trains, or for GroupNorm/LayerNorm the input needs a
+gradient) or nothing needs a gradient, the layer runs stock and skips the Python autograd Function.
 """
 
 from __future__ import annotations
@@ -32,6 +35,19 @@ __all__ = [
     "MemorySavingGroupNorm",
     "MemorySavingLayerNorm",
 ]
+
+
+def _stock_keeps_the_same(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, *, input_needed: bool
+) -> bool:
+    """Whether stock autograd keeps no more than the op: nothing needs a grad, or what needs one needs x.
+
+    ``input_needed``: the input's own gradient needs the input (GroupNorm/LayerNorm), not only the scale's.
+    """
+    scale_trains = weight is not None and weight.requires_grad
+    if scale_trains or (input_needed and x.requires_grad):
+        return True
+    return not (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 class _BatchNormEvalFn(torch.autograd.Function):
@@ -65,6 +81,9 @@ class _BatchNormMixin(MemorySavingModule):
     def forward(self, x: Tensor) -> Tensor:
         bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
         if bn.training or bn.running_mean is None or bn.running_var is None or not torch.is_grad_enabled():
+            return super().forward(x)  # type: ignore[safe-super]
+        weight, bias = bn.weight, bn.bias
+        if _stock_keeps_the_same(x, weight, bias, input_needed=False):
             return super().forward(x)  # type: ignore[safe-super]
         bn._check_input_dim(x)
         return _BatchNormEvalFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
@@ -124,7 +143,7 @@ class MemorySavingGroupNorm(MemorySavingModule, nn.GroupNorm):
     stock_type = nn.GroupNorm
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _stock_keeps_the_same(x, self.weight, self.bias, input_needed=True):
             return super().forward(x)
         return _GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)
 
@@ -163,7 +182,7 @@ class MemorySavingLayerNorm(MemorySavingModule, nn.LayerNorm):
     stock_type = nn.LayerNorm
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _stock_keeps_the_same(x, self.weight, self.bias, input_needed=True):
             return super().forward(x)
         return _LayerNormFn.apply(x, self.weight, self.bias, list(self.normalized_shape), self.eps)
 

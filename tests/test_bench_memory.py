@@ -1,0 +1,50 @@
+"""Smoke test of bench/memory.py: it runs, its JSON has the documented shape, ondevice saves no more."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+VARIANT_KEYS = {
+    "saved_bytes",
+    "peak_bytes",
+    "rss_before_bytes",
+    "rss_peak_bytes",
+    "rss_delta_bytes",
+    "step_wall_ms",
+    "step_cpu_ms",
+    "time_ratio",
+    "wall_ratio",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_quick_bench_reports_every_case_and_ondevice_saves_no_more_than_stock() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["config"]["threads"] == 1 and result["config"]["quick"] is True
+    assert set(result["config"]["models"]) == {"mobilenetv2", "vit"}
+    seen = {(case["model"], case["scheme"]) for case in result["cases"]}
+    assert {("mobilenetv2", s) for s in ("full", "last_layer", "bias", "lite_residual", "sparse")} <= seen
+    assert {("vit", s) for s in ("full", "last_layer", "bias", "sparse", "lora")} <= seen
+    for case in result["cases"]:
+        variants = case["variants"]
+        assert set(variants) == {"stock", "bit", "byte"}
+        for figures in variants.values():
+            assert set(figures) == VARIANT_KEYS
+            assert all(figures[k] >= 0 for k in VARIANT_KEYS)
+        assert set(case["ratios"]) == {"bit", "byte"}
+        for name in ("bit", "byte"):
+            where = f"{case['model']}/{case['scheme']}/{name}"
+            assert variants[name]["saved_bytes"] <= variants["stock"]["saved_bytes"], where
+            assert set(case["ratios"][name]) == {"saved", "peak", "rss_delta", "time", "wall"}
+        assert variants["bit"]["saved_bytes"] <= variants["byte"]["saved_bytes"]
