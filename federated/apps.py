@@ -218,8 +218,14 @@ def run_server(
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
     min_nodes: int = 1,
+    node_wait_s: float | None = None,
 ) -> ServerOutcome:
-    """The server's round loop (see the module docstring): one record per round and the final tensors."""
+    """The server's round loop (see the module docstring): one record per round and the final tensors.
+
+    Before each round it waits up to ``node_wait_s`` (default ``config.round_timeout_s``) for
+    ``min_nodes`` devices, then goes on with those connected; replies are awaited ``round_timeout_s``.
+    """
+    wait_s = config.round_timeout_s if node_wait_s is None else float(node_wait_s)
     torch.manual_seed(config.seed)
     prepared = build_model(config)
     spec = tensor_spec(prepared, personalised=config.personalised)
@@ -232,9 +238,9 @@ def run_server(
     records: list[RoundRecord] = []
     for server_round in range(1, config.rounds + 1):
         start = time.perf_counter()
-        nodes = _wait_for_nodes(grid, min_nodes, config.round_timeout_s)
+        nodes = _wait_for_nodes(grid, min_nodes, wait_s)
         if not nodes:
-            raise FederatedError(f"no device connected within {config.round_timeout_s:g} s")
+            raise FederatedError(f"no device connected within {wait_s:g} s")
         count = max(1, math.ceil(config.fraction_train * len(nodes)))
         sampled = sorted(rng.sample(nodes, count))
         instruction = ConfigRecord(
@@ -319,7 +325,9 @@ def make_server_app(
         on_error: called with an exception that ends the run (Flower itself only logs it).
         min_nodes: devices to wait for before each round (default: run config ``min-nodes``, else 1).
 
-    If the run config has ``results-path``, the rounds are also written there as JSON at the end.
+    The run config may also set ``node-wait-s``: how long to wait for ``min-nodes`` devices before each
+    round (default ``round-timeout-s``). If the run config has ``results-path``, the rounds are also
+    written there as JSON at the end.
     """
     app = ServerApp()
 
@@ -337,7 +345,18 @@ def make_server_app(
         wanted = min_nodes if min_nodes is not None else context.run_config.get("min-nodes", 1)
         if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
             raise ConfigError(f"min-nodes must be a positive int, got {wanted!r}")
-        records = run_server(grid, settings, on_round=on_round, min_nodes=wanted).rounds
+        node_wait = context.run_config.get("node-wait-s")
+        if node_wait is not None and (
+            isinstance(node_wait, bool) or not isinstance(node_wait, int | float) or node_wait < 0
+        ):
+            raise ConfigError(f"node-wait-s must be a number >= 0, got {node_wait!r}")
+        records = run_server(
+            grid,
+            settings,
+            on_round=on_round,
+            min_nodes=wanted,
+            node_wait_s=None if node_wait is None else float(node_wait),
+        ).rounds
         target = context.run_config.get("results-path")
         if isinstance(target, str) and target:
             from ondevice.checkpoint import atomic_write_bytes

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from federated.compression import Compression
 from federated.partition import Partition
+from ondevice.continual.learner import STRATEGIES, Strategy
 from ondevice.errors import ConfigError
 from ondevice.schemes import Scheme, resolve_scheme
 
@@ -56,7 +57,12 @@ class FederatedConfig:
         num_clients: devices in a simulation (a deployment takes ``num-partitions`` from node config).
         rounds: federated rounds.
         fraction_train: share of connected devices sampled each round.
-        local_epochs, batch_size, optimizer, lr: the device's training per round.
+        local_epochs, batch_size, optimizer, lr: the device's training per round (its stream is
+            observed ``local_epochs`` times, in batches of ``batch_size``).
+        strategy: the device's continual-learning strategy (:func:`ondevice.continual.create_learner`):
+            ``"naive"`` (plain fine-tuning), ``"replay"``, ``"latent-replay"``, ``"lwf"`` or ``"ewc"``.
+        buffer_size: replay buffer samples per device (replay strategies; the replayed mini-batch has
+            ``batch_size`` samples).
         aggregation: ``"fedavg"`` (McMahan et al. 2017) or ``"fedprox"`` (Li et al. 2020).
         proximal_mu: FedProx's mu (must be > 0 for fedprox, 0 for fedavg).
         compression: uplink codec, ``"none"``, ``"fp16"``, ``"int8"`` or ``"topk:RATIO"``.
@@ -80,6 +86,8 @@ class FederatedConfig:
     batch_size: int = 16
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-3
+    strategy: Strategy = "naive"
+    buffer_size: int = 200
     aggregation: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = 0.0
     compression: str = "none"
@@ -108,7 +116,7 @@ class FederatedConfig:
                 raise ConfigError(f"FederatedConfig.{name} must be 2+ distinct digits 0-9, got {value!r}")
         object.__setattr__(self, "partition", Partition.parse(self.partition).spec())
         object.__setattr__(self, "compression", Compression.parse(self.compression).spec())
-        for name in ("num_clients", "rounds", "local_epochs", "batch_size", "min_replies"):
+        for name in ("num_clients", "rounds", "local_epochs", "batch_size", "min_replies", "buffer_size"):
             _positive_int(name, getattr(self, name))
         _number("fraction_train", self.fraction_train, low=0.0, high=1.0)
         _number("lr", self.lr, low=0.0)
@@ -117,6 +125,10 @@ class FederatedConfig:
         _number("round_timeout_s", self.round_timeout_s, low=0.0)
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"FederatedConfig.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"FederatedConfig.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
+            )
         if self.aggregation not in ("fedavg", "fedprox"):
             raise ConfigError(
                 f"FederatedConfig.aggregation must be 'fedavg' or 'fedprox', got {self.aggregation!r}"
@@ -124,6 +136,11 @@ class FederatedConfig:
         if self.aggregation == "fedprox" and self.proximal_mu <= 0:
             raise ConfigError(
                 "aggregation='fedprox' needs proximal_mu > 0 (e.g. 0.01); use 'fedavg' for mu=0"
+            )
+        if self.aggregation == "fedprox" and self.strategy in ("lwf", "ewc"):
+            raise ConfigError(
+                f"aggregation='fedprox' adds its own regulariser and cannot be combined with "
+                f"strategy={self.strategy!r}; use strategy 'naive' or 'replay' with fedprox"
             )
         if self.aggregation == "fedavg" and self.proximal_mu != 0:
             raise ConfigError("proximal_mu only applies to aggregation='fedprox'; set it to 0 for fedavg")

@@ -22,6 +22,10 @@ def simulate(
     model: Annotated[str, typer.Option(help="Zoo model (pretrained on digits 0-4, cached).")] = "cnn",
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate on the devices.")] = 1e-2,
+    strategy: Annotated[
+        str, typer.Option(help="Device's continual learner: naive, replay, latent-replay, lwf or ewc.")
+    ] = "naive",
+    buffer_size: Annotated[int, typer.Option(min=1, help="Replay buffer samples per device.")] = 200,
     aggregation: Annotated[str, typer.Option(help="fedavg or fedprox.")] = "fedavg",
     mu: Annotated[
         float, typer.Option(min=0.0, help="FedProx proximal mu (with --aggregation fedprox).")
@@ -57,6 +61,8 @@ def simulate(
             rounds=rounds,
             local_epochs=local_epochs,
             lr=lr,
+            strategy=strategy,  # type: ignore[arg-type]
+            buffer_size=buffer_size,
             aggregation=aggregation,  # type: ignore[arg-type]
             proximal_mu=mu,
             compression=compression,

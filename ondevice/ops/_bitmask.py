@@ -33,6 +33,7 @@ __all__ = [
     "masked_grad",
     "numpy_fast_path",
     "pack_bits",
+    "shape_only",
     "unpack_bits",
 ]
 
@@ -56,6 +57,17 @@ def _table(dtype: torch.dtype) -> Tensor:
         bits = torch.arange(256).unsqueeze(1).bitwise_right_shift(torch.arange(8)).bitwise_and(1)
         table = _TABLES[dtype] = bits.to(dtype)
     return table
+
+
+def shape_only(t: Tensor) -> bool:
+    """Whether ``t`` stands in for a CPU tensor without values (``memory.estimate``'s fake tensors, meta).
+
+    Such tensors take the shape-only path: they allocate exactly what the numpy fast path hands to torch
+    (the kept mask, the masked gradient) and nothing more, so an estimate matches a measurement.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.is_meta or (is_fake(t) and t.device.type == "cpu")
 
 
 def _plain_cpu(t: Tensor) -> bool:
@@ -116,6 +128,8 @@ def masked_grad(grad_out: Tensor, stored: Tensor, shape: torch.Size, mode: MaskM
     Bit for bit what stock ``threshold_backward(grad_out, mask, 0)`` returns for a 0/1 ``mask``; on plain
     CPU tensors one numpy pass (see the module docstring), elsewhere that ATen kernel itself.
     """
+    if not torch.is_grad_enabled() and shape_only(grad_out):
+        return torch.empty(shape, dtype=grad_out.dtype, device=grad_out.device)
     if torch.is_grad_enabled() or not (numpy_fast_path(grad_out) and _plain_cpu(stored)):  # double backward
         mask = decode_mask(stored, shape, mode, grad_out.dtype)
         return torch.ops.aten.threshold_backward.default(grad_out, mask, 0)
@@ -129,7 +143,16 @@ def masked_grad(grad_out: Tensor, stored: Tensor, shape: torch.Size, mode: MaskM
 
 
 def decode_mask(stored: Tensor, shape: torch.Size, mode: MaskMode, dtype: torch.dtype) -> Tensor:
-    """The kept mask as a tensor of 0s and 1s of ``shape`` and ``dtype``."""
+    """The kept mask as a tensor of 0s and 1s of ``shape`` and ``dtype``.
+
+    On plain CPU tensors numpy unpacks the bits (no lookup table to build on first use, which would
+    otherwise show up in the first measured step); fake tensors allocate the same two tensors.
+    """
     if mode == "bit":
+        if shape_only(stored):
+            return torch.empty(shape, dtype=torch.uint8, device=stored.device).to(dtype)
+        if _plain_cpu(stored):
+            keep = np.unpackbits(stored.numpy(), count=shape.numel(), bitorder="little")
+            return torch.from_numpy(keep).view(shape).to(dtype)
         return unpack_bits(stored, shape.numel(), dtype).view(shape)
     return stored.to(dtype)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ondevice.ops._bitmask import decode_mask, encode_mask, masked_grad, numpy_fast_path
+from ondevice.ops._bitmask import decode_mask, encode_mask, masked_grad, numpy_fast_path, shape_only
 from ondevice.ops._compress import Compressed, compress_int8, decompress_int8
 from ondevice.ops.registry import MaskMode, MemorySavingModule, register_op
 
@@ -74,6 +74,10 @@ def _keep_mask(kind: str, y: Tensor, mode: MaskMode) -> Tensor:
     :data:`_CHUNK` elements for large tensors. The result passes through one ATen ``view``, so
     ``memory``'s live-tensor tracker sees its storage.
     """
+    if shape_only(y):
+        if mode == "bit":
+            return torch.empty((y.numel() + 7) // 8, dtype=torch.uint8, device=y.device)
+        return torch.empty(y.shape, dtype=torch.bool, device=y.device)
     if not numpy_fast_path(y):
         return encode_mask(_mask(kind, y), mode)
     values = y.detach().numpy()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from federated.apps import make_client_app, run_server
@@ -144,6 +145,40 @@ def test_device_state_survives_a_restart(tmp_path: Path) -> None:
         _config(num_clients=2, lr=0.1), partition_id=0, num_partitions=2, state_dir=tmp_path
     )
     assert not other.restored  # state of another configuration is not reused
+
+
+def test_replay_learner_state_survives_a_restart(tmp_path: Path) -> None:
+    config = _config(num_clients=2, strategy="replay", buffer_size=40)
+    prepared = build_model(config)
+    spec = tensor_spec(prepared, personalised=False)
+    start = to_numpy({k: v for k, v in prepared.trainable_tensors().items() if k in spec})
+    first = DeviceLearner(config, partition_id=0, num_partitions=2, state_dir=tmp_path)
+    update = first.train_round(start, server_round=1)
+    first.save_state()
+    assert first.learner.buffer is not None and len(first.learner.buffer) == 40
+    assert 0.0 <= update.metrics["prequential-accuracy"] <= 1.0 and update.metrics["buffer-bytes"] > 0
+    again = DeviceLearner(config, partition_id=0, num_partitions=2, state_dir=tmp_path)
+    assert again.restored and again.samples_seen == first.samples_seen > 0
+    assert again.learner.buffer is not None
+    saved, restored = first.learner.buffer.state_tensors(), again.learner.buffer.state_tensors()
+    assert sorted(saved) == sorted(restored)
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    for name, value in first.prepared.trainable_tensors().items():
+        assert torch.equal(value, again.prepared.trainable_tensors()[name]), name
+
+
+def test_fedprox_pulls_the_update_towards_the_global_model(tmp_path: Path) -> None:
+    norms = {}
+    for mu in (0.0, 10.0):
+        extra = {"aggregation": "fedprox", "proximal_mu": mu} if mu else {}
+        config = _config(num_clients=2, lr=1e-2, **extra)
+        prepared = build_model(config)
+        spec = tensor_spec(prepared, personalised=False)
+        start = to_numpy({k: v for k, v in prepared.trainable_tensors().items() if k in spec})
+        device = DeviceLearner(config, partition_id=0, num_partitions=2, state_dir=None)
+        deltas = device.train_round(start, server_round=1).deltas
+        norms[mu] = float(np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in deltas.values())))
+    assert 0 < norms[10.0] < norms[0.0]
 
 
 def test_metric_record_sample_count_is_validated(loopback_grid, tmp_path: Path) -> None:

@@ -40,6 +40,9 @@ def test_run_config_accepts_scheme_names_and_int_lr() -> None:
         ({"compression": "zip"}, "compression"),
         ({"scheme": "nope"}, "scheme"),
         ({"downlink": "fp8"}, "downlink"),
+        ({"strategy": "forget"}, "strategy"),
+        ({"buffer_size": 0}, "buffer_size"),
+        ({"aggregation": "fedprox", "proximal_mu": 0.1, "strategy": "lwf"}, "fedprox"),
     ],
 )
 def test_invalid(kwargs: dict, match: str) -> None:

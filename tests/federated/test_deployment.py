@@ -31,11 +31,91 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Cluster:
-    """A SuperLink and SuperNodes, started as process-group leaders, logs in ``tmp``."""
+def _make_tls(tmp: Path) -> dict[str, Path]:
+    """A CA and a SuperLink certificate for 127.0.0.1 (IP SAN) signed by it, as PEM files in ``tmp``."""
+    import datetime
+    import ipaddress
 
-    def __init__(self, tmp: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=2)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ondevice-test-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": tmp / "ca.pem", "cert": tmp / "server.pem", "key": tmp / "server.key"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def _make_node_key(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's EC key pair in OpenSSH format (what `ssh-keygen -t ecdsa -b 384` writes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = tmp / name, tmp / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
+
+
+class Cluster:
+    """A SuperLink and SuperNodes, started as process-group leaders, logs in ``tmp``.
+
+    With ``tls`` (from :func:`_make_tls`) every connection is TLS and the SuperLink only admits
+    registered SuperNodes (``--enable-supernode-auth``).
+    """
+
+    def __init__(self, tmp: Path, tls: dict[str, Path] | None = None) -> None:
         self.tmp = tmp
+        self.tls = tls
         self.env = dict(os.environ)
         self.env.update(
             FLWR_HOME=str(tmp / "flwr-home"),
@@ -48,9 +128,10 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True)
+        security = "insecure = true" if tls is None else f'root-certificates = "{tls["ca"]}"'
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
-            f"insecure = true\n"
+            f"{security}\n"
         )
 
     def _start(self, name: str, args: list[str]) -> None:
@@ -60,19 +141,55 @@ class Cluster:
         )
 
     def start_superlink(self) -> None:
+        if self.tls is None:
+            security = ["--insecure"]
+        else:
+            security = [
+                "--ssl-ca-certfile",
+                str(self.tls["ca"]),
+                "--ssl-certfile",
+                str(self.tls["cert"]),
+                "--ssl-keyfile",
+                str(self.tls["key"]),
+                "--enable-supernode-auth",
+            ]
         self._start(
             "superlink",
-            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(BIN / "flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port)],
         )
+        self.wait_listening()
 
-    def start_supernode(self, partition: int, partitions: int) -> None:
+    def wait_listening(self, timeout_s: float = 60) -> None:
+        """Block until the SuperLink accepts connections on its port."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"the SuperLink is not listening after {timeout_s} s; {self.logs()}"
+                    ) from None
+                time.sleep(0.2)
+
+    def start_supernode(
+        self, partition: int, partitions: int, *, key: Path | None = None, name: str | None = None
+    ) -> str:
+        """Start a SuperNode (authenticated with the private ``key`` under TLS); returns its name."""
         state = self.tmp / f"state-{partition}"
         node_config = f"partition-id={partition} num-partitions={partitions} state-dir='{state}'"
+        if self.tls is None:
+            security = ["--insecure"]
+        else:
+            assert key is not None, "under TLS a SuperNode needs its private key"
+            security = ["--root-certificates", str(self.tls["ca"]), "--auth-supernode-private-key", str(key)]
+        name = name or f"supernode-{partition}"
         self._start(
-            f"supernode-{partition}",
+            name,
             [
                 str(BIN / "flower-supernode"),
-                "--insecure",
+                *security,
                 "--superlink",
                 f"127.0.0.1:{self.port}",
                 "--host",
@@ -83,6 +200,7 @@ class Cluster:
                 node_config,
             ],
         )
+        return name
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name)
@@ -111,7 +229,9 @@ class Cluster:
     def run_app(self, run_config: str) -> int:
         out = self.flwr("run", str(APP_DIR), "local", "--run-config", run_config, "--format", "json")
         assert out.returncode == 0, out.stdout + out.stderr
-        return int(json.loads(out.stdout)["run-id"])
+        payload = json.loads(out.stdout)
+        assert "run-id" in payload, f"{payload}\n{self.logs()}"
+        return int(payload["run-id"])
 
     def wait_finished(self, run_id: int, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
@@ -125,7 +245,7 @@ class Cluster:
                         status = str(run.get("status", ""))
                 if status.startswith("finished"):
                     return status
-            time.sleep(2)
+            time.sleep(1)
         raise AssertionError(
             f"run {run_id} not finished after {timeout_s} s (status {status!r}); {self.logs()}"
         )
@@ -144,10 +264,42 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def _run_config(results: Path, rounds: int) -> str:
+    """A small, fast run: head-only updates, one local epoch, a reply timeout just above a ClientApp's
+    cold start (each message starts a fresh `flwr-clientapp` process: ~8 s on a quiet 2-core machine,
+    ~25 s on a loaded one); a dead device costs one timeout per round the SuperLink still lists it."""
     return (
-        f"rounds={rounds} results-path='{results}' min-nodes=2 local-epochs=1 round-timeout-s=40.0 "
-        f"scheme='last_layer' lr=0.01"
+        f"rounds={rounds} results-path='{results}' min-nodes=2 node-wait-s=60.0 local-epochs=1 "
+        f"round-timeout-s=30.0 scheme='last_layer' lr=0.01"
     )
+
+
+def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
+    """TLS everywhere; a registered SuperNode trains a round, an unregistered one is refused."""
+    cluster = Cluster(tmp_path, tls=_make_tls(tmp_path))
+    try:
+        cluster.start_superlink()
+        key, public = _make_node_key(tmp_path, "node0")
+        stranger, _ = _make_node_key(tmp_path, "stranger")
+        out = cluster.flwr("supernode", "register", str(public), "local", "--format", "json")
+        assert out.returncode == 0, out.stdout + out.stderr + cluster.logs()
+        cluster.start_supernode(0, 1, key=key)
+        intruder = cluster.start_supernode(1, 2, key=stranger, name="unregistered")
+        results = tmp_path / "results.json"
+        config = (
+            f"rounds=1 results-path='{results}' min-nodes=1 node-wait-s=60.0 local-epochs=1 "
+            f"round-timeout-s=30.0 scheme='last_layer' lr=0.01"
+        )
+        run_id = cluster.run_app(config)
+        status = cluster.wait_finished(run_id, timeout_s=180)
+        assert status == "finished:completed", cluster.logs()
+        (record,) = json.loads(results.read_text())["rounds"]
+        assert record["sampled"] == 1 and record["accepted"] == 1, f"{record}\n{cluster.logs()}"
+        assert (tmp_path / "state-0" / "device.safetensors").exists()
+        assert not (tmp_path / "state-1").exists()  # the unregistered node never got a message
+        refused = (tmp_path / f"{intruder}.log").read_text()
+        assert "SuperNode ID" not in refused, refused[-2000:]
+    finally:
+        cluster.stop_all()
 
 
 def test_flwr_run_on_a_superlink_with_two_supernodes(cluster: Cluster, tmp_path: Path) -> None:
@@ -159,7 +311,7 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(cluster: Cluster, tmp_path:
     status = cluster.wait_finished(run_id, timeout_s=240)
     assert status == "finished:completed", cluster.logs()
     rounds = json.loads(results.read_text())["rounds"]
-    assert [r["accepted"] for r in rounds] == [2, 2]
+    assert [r["accepted"] for r in rounds] == [2, 2], f"{rounds}\n{cluster.logs()}"
     assert rounds[-1]["accuracy"] > 0.6  # last-layer on the pretrained backbone, 2 rounds, 10 classes
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
     for partition in (0, 1):
@@ -174,19 +326,19 @@ def test_a_supernode_killed_mid_run_and_restarted(cluster: Cluster, tmp_path: Pa
     cluster.start_supernode(0, 2)
     cluster.start_supernode(1, 2)
     results = tmp_path / "results.json"
-    run_id = cluster.run_app(_run_config(results, rounds=4))
+    run_id = cluster.run_app(_run_config(results, rounds=3))
     state = tmp_path / "state-1" / "device.safetensors"
     deadline = time.monotonic() + 180
     while not state.exists():  # node 1 has finished round 1
         assert time.monotonic() < deadline, cluster.logs()
         time.sleep(0.5)
     cluster.stop("supernode-1", signal.SIGKILL)
-    time.sleep(3)
     cluster.start_supernode(1, 2)  # rejoins with a new node id; its learner state is on disk
-    status = cluster.wait_finished(run_id, timeout_s=300)
+    status = cluster.wait_finished(run_id, timeout_s=240)
     assert status == "finished:completed", cluster.logs()
     rounds = json.loads(results.read_text())["rounds"]
-    assert len(rounds) == 4 and rounds[-1]["accepted"] >= 1
+    assert len(rounds) == 3 and rounds[-1]["accepted"] >= 1
+    assert rounds[-1]["accuracy"] > 0.5
     config = FederatedConfig.from_dict(json.loads(results.read_text())["config"])
     learner = DeviceLearner(config, partition_id=1, num_partitions=2, state_dir=state.parent)
     assert learner.restored and learner.rounds_trained >= 2  # counted across the restart
