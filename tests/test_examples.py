@@ -26,3 +26,12 @@ def test_plan_for_device(capsys: pytest.CaptureFixture[str]) -> None:
     assert chosen.scheme.name in {"sparse", "bias", "last_layer", "lite_residual"}
     out = capsys.readouterr().out
     assert "train with: ondevice.prepare(model," in out
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_federated_simulation_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    result = load(EXAMPLES / "federated_simulation.py").main(["--quick"])
+    assert len(result.rounds) == 2 and result.final_accuracy is not None and result.final_accuracy > 0.3
+    assert all(r.accepted == r.replies > 0 and r.bytes_up > 0 for r in result.rounds)
+    assert "final accuracy" in capsys.readouterr().out
