@@ -16,6 +16,7 @@ runner = CliRunner()
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.xdist_group("flower")
 def test_quick_demo_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = runner.invoke(app, ["demo", "--quick", "--json", "--out", str(out), "--device", "rpi-4b-2gb"])

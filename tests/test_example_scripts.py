@@ -30,6 +30,7 @@ def test_plan_for_device(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.xdist_group("flower")
 def test_federated_simulation_quick(capsys: pytest.CaptureFixture[str]) -> None:
     result = load(EXAMPLES / "federated_simulation.py").main(["--quick"])
     assert len(result.rounds) == 2 and result.final_accuracy is not None and result.final_accuracy > 0.3

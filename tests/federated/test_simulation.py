@@ -20,7 +20,7 @@ from federated.config import FederatedConfig
 from federated.device import DeviceLearner, build_model, tensor_spec
 from federated.simulation import simulate
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
 SMALL_LR = {"name": "lite_residual", "expand": 0.125, "kernel_size": 3, "groups": 4, "downsample": 1}
 
