@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from federated.compression import Compression
 from federated.partition import Partition
+from ondevice._jsonable import fields_to_dict
 from ondevice.continual.learner import STRATEGIES, Strategy
 from ondevice.errors import ConfigError
 from ondevice.schemes import Scheme, resolve_scheme
@@ -168,11 +169,7 @@ class FederatedConfig:
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form with a version tag."""
-        payload: dict[str, Any] = {"version": CONFIG_VERSION}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            payload[f.name] = list(value) if isinstance(value, tuple) else value
-        return payload
+        return {"version": CONFIG_VERSION, **fields_to_dict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

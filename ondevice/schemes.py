@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from ondevice._jsonable import fields_to_dict
 from ondevice.errors import ConfigError, UnknownSchemeError
 
 __all__ = [
@@ -81,11 +82,7 @@ class Scheme:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: ``{"name": ..., "version": ..., **fields}`` (tuples become lists)."""
-        payload: dict[str, Any] = {"name": self.name, "version": SCHEME_VERSION}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            payload[f.name] = list(value) if isinstance(value, tuple) else value
-        return payload
+        return {"name": self.name, "version": SCHEME_VERSION, **fields_to_dict(self)}
 
     def to_json(self) -> str:
         """``to_dict`` as a compact, key-sorted JSON string."""
