@@ -183,13 +183,24 @@ def demo(
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("ondevice-report"),
     quick: Annotated[bool, typer.Option("--quick", help="A fast pass (under a minute).")] = False,
     skip_federated: Annotated[bool, typer.Option("--skip-federated", help="Leave out step 3.")] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Torch threads in this process. The demo's models are small: one thread avoids OpenMP "
+            "spinning against the simulation's worker processes.",
+        ),
+    ] = 1,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
 ) -> None:
     """Plan, learn on a stream, federate and report: the whole SDK on the built-in digits."""
+    import torch
+
     from ondevice.report import write_report
 
     configure_logging(verbose)
+    torch.set_num_threads(threads)
     show = not json_output
     started = time.perf_counter()
     timings: dict[str, float] = {}
