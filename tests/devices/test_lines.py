@@ -120,7 +120,10 @@ def test_pty_round_trip(pty_pair) -> None:
         with SensorEmulator(device, lines, rate_hz=2000, garbage_every=40, split_writes=True):
             got = list(stream.samples(max_samples=200, duration_s=20))
     check_round_trip(lines, got, window=50)
-    assert stream.stats.dropped["undecodable"] == 5 and stream.stats.partial_reads > 0
+    # A garbage line follows every 40th reading; each one read is dropped exactly once (under which reason
+    # depends on how the pty split it). The 5th follows the 200th reading, where the stream stops: it is
+    # read only if it arrived in the same chunk.
+    assert sum(stream.stats.dropped.values()) in (4, 5) and stream.stats.partial_reads > 0
     assert 100 < stream.stats.sampling_rate_hz < 10_000
 
 
