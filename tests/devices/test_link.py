@@ -134,7 +134,7 @@ def test_duplicate_is_acked_but_delivered_once() -> None:
 @pytest.mark.xfail(
     strict=False,
     reason="known defect (issue 6): on a heavily loaded machine some frames sent right after a replug are "
-    "acknowledged but not applied by the new device (seen with 4 busy processes on 2 cores); passes otherwise",
+    "acknowledged but not applied by the new device (4 busy processes on 2 cores)",
 )
 def test_unplug_mid_stream_recovers(socket_path) -> None:
     host = Link(
