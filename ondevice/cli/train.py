@@ -1,14 +1,28 @@
-"""``ondevice train``: continual learning on a digits scenario or on a data file, with a summary."""
+"""``ondevice train``: continual learning on a digits scenario, a data file or a live serial sensor."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
+import threading
 import time
-from typing import Annotated, Any
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ondevice.cli._app import app, configure_logging, console, fail, print_json
-from ondevice.errors import OnDeviceError
+from ondevice.errors import ConfigError, OnDeviceError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ondevice.continual import Learner
+
+logger = logging.getLogger(__name__)
 
 _HELP = """Learn continually from a stream, seeing each sample once, and report what was kept.
 
@@ -18,6 +32,15 @@ samples that are never part of the stream) or your own data (--data). A data fil
 is the integer label, every other column is a feature. It is streamed in file order; a model is built
 for it from scratch (cnn1d over the features as a series, or cnn when their count is a square) and
 trained under --scheme (default full).
+
+Or a live sensor: --serial reads a port such as /dev/ttyACM0 (or a pyserial URL such as loop://) in the
+Edge Impulse data forwarder format, one reading per line ("0.12,-9.81,0.40,wave"), with the class name
+in --label-column (default the last). Lines it cannot use are dropped and counted by reason. Readings
+are cut into windows of --window samples (a new one every --hop) and each window is learned as it
+arrives by a cnn1d over (channels, window), built from scratch for the channel count of the first
+reading, under --scheme (default full). The run ends at --max-samples, after --duration seconds, when
+the device stays unplugged for about 10 s, or on Ctrl-C; each way the learner is saved to --checkpoint
+(also every --checkpoint-every windows) and the summary is printed.
 """
 
 
@@ -25,18 +48,55 @@ trained under --scheme (default full).
 def train(
     scenario: Annotated[
         str | None,
-        typer.Option(
-            help="class-incremental | domain-incremental | sensor (mutually exclusive with --data)."
-        ),
+        typer.Option(help="class-incremental | domain-incremental | sensor (or give --data or --serial)."),
     ] = None,
     data: Annotated[
         str | None, typer.Option(help="A .csv or .npy file: last column the label, the rest the features.")
     ] = None,
+    serial: Annotated[
+        str | None,
+        typer.Option(
+            "--serial",
+            help="Learn live from a serial port or pyserial URL: /dev/ttyACM0, COM3, loop://, socket://HOST:PORT.",
+        ),
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(help="--serial: readings per model input window (default 32).")
+    ] = None,
+    hop: Annotated[
+        int | None,
+        typer.Option(help="--serial: readings between the starts of two windows (default: --window)."),
+    ] = None,
+    baud: Annotated[
+        int | None, typer.Option(help="--serial: line speed in baud (default 115200, the forwarder's).")
+    ] = None,
+    label_column: Annotated[
+        int | None,
+        typer.Option(
+            help="--serial: column of the class name, negative from the end (default -1: the last)."
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="--serial: class names in head order, e.g. idle,wave; windows of other labels are skipped "
+            "(default: numbered as they appear)."
+        ),
+    ] = None,
+    max_samples: Annotated[int | None, typer.Option(help="--serial: stop after this many readings.")] = None,
+    duration_s: Annotated[
+        float | None, typer.Option("--duration", help="--serial: stop after this many seconds.")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(help="--serial: also save --checkpoint every N windows learned (default 100)."),
+    ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Zoo model (default: the scenario's, cnn1d for --data).")
+        str | None, typer.Option(help="Zoo model (default: the scenario's, cnn1d for --data and --serial).")
     ] = None,
     scheme: Annotated[
-        str | None, typer.Option(help="Update scheme (default: last_layer for scenarios, full for --data).")
+        str | None,
+        typer.Option(help="Update scheme (default: last_layer for scenarios, full for --data and --serial)."),
     ] = None,
     strategy: Annotated[str, typer.Option(help="naive | replay | latent-replay | lwf | ewc.")] = "replay",
     buffer: Annotated[int, typer.Option(min=1, help="Replay buffer size in samples.")] = 200,
@@ -50,7 +110,12 @@ def train(
     optimizer: Annotated[str, typer.Option(help="sgd | adam.")] = "adam",
     lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 0.01,
     replay_steps: Annotated[int, typer.Option(min=1, help="Replay mini-batches per observed batch.")] = 4,
-    batch_size: Annotated[int, typer.Option(min=1, help="Stream samples per observe() call.")] = 10,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Stream samples per observe() call (default 10; --serial: windows, default 1)."
+        ),
+    ] = None,
     drift: Annotated[
         str, typer.Option(help="Drift detector on the loss: none | page-hinkley | adwin.")
     ] = "none",
@@ -58,42 +123,89 @@ def train(
         int, typer.Option(min=1, help="Epochs of backbone pretraining (cached).")
     ] = 20,
     checkpoint: Annotated[
-        str | None, typer.Option(help="Save the learner here (atomically) after each experience.")
+        str | None,
+        typer.Option(
+            help="Save the learner here (atomically) after each experience; --serial: see --checkpoint-every."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits, stream order and buffers.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
 ) -> None:
     configure_logging(verbose)
-    if (scenario is None) == (data is None):
-        fail("give exactly one of --scenario NAME and --data FILE")
+    sources = [
+        flag
+        for flag, value in (("--scenario", scenario), ("--data", data), ("--serial", serial))
+        if value is not None
+    ]
+    if len(sources) != 1:
+        given = f" (got {' and '.join(sources)})" if sources else ""
+        fail(f"give exactly one of --scenario NAME, --data FILE and --serial URL{given}")
         return
+    serial_only = {
+        "--window": window,
+        "--hop": hop,
+        "--baud": baud,
+        "--label-column": label_column,
+        "--labels": labels,
+        "--max-samples": max_samples,
+        "--duration": duration_s,
+        "--checkpoint-every": checkpoint_every,
+    }
+    stray = [flag for flag, value in serial_only.items() if value is not None]
+    if serial is None and stray:
+        verb = "applies" if len(stray) == 1 else "apply"
+        fail(f"{', '.join(stray)} {verb} only to --serial URL; remove them, or read a sensor with --serial")
+        return
+    common: dict[str, Any] = {
+        "model": model,
+        "scheme": scheme,
+        "strategy": strategy,
+        "buffer": buffer,
+        "buffer_bytes": buffer_bytes,
+        "bits": bits,
+        "policy": policy,
+        "optimizer": optimizer,
+        "lr": lr,
+        "replay_steps": replay_steps,
+        "drift": drift,
+        "checkpoint": checkpoint,
+        "seed": seed,
+        "progress": not json_output,
+    }
     try:
-        payload = _run(
-            scenario=scenario,
-            data=data,
-            model=model,
-            scheme=scheme,
-            strategy=strategy,
-            buffer=buffer,
-            buffer_bytes=buffer_bytes,
-            bits=bits,
-            policy=policy,
-            optimizer=optimizer,
-            lr=lr,
-            replay_steps=replay_steps,
-            batch_size=batch_size,
-            drift=drift,
-            pretrain_epochs=pretrain_epochs,
-            checkpoint=checkpoint,
-            seed=seed,
-            progress=not json_output,
-        )
+        if serial is not None:
+            source = _SerialSource(
+                url=serial,
+                window=32 if window is None else window,
+                hop=hop,
+                baudrate=115200 if baud is None else baud,
+                label_column=-1 if label_column is None else label_column,
+                labels=_split_labels(labels),
+                max_samples=max_samples,
+                duration_s=duration_s,
+            )
+            payload = _run_serial(
+                source,
+                batch_size=1 if batch_size is None else batch_size,
+                checkpoint_every=100 if checkpoint_every is None else checkpoint_every,
+                **common,
+            )
+        else:
+            payload = _run(
+                scenario=scenario,
+                data=data,
+                batch_size=10 if batch_size is None else batch_size,
+                pretrain_epochs=pretrain_epochs,
+                **common,
+            )
     except OnDeviceError as exc:
         fail(exc)
         return
     if json_output:
         print_json(payload)
+    elif serial is not None:
+        _print_serial_summary(payload)
     else:
         _print_summary(payload)
 
@@ -109,15 +221,9 @@ def _detector(name: str) -> Any:
     return factory() if factory is not None else None
 
 
-def _run(**opts: Any) -> dict[str, Any]:
-    import math
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    import ondevice
-    from ondevice.continual import LearnerConfig, LogDrift, create_learner, load_scenario, run_scenario
-    from ondevice.continual.scenarios import load_table
-    from ondevice.data import Stream
+def _learner_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """``create_learner`` keyword arguments from the shared options, validated; a fresh drift detector."""
+    from ondevice.continual import LearnerConfig, LogDrift
 
     buffer_bytes = None
     if opts["buffer_bytes"] is not None:
@@ -125,7 +231,32 @@ def _run(**opts: Any) -> dict[str, Any]:
 
         buffer_bytes = parse_bytes(opts["buffer_bytes"])
     if opts["bits"] not in (None, 8, 32):
-        raise ondevice.ConfigError(f"--bits must be 8 or 32, got {opts['bits']}")
+        raise ConfigError(f"--bits must be 8 or 32, got {opts['bits']}")
+    return {
+        "buffer_size": opts["buffer"],
+        "buffer_bytes": buffer_bytes,
+        "bits": opts["bits"],
+        "policy": opts["policy"],
+        "optimizer": opts["optimizer"],
+        "lr": opts["lr"],
+        "drift": _detector(opts["drift"]),
+        "on_drift": (LogDrift(),),
+        "config": LearnerConfig(replay_steps=opts["replay_steps"], seed=opts["seed"]),
+        "seed": opts["seed"],
+    }
+
+
+def _run(**opts: Any) -> dict[str, Any]:
+    import math
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import ondevice
+    from ondevice.continual import create_learner, load_scenario, run_scenario
+    from ondevice.continual.scenarios import load_table
+    from ondevice.data import Stream
+
+    learner_options = _learner_options(opts)
     if opts["scenario"] is not None:
         scenario = load_scenario(opts["scenario"], seed=opts["seed"])
         if opts["model"] is not None and opts["model"] != scenario.model:
@@ -154,20 +285,7 @@ def _run(**opts: Any) -> dict[str, Any]:
         total = len(table)
         title = f"{opts['data']}: {len(table)} samples, {features} features, classes {list(table.classes)}"
     prepared = ondevice.prepare(backbone, scheme)
-    learner = create_learner(
-        prepared,
-        opts["strategy"],
-        buffer_size=opts["buffer"],
-        buffer_bytes=buffer_bytes,
-        bits=opts["bits"],
-        policy=opts["policy"],
-        optimizer=opts["optimizer"],
-        lr=opts["lr"],
-        drift=_detector(opts["drift"]),
-        on_drift=(LogDrift(),),
-        config=LearnerConfig(replay_steps=opts["replay_steps"], seed=opts["seed"]),
-        seed=opts["seed"],
-    )
+    learner = create_learner(prepared, opts["strategy"], **learner_options)
     started = time.perf_counter()
     progress = Progress(
         TextColumn("{task.description}"),
@@ -256,4 +374,429 @@ def _print_summary(payload: dict[str, Any]) -> None:
     table.add_row("samples/s", f"{payload.get('samples_per_second', 0.0):.1f}")
     table.add_row("classes (head rows)", str(payload["classes"]))
     table.add_row("drifts detected", str(payload.get("drifts", 0)))
+    console.print(table)
+
+
+# -- --serial: a live sensor ----------------------------------------------------------------------------
+
+_RECENT_WINDOWS = 50
+"""Windows the running accuracy averages over."""
+
+_MAX_DISCOVERED_LABELS = 100
+"""More distinct labels than this, without --labels, means a sensor column is being read as the label."""
+
+_RECONNECT_ATTEMPTS = 10
+"""Reopening attempts after an unplug (about 10 s with the backoff below) before the run ends."""
+
+
+@dataclass(frozen=True)
+class _SerialSource:
+    """Where ``ondevice train --serial`` reads, how it cuts readings into windows and when it stops."""
+
+    url: str
+    window: int = 32
+    hop: int | None = None
+    baudrate: int = 115200
+    label_column: int = -1
+    labels: tuple[str, ...] | None = None
+    max_samples: int | None = None
+    duration_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.url.strip():
+            raise ConfigError("--serial needs a port or pyserial URL, e.g. /dev/ttyACM0, COM3 or loop://")
+        if self.window < 1:
+            raise ConfigError(
+                f"--window must be at least 1 reading, got {self.window}; e.g. --window 32 (0.32 s at 100 Hz)"
+            )
+        if self.hop is not None and self.hop < 1:
+            raise ConfigError(
+                f"--hop must be at least 1 reading, got {self.hop}; --hop {self.window} (the window) makes "
+                f"windows that do not overlap"
+            )
+        if self.baudrate < 1:
+            raise ConfigError(
+                f"--baud must be a positive line speed, got {self.baudrate}; e.g. --baud 115200"
+            )
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"--max-samples must be at least 1, got {self.max_samples}; omit it to run on")
+        if self.duration_s is not None and not 0 < self.duration_s < float("inf"):
+            raise ConfigError(f"--duration must be a positive number of seconds, got {self.duration_s}")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"--labels names a class twice: {','.join(self.labels)}; list each class once")
+
+    @property
+    def step(self) -> int:
+        """Readings between the starts of two windows."""
+        return self.window if self.hop is None else self.hop
+
+
+def _split_labels(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise ConfigError(f"--labels must be comma-separated class names such as idle,wave; got {text!r}")
+    return names
+
+
+def _open_hint(error: BaseException) -> str:
+    import errno
+
+    code = getattr(error, "errno", None)
+    if isinstance(error, ValueError):
+        return (
+            "pyserial rejects it: give a device path such as /dev/ttyACM0 or COM3, or a URL such as loop:// "
+            "or socket://HOST:PORT, and a standard --baud such as 115200"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return (
+            "you may not open it: on Linux add yourself to the dialout group (sudo usermod -aG dialout "
+            "$USER, then log in again)"
+        )
+    if code == errno.EBUSY:
+        return "another program holds it: close serial monitors (Arduino IDE, screen, minicom) and retry"
+    return (
+        "check that the device is plugged in and the path is right (python -m serial.tools.list_ports lists "
+        "the ports), or give a pyserial URL such as loop:// or socket://HOST:PORT"
+    )
+
+
+def _open_port(source: _SerialSource) -> tuple[Any, Callable[[], Any]]:
+    """The port opened once (so a bad URL fails here, with the reason), and the opener for reconnecting."""
+    from devices.ports import url_opener
+
+    opener = url_opener(source.url, baudrate=source.baudrate)
+    try:
+        return opener(), opener
+    except (OSError, ValueError) as error:  # serial.SerialException is an OSError
+        raise ConfigError(
+            f"cannot open the serial port {source.url!r}: {error}. Fix: {_open_hint(error)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(stop: Callable[[], None]) -> Iterator[threading.Event]:
+    """While inside, Ctrl-C calls ``stop`` and sets the yielded event instead of raising; a second one raises.
+
+    Only the main thread can take SIGINT; elsewhere (an embedding application) nothing changes.
+    """
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    restore = previous if previous is not None else signal.default_int_handler
+
+    def handler(signum: int, frame: object) -> None:
+        interrupted.set()
+        signal.signal(signal.SIGINT, restore)
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, restore)
+
+
+class _WindowLearning:
+    """One serial run's learning: builds the learner at the first labelled window, batches, checkpoints."""
+
+    def __init__(
+        self,
+        build: Callable[[int], Learner],
+        *,
+        batch_size: int,
+        checkpoint: str | None,
+        checkpoint_every: int,
+        extra: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._build = build
+        self.batch_size = batch_size
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self._extra = extra
+        self.learner: Learner | None = None
+        self.channels: int | None = None
+        self.windows = 0
+        self.skipped: dict[str, int] = {}
+        self.recent: deque[float] = deque(maxlen=_RECENT_WINDOWS)
+        self.saved_to: str | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._since_save = 0
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Take one ``(1, channels, window)`` window; learn once ``batch_size`` are pending."""
+        self.windows += 1
+        if int(y) < 0:  # no label, or one that --labels does not list
+            self._skip("unlabelled")
+            return
+        channels = int(x.shape[1])
+        if self.learner is None:
+            self.learner = self._build(channels)
+            self.channels = channels
+        elif channels != self.channels:
+            if "channels" not in self.skipped:
+                logger.warning(
+                    "the sensor now sends %d values per reading, the model takes %d; skipping such windows",
+                    channels,
+                    self.channels,
+                )
+            self._skip("channels")
+            return
+        self._pending.append((x, y))
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Learn the pending windows (predicting each first: the prequential accuracy)."""
+        import torch
+
+        if not self._pending or self.learner is None:
+            return
+        x = torch.cat([pair[0] for pair in self._pending])
+        y = torch.cat([pair[1] for pair in self._pending])
+        self._pending.clear()
+        result = self.learner.observe(x, y)
+        if result.accuracy is not None:
+            self.recent.extend([result.accuracy] * result.samples)
+            self._since_save += result.samples
+        if self.checkpoint_every and self._since_save >= self.checkpoint_every:
+            self.save()
+
+    def save(self) -> None:
+        """Save the learner to the checkpoint atomically (nothing to save before the first window)."""
+        if self.checkpoint is None or self.learner is None:
+            return
+        try:
+            self.learner.save(self.checkpoint, extra=self._extra())
+        except OSError as error:
+            raise ConfigError(
+                f"cannot write the checkpoint {self.checkpoint!r}: {error}; pass a --checkpoint path in a "
+                f"writable directory"
+            ) from None
+        self._since_save = 0
+        self.saved_to = self.checkpoint
+
+    @property
+    def recent_accuracy(self) -> float | None:
+        """Prequential accuracy over the last ``_RECENT_WINDOWS`` windows learned."""
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
+
+def _check_window_fits(learner: Learner, window: int) -> None:
+    """Fail now, not at the first window, if one window is too short to train on (batch norm needs more
+    than one value per channel; the first window, and a last partial batch, may come alone)."""
+    import torch
+
+    net = learner.model.model
+    net.train()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 1, window))
+    except ValueError as error:
+        raise ConfigError(
+            f"--window {window} is too short to train the cnn1d on one window ({error}); use a longer "
+            f"--window, e.g. 16"
+        ) from None
+
+
+def _check_label_count(source: _SerialSource, names: list[str]) -> None:
+    if source.labels is not None or len(names) <= _MAX_DISCOVERED_LABELS:
+        return
+    examples = ", ".join(repr(name) for name in names[-3:])
+    raise ConfigError(
+        f"label column {source.label_column} of {source.url!r} gave {len(names)} different labels (e.g. "
+        f"{examples}): it looks like a sensor value, not a class name. Pass --label-column INDEX of the "
+        f"column with the class name, or --labels a,b,... to learn only those classes"
+    )
+
+
+def _run_serial(
+    source: _SerialSource, *, batch_size: int, checkpoint_every: int, **opts: Any
+) -> dict[str, Any]:
+    import torch
+    from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    import ondevice
+    from devices.lines import SampleStream, Windower
+    from devices.ports import Backoff, ReconnectingPort
+    from ondevice.continual import create_learner
+
+    if checkpoint_every < 0:
+        raise ConfigError(
+            f"--checkpoint-every must be >= 0 windows (0: only at the end), got {checkpoint_every}"
+        )
+    if (opts["model"] or "cnn1d") != "cnn1d":
+        raise ConfigError(
+            f"--serial trains a cnn1d over (channels, window) built from scratch; --model {opts['model']!r} "
+            f"is not supported with it: drop --model"
+        )
+    scheme = opts["scheme"] or "full"
+    num_classes = len(source.labels) if source.labels else 2  # the head grows with new labels
+
+    def model_kwargs(channels: int) -> dict[str, Any]:
+        return {"in_channels": channels, "length": source.window, "num_classes": num_classes}
+
+    def build(channels: int) -> Learner:
+        torch.manual_seed(opts["seed"])
+        net = ondevice.create_model("cnn1d", **model_kwargs(channels))
+        return create_learner(ondevice.prepare(net, scheme), opts["strategy"], **_learner_options(opts))
+
+    probe = build(1)  # every learner option is checked before the port opens
+    _check_window_fits(probe, source.window)
+    scheme_dict = probe.model.scheme.to_dict()
+    windower = Windower(source.window, source.hop, labels=source.labels)
+    port, opener = _open_port(source)
+    handed = [port]
+
+    def reopen() -> Any:
+        return handed.pop() if handed else opener()
+
+    stream = SampleStream(
+        ReconnectingPort(reopen, backoff=Backoff(max_s=2.0, max_attempts=_RECONNECT_ATTEMPTS)),
+        label_column=source.label_column,
+    )
+
+    def label_names() -> list[str]:
+        return sorted(windower.label_index, key=windower.label_index.__getitem__)
+
+    def extra() -> dict[str, Any]:
+        return {
+            "source": "serial",
+            "url": source.url,
+            "window": source.window,
+            "hop": source.step,
+            "label_column": source.label_column,
+            "labels": label_names(),
+            "model": "cnn1d",
+            "model_kwargs": model_kwargs(learning.channels or 0),
+            "windows": learning.windows,
+        }
+
+    learning = _WindowLearning(
+        build,
+        batch_size=batch_size,
+        checkpoint=opts["checkpoint"],
+        checkpoint_every=checkpoint_every,
+        extra=extra,
+    )
+    samples = 0
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        MofNCompleteColumn(),
+        TextColumn(
+            "readings, {task.fields[windows]} windows, accuracy {task.fields[accuracy]}, {task.fields[rate]}"
+        ),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not opts["progress"],
+    )
+    started = time.perf_counter()
+    with stream, progress, _stop_on_interrupt(stream.close) as interrupted:
+        task = progress.add_task(
+            f"{opts['strategy']} on {source.url}", total=source.max_samples, windows=0, accuracy="-", rate="-"
+        )
+        for sample in stream.samples(max_samples=source.max_samples, duration_s=source.duration_s):
+            samples += 1
+            for x, y in windower.push(sample):
+                _check_label_count(source, label_names())
+                learning.add(x, y)
+            accuracy = learning.recent_accuracy
+            rate = stream.stats.sampling_rate_hz
+            progress.update(
+                task,
+                completed=samples,
+                windows=learning.windows,
+                accuracy="-" if accuracy is None else f"{accuracy:.2f}",
+                rate="-" if rate is None else f"{rate:.0f} Hz",
+            )
+        learning.flush()
+        learning.save()
+    seconds = time.perf_counter() - started
+
+    if interrupted.is_set():
+        stopped_by = "interrupted"
+    elif source.max_samples is not None and samples >= source.max_samples:
+        stopped_by = "max_samples"
+    elif stream.port.gave_up or source.duration_s is None:
+        stopped_by = "stream_ended"
+    else:
+        stopped_by = "duration"
+    learner = learning.learner
+    state = learner.state if learner is not None else None
+    stats = stream.stats.to_dict()
+    stats.pop("samples")  # what the reader parsed, possibly past the stop; "samples" below were windowed
+    channels = stats["channels"]
+    return {
+        "title": f"{source.url}: {channels or '?'} channel(s), window {source.window}, hop {source.step}",
+        "source": "serial",
+        "url": source.url,
+        "window": source.window,
+        "hop": source.step,
+        "label_column": source.label_column,
+        "labels": label_names(),
+        "samples": samples,
+        "windows": learning.windows,
+        "windows_learned": state.trained_samples if state else 0,
+        "windows_skipped": dict(learning.skipped),
+        **stats,
+        "prequential_accuracy": state.prequential_accuracy if state and state.trained_samples else None,
+        "recent_accuracy": learning.recent_accuracy,
+        "buffer_bytes": learner.buffer_bytes if learner is not None else 0,
+        "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+        "learn_seconds": state.train_seconds if state else 0.0,
+        "seconds": seconds,
+        "drifts": state.drifts if state else 0,
+        "skipped_batches": state.skipped_batches if state else 0,
+        "stopped_by": stopped_by,
+        "checkpoint": learning.saved_to,
+        "strategy": opts["strategy"],
+        "scheme": scheme_dict,
+        "classes": learner.num_classes if learner is not None else 0,
+    }
+
+
+def _print_serial_summary(payload: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from memory import format_bytes
+
+    console.print(f"[bold]ondevice train[/] {payload['title']}")
+    table = Table(title=f"summary ({payload['strategy']}, scheme {payload['scheme']['name']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    skipped = payload["windows_skipped"]
+    rate = payload["sampling_rate_hz"]
+    rows = [
+        ("readings (samples) read", f"{payload['samples']:,}"),
+        ("windows learned", f"{payload['windows_learned']:,} of {payload['windows']:,}"),
+        *((f"  windows skipped: {reason}", f"{count:,}") for reason, count in sorted(skipped.items())),
+        ("lines dropped", f"{payload['dropped_total']:,} of {payload['lines']:,} read"),
+        *((f"  dropped: {reason}", f"{count:,}") for reason, count in sorted(payload["dropped"].items())),
+        ("sampling rate", "-" if rate is None else f"{rate:.1f} Hz"),
+        ("channels", str(payload["channels"] or "-")),
+        ("reconnects", str(payload["reconnects"])),
+    ]
+    for label, key in (
+        ("prequential accuracy", "prequential_accuracy"),
+        (f"running accuracy (last {_RECENT_WINDOWS} windows)", "recent_accuracy"),
+    ):
+        rows.append((label, "-" if payload[key] is None else f"{payload[key]:.4f}"))
+    rows += [
+        ("buffer", format_bytes(payload["buffer_bytes"])),
+        ("samples/s", f"{payload['samples_per_second']:.1f}"),
+        ("classes", ", ".join(payload["labels"]) or "-"),
+        ("drifts detected", str(payload["drifts"])),
+        ("stopped by", payload["stopped_by"].replace("_", " ")),
+        ("checkpoint", payload["checkpoint"] or "-"),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
     console.print(table)
