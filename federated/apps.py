@@ -37,7 +37,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from federated.aggregation import apply_update, weighted_average
 from federated.config import FederatedConfig
-from federated.device import DeviceLearner, backbone_digest, build_model, load_split, tensor_spec
+from federated.device import (
+    DeviceLearner,
+    backbone_digest,
+    build_model,
+    load_split,
+    statistic_names,
+    tensor_spec,
+)
 from federated.errors import FederatedError, PayloadError
 from federated.payload import (
     content_bytes,
@@ -139,7 +146,12 @@ def make_client_app(config: FederatedConfig | None = None, *, state_root: str | 
         update = learner.train_round(
             from_record(message.content.get(ARRAYS_RECORD)), server_round=server_round
         )
-        encoded = encode_update(update.deltas, learner.config.compression_obj, learner.residuals)
+        encoded = encode_update(
+            update.deltas,
+            learner.config.compression_obj,
+            learner.residuals,
+            statistics=learner.statistics,
+        )
         learner.residuals = encoded.residuals
         learner.save_state()
         metrics = MetricRecord({NUM_EXAMPLES: int(update.num_examples), **update.metrics})
@@ -229,11 +241,17 @@ def run_server(
     torch.manual_seed(config.seed)
     prepared = build_model(config)
     spec = tensor_spec(prepared, personalised=config.personalised)
+    statistics = statistic_names(prepared, personalised=config.personalised)
     digest = backbone_digest(prepared)
     split = load_split(config, prepared)
     tensors = prepared.trainable_tensors()
     global_arrays = to_numpy({k: tensors[k] for k in spec})
     compression = config.compression_obj
+    if compression.kind == "topk" and compression.error_feedback and config.optimizer == "adam":
+        logger.warning(
+            "top-k uplink with error feedback and Adam on the devices: Adam's normalised steps make the "
+            "residuals grow round after round (see federated.compression); use optimizer='sgd' with top-k"
+        )
     rng = random.Random(config.seed)
     records: list[RoundRecord] = []
     for server_round in range(1, config.rounds + 1):
@@ -265,6 +283,7 @@ def run_server(
             compression=compression,
             norm_factor=config.norm_factor,
             max_examples=len(split.pool),
+            statistics=statistics,
         )
         accepted = report.accepted
         if len(accepted) >= config.min_replies:

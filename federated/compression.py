@@ -15,6 +15,23 @@ Round-trip error bounds (checked in the tests):
   With error feedback the unsent remainder is kept on the device and added to the next update, so
   nothing is lost, only delayed (Stich, Cordonnier & Jaggi, "Sparsified SGD with Memory", NeurIPS 2018;
   Karimireddy et al., "Error Feedback Fixes SignSGD and other Gradient Compression Schemes", ICML 2019).
+
+Running statistics (BatchNorm's running mean and variance, shared when a scheme updates them) are not
+gradient-like: every round re-estimates them from the device's data, so their delta is "where the
+statistic should be now", not a step to accumulate. Error feedback would add each round's unsent
+remainder to the next, overshooting them round after round (tested: a statistic re-estimated to the
+same target every round runs past it), and sparsifying them leaves most channels with stale
+statistics. :func:`codec_for` therefore sends them dense (float32) under top-k; fp16 and int8 apply to
+them as to every tensor.
+
+Error feedback and Adam: the feedback argument holds for deltas that are (sums of) gradient steps, as
+with SGD. Adam's steps are normalised per coordinate, about ``lr`` each whatever the gradient, so a
+coordinate that is not sent is pushed again by a full step every round and its residual grows until it
+is released all at once; and since every coordinate moves by about the same amount, the largest
+entries are not the ones that matter most. Measured (bench/federated.py, lite residual, 10 devices,
+Dirichlet(0.3), accuracy per round): top-10% with feedback under Adam 0.68, 0.80, 0.31, 0.40, 0.49;
+without feedback 0.68, 0.72, 0.64, 0.55, 0.58; under SGD with feedback 0.51, 0.74, 0.75, 0.80, 0.82,
+3.8 points below SGD without a codec. The server logs a warning for top-k with Adam.
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ from ondevice.errors import ConfigError, UnknownNameError
 __all__ = [
     "Compression",
     "EncodedTensor",
+    "codec_for",
     "decode",
     "encode",
     "encode_with_feedback",
@@ -102,6 +120,11 @@ class EncodedTensor:
 
     values: np.ndarray
     aux: np.ndarray | None = None
+
+
+def codec_for(compression: Compression, *, statistic: bool) -> Compression:
+    """The codec one tensor travels with: running statistics go dense under top-k (module docstring)."""
+    return Compression("none") if statistic and compression.kind == "topk" else compression
 
 
 def int8_error_bound(x: np.ndarray) -> float:

@@ -82,6 +82,12 @@ def shared_names(prepared: PreparedModel, *, personalised: bool) -> list[str]:
     return names
 
 
+def statistic_names(prepared: PreparedModel, *, personalised: bool) -> list[str]:
+    """Sorted names of the shared running statistics (see :func:`federated.compression.codec_for`)."""
+    buffers = prepared.trainable_buffers()
+    return [n for n in shared_names(prepared, personalised=personalised) if n in buffers]
+
+
 def tensor_spec(
     prepared: PreparedModel, *, personalised: bool
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -190,6 +196,7 @@ class DeviceLearner:
             seed=config.seed,
         )
         self.shared = shared_names(self.prepared, personalised=config.personalised)
+        self.statistics = statistic_names(self.prepared, personalised=config.personalised)
         self.spec: TensorSpec = tensor_spec(self.prepared, personalised=config.personalised)
         self.digest = backbone_digest(self.prepared)
         self.state_dir = Path(state_dir) if state_dir is not None else None

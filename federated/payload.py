@@ -11,14 +11,14 @@ global tensors in ``"arrays"``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from federated.compression import Compression, EncodedTensor, decode, encode_with_feedback
+from federated.compression import Compression, EncodedTensor, codec_for, decode, encode_with_feedback
 from federated.errors import PayloadError
 
 __all__ = [
@@ -107,13 +107,19 @@ def encode_update(
     deltas: Mapping[str, np.ndarray],
     compression: Compression,
     residuals: Mapping[str, np.ndarray] | None = None,
+    *,
+    statistics: Collection[str] = (),
 ) -> EncodedUpdate:
-    """Compress every delta (with error feedback for top-k) into ``update`` and ``aux`` records."""
+    """Compress every delta (with error feedback for top-k) into ``update`` and ``aux`` records.
+
+    ``statistics`` names the running-statistics tensors, which travel under :func:`codec_for`'s codec.
+    """
     values: dict[str, np.ndarray] = {}
     aux: dict[str, np.ndarray] = {}
     new_residuals: dict[str, np.ndarray] = {}
     for name in sorted(deltas):
-        encoded, residual = encode_with_feedback(deltas[name], (residuals or {}).get(name), compression)
+        codec = codec_for(compression, statistic=name in statistics)
+        encoded, residual = encode_with_feedback(deltas[name], (residuals or {}).get(name), codec)
         values[name] = encoded.values
         if encoded.aux is not None:
             aux[name] = encoded.aux
@@ -123,9 +129,14 @@ def encode_update(
 
 
 def decode_update(
-    update: object, aux: object, spec: TensorSpec, compression: Compression
+    update: object,
+    aux: object,
+    spec: TensorSpec,
+    compression: Compression,
+    *,
+    statistics: Collection[str] = (),
 ) -> dict[str, np.ndarray]:
-    """Validate and decompress an update received from a device.
+    """Validate and decompress an update received from a device (``statistics`` as in :func:`encode_update`).
 
     Raises:
         PayloadError: missing or unexpected keys, arrays that do not fit the spec under the codec.
@@ -146,7 +157,7 @@ def decode_update(
                 EncodedTensor(values[name], extras.get(name)),
                 shape=shape,
                 dtype=dtype,
-                compression=compression,
+                compression=codec_for(compression, statistic=name in statistics),
             )
         except PayloadError as exc:
             raise PayloadError(f"{name!r}: {exc}") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,11 +100,22 @@ def norm_outliers(norms: Sequence[float], factor: float) -> list[bool]:
 
 
 def screen_content(
-    content: RecordDict, *, node_id: int, spec: TensorSpec, compression: Compression, max_examples: int
+    content: RecordDict,
+    *,
+    node_id: int,
+    spec: TensorSpec,
+    compression: Compression,
+    max_examples: int,
+    statistics: Collection[str] = (),
 ) -> Candidate | Rejection:
-    """Decode and check one reply's content; every failure becomes a :class:`Rejection`."""
+    """Decode and check one reply's content; every failure becomes a :class:`Rejection`.
+
+    ``statistics`` names the running-statistics tensors (see :func:`federated.compression.codec_for`).
+    """
     try:
-        update = decode_update(content.get(UPDATE_RECORD), content.get(AUX_RECORD), spec, compression)
+        update = decode_update(
+            content.get(UPDATE_RECORD), content.get(AUX_RECORD), spec, compression, statistics=statistics
+        )
     except PayloadError as exc:
         return Rejection(node_id, f"malformed update: {exc}")
     reason = check_update(update, spec)
@@ -131,6 +142,7 @@ def validate_replies(
     compression: Compression,
     norm_factor: float,
     max_examples: int,
+    statistics: Collection[str] = (),
 ) -> ValidationReport:
     """Screen a round's replies: structure first, then norms among the structurally valid ones."""
     candidates: list[Candidate] = []
@@ -141,7 +153,12 @@ def validate_replies(
             rejected.append(Rejection(node_id, f"error reply: {reply.error.reason}"))
             continue
         outcome = screen_content(
-            reply.content, node_id=node_id, spec=spec, compression=compression, max_examples=max_examples
+            reply.content,
+            node_id=node_id,
+            spec=spec,
+            compression=compression,
+            max_examples=max_examples,
+            statistics=statistics,
         )
         (candidates if isinstance(outcome, Candidate) else rejected).append(outcome)  # type: ignore[arg-type]
     outliers = norm_outliers([c.norm for c in candidates], norm_factor)
