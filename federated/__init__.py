@@ -16,7 +16,7 @@ from federated.config import FederatedConfig
 from federated.device import DeviceLearner
 from federated.errors import FederatedError, PayloadError
 from federated.partition import Partition
-from federated.simulation import SimulationResult, simulate
+from federated.simulation import SimulationResult, prestart_engine, simulate
 
 __all__ = [
     "Compression",
@@ -29,5 +29,6 @@ __all__ = [
     "SimulationResult",
     "make_client_app",
     "make_server_app",
+    "prestart_engine",
     "simulate",
 ]

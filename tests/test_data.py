@@ -59,9 +59,14 @@ def test_load_digits_shapes(kwargs: dict, shape: tuple[int, ...]) -> None:
 def test_load_digits_values() -> None:
     from sklearn.datasets import load_digits as sk_load_digits
 
+    from ondevice.data.digits import _digits_file
+
+    assert _digits_file() is not None  # read directly, without importing scikit-learn
     raw = load_digits(normalize=False)
-    expected = torch.as_tensor(sk_load_digits().images, dtype=torch.float32) / 16
+    bunch = sk_load_digits()
+    expected = torch.as_tensor(bunch.images, dtype=torch.float32) / 16
     assert torch.equal(raw.x[:, 0], expected)
+    assert torch.equal(raw.y, torch.as_tensor(bunch.target, dtype=torch.int64))
     assert raw.x.min() == 0 and raw.x.max() == 1
     norm = load_digits()
     assert abs(float(norm.x.mean())) < 1e-3 and abs(float(norm.x.std()) - 1) < 1e-3

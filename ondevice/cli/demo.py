@@ -217,6 +217,10 @@ def demo(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     figures: dict[str, Any] = {}
+    if not skip_federated:
+        from federated import prestart_engine
+
+        prestart_engine(verbose=verbose)  # Ray's ~10 s start-up overlaps steps 1 and 2
     try:
         with console.status("[bold]1/4[/] detecting the device and planning the update scheme") as status:
             t0 = time.perf_counter()

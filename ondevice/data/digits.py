@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,13 +23,34 @@ DIGITS_STD = 0.3760
 Layout = Literal["image", "sequence"]
 
 
+def _digits_file() -> Path | None:
+    """scikit-learn's ``datasets/data/digits.csv.gz``, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
+
+
 @functools.lru_cache(maxsize=1)
 def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits as sk_load_digits  # ships with scikit-learn, no download
+    """Images (N, 8, 8) in [0, 1] and labels (N,).
 
-    bunch = sk_load_digits()
-    x = torch.as_tensor(bunch.images, dtype=torch.float32) / 16.0
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    The CSV that scikit-learn ships (64 pixels then the label per row) is read directly: importing
+    ``sklearn.datasets`` costs ~2 s, which every simulated device would pay at start-up. Should the file
+    move in a future scikit-learn, its public ``load_digits`` is used instead.
+    """
+    path = _digits_file()
+    if path is not None:
+        data = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        images, target = data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    else:  # pragma: no cover - depends on scikit-learn's layout
+        from sklearn.datasets import load_digits as sk_load_digits  # ships with scikit-learn, no download
+
+        bunch = sk_load_digits()
+        images, target = bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+    x = torch.as_tensor(images, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(target, dtype=torch.int64)
     return x, y
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("flower")]
+# Not the "flower" group (Ray): SuperLink and SuperNodes are processes of their own, so the deployment
+# tests run on the other worker, beside the simulations, and the two groups share the run time.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("deployment")]
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_DIR = ROOT / "examples" / "federated_app"
