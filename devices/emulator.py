@@ -10,6 +10,12 @@ adds the TENSORS deltas it receives, and answers COMMAND frames:
 - ``reset`` -> zeroes the parameters, REPLY ``{"op": "ok"}``
 - ``stats`` -> REPLY with the link's counters
 
+Its link runs with ``auto_ack=False``: a frame is acknowledged only after the emulator has applied it
+(a delta added, a command executed or a bad payload rejected), and before any reply is sent. So when the
+host's ``send`` returns ``True`` the delta is in :attr:`DeviceEmulator.parameters`, and a frame still
+queued when the device is closed or unplugged is not acknowledged: the host retransmits it to the
+replugged device instead of losing it.
+
 Both run over any pyserial URL, a callable opening a port, or the master end of a pty
 (:func:`devices.ports.open_pty`), in a background thread; ``close()`` stops them.
 """
@@ -24,9 +30,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from devices.framing import FrameType
+from devices.framing import Frame, FrameType
 from devices.link import Link
-from devices.payloads import PayloadError, decode_command, decode_tensors, encode_command
+from devices.payloads import PayloadError, decode_command, decode_tensors, encode_command, encode_tensors
 from devices.ports import Backoff, PortLike, ReconnectingPort
 
 if TYPE_CHECKING:
@@ -175,7 +181,8 @@ class DeviceEmulator:
         backoff: Backoff | None = None,
         **link_options: Any,
     ) -> None:
-        self.link = Link(_as_port(port, backoff), ack_timeout_s=ack_timeout_s, name="device", **link_options)
+        line = _as_port(port, backoff)  # auto_ack=False: acknowledge what was applied (module docstring)
+        self.link = Link(line, ack_timeout_s=ack_timeout_s, name="device", auto_ack=False, **link_options)
         self.parameters: dict[str, torch.Tensor] = {
             k: v.detach().clone() for k, v in (parameters or {}).items()
         }
@@ -197,18 +204,26 @@ class DeviceEmulator:
             if frame is None:
                 continue
             try:
-                if frame.type is FrameType.TENSORS:
-                    self._apply(decode_tensors(frame.payload))
-                elif frame.type is FrameType.COMMAND:
-                    self.commands += 1
-                    op, args = decode_command(frame.payload)
-                    self._command(op, args)
-                else:
-                    logger.debug("device ignores %s frame %d", frame.type.name, frame.seq)
+                reply = self._process(frame)
             except PayloadError as error:
                 self.rejected += 1
                 logger.warning("device rejected frame %d: %s", frame.seq, error)
-                self.link.send(FrameType.REPLY, encode_command("error", {"message": str(error)}))
+                reply = (FrameType.REPLY, encode_command("error", {"message": str(error)}))
+            self.link.acknowledge(frame)  # applied (or rejected): now the host may count it delivered
+            if reply is not None:
+                self.link.send(*reply)
+
+    def _process(self, frame: Frame) -> tuple[FrameType, bytes] | None:
+        """Apply ``frame`` to the device state; the reply to send once it is acknowledged, if any."""
+        if frame.type is FrameType.TENSORS:
+            self._apply(decode_tensors(frame.payload))
+            return None
+        if frame.type is FrameType.COMMAND:
+            self.commands += 1
+            op, args = decode_command(frame.payload)
+            return self._command(op, args)
+        logger.debug("device ignores %s frame %d", frame.type.name, frame.seq)
+        return None
 
     def _apply(self, delta: Mapping[str, torch.Tensor]) -> None:
         for name, value in delta.items():
@@ -224,24 +239,19 @@ class DeviceEmulator:
                 current.add_(value.to(current.dtype))
         self.applied += 1
 
-    def _command(self, op: str, args: Mapping[str, Any]) -> None:
+    def _command(self, op: str, args: Mapping[str, Any]) -> tuple[FrameType, bytes]:
         if op == "ping":
-            self.link.send(FrameType.REPLY, encode_command("pong", {"seq": args.get("seq")}))
-        elif op == "get":
-            self.link.send_tensors(self.parameters)
-        elif op == "reset":
+            return FrameType.REPLY, encode_command("pong", {"seq": args.get("seq")})
+        if op == "get":
+            return FrameType.TENSORS, encode_tensors(self.parameters)
+        if op == "reset":
             for value in self.parameters.values():
                 value.zero_()
-            self.link.send(FrameType.REPLY, encode_command("ok"))
-        elif op == "stats":
-            self.link.send(
-                FrameType.REPLY,
-                encode_command(
-                    "stats", {"applied": self.applied, "rejected": self.rejected, **self.link.stats.to_dict()}
-                ),
-            )
-        else:
-            raise PayloadError(f"unknown command {op!r}; the emulator knows get, ping, reset, stats")
+            return FrameType.REPLY, encode_command("ok")
+        if op == "stats":
+            stats = {"applied": self.applied, "rejected": self.rejected, **self.link.stats.to_dict()}
+            return FrameType.REPLY, encode_command("stats", stats)
+        raise PayloadError(f"unknown command {op!r}; the emulator knows get, ping, reset, stats")
 
     def close(self) -> None:
         """Stop serving and close the link (to the host: the device was unplugged)."""

@@ -62,7 +62,8 @@ class FrameType(IntEnum):
     """What a frame carries."""
 
     ACK = 1
-    """Acknowledges the frame with the same sequence number; empty payload."""
+    """Acknowledges the frame with the same sequence number; empty payload. Sent on receipt, or only once
+    the frame was processed, depending on the receiver's ``auto_ack`` (see :mod:`devices.link`)."""
     DATA = 2
     """Opaque bytes."""
     TENSORS = 3

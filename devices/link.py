@@ -2,13 +2,36 @@
 
 Stop-and-wait ARQ over :mod:`devices.framing`: every non-ACK frame carries a 32-bit sequence number and
 is acknowledged by an ACK frame with the same number. The sender retransmits after ``ack_timeout_s``, up
-to ``max_retries`` times; the receiver acknowledges every copy but delivers a sequence number only once
-(it remembers the last ``dedup_window`` numbers), so a retransmission whose ACK was lost is not
+to ``max_retries`` times; the receiver delivers a sequence number only once (it remembers the last
+``dedup_window`` numbers), so a retransmission whose ACK was lost is acknowledged again but not
 delivered twice. Each link starts from a random sequence number, so a device that rebooted is not
 mistaken for a duplicate. While the port is unplugged the reader thread reopens it with exponential
 backoff (:class:`devices.ports.ReconnectingPort`) and ``send`` keeps the frame pending until
 ``send_timeout_s``. Nothing here raises into the caller on a bad line: ``send`` returns ``False`` and
 ``stats`` counts what was dropped and why.
+
+What an ACK means depends on the receiver's ``auto_ack``:
+
+- ``auto_ack=True`` (the default, right for a host reading replies): the frame is acknowledged as soon
+  as it is queued for :meth:`Link.receive`. The ACK says "received", not "processed": a frame still in
+  the inbox when the receiver stops is lost although its sender saw ``True``.
+- ``auto_ack=False`` (what a device applying parameter deltas needs, see :mod:`devices.emulator`): the
+  application calls :meth:`Link.acknowledge` once it has *applied* the frame. Until then a
+  retransmission of that frame is counted as a duplicate and neither delivered again nor acknowledged,
+  and a frame the receiver never acknowledged (it was closed or unplugged first) is retransmitted by
+  the sender, to the replugged device.
+
+Guarantees across an unplug/replug, with ``auto_ack=False`` on the receiving side: every frame for
+which ``send`` returned ``True`` was applied exactly once by the receiver whose ACK the sender read;
+no receiver applies a sequence number twice. The sender's sequence numbers continue across a
+reconnect, so a receiver that merely lost its cable (and kept its state) re-acknowledges a
+retransmission of a frame it already applied; a receiver that rebooted starts with no history, so it
+applies what it is sent. ACKs cannot be confused across the replug: the sender waits only for the
+sequence number of the one frame in flight (any other ACK is counted as ``stale_acks``) and never
+reuses a number within a link, and the decoder drops a partial segment left from the old port. A
+frame in flight at the moment of the unplug may have been applied by the old receiver as well (its
+ACK was lost with the cable): no protocol can tell the sender, and the rebooted device lost that
+state anyway.
 """
 
 from __future__ import annotations
@@ -78,6 +101,9 @@ class Link:
         inbox_size: received frames waiting for :meth:`receive`; when full, frames are not acknowledged,
             so the peer retransmits later (back-pressure instead of loss).
         dedup_window: how many recent sequence numbers the receiver remembers.
+        auto_ack: acknowledge a frame as soon as it is queued for :meth:`receive` (``True``), or only
+            when the application calls :meth:`acknowledge` after processing it (``False``; exactly-once
+            processing, see the module docstring).
     """
 
     def __init__(
@@ -93,6 +119,7 @@ class Link:
         dedup_window: int = 1024,
         baudrate: int = 115200,
         name: str = "link",
+        auto_ack: bool = True,
     ) -> None:
         if ack_timeout_s <= 0 or max_retries < 0 or send_timeout_s <= 0 or dedup_window < 1:
             raise ConfigError(
@@ -110,9 +137,12 @@ class Link:
         self.stats = LinkStats()
         self.decoder = FrameDecoder(max_payload_bytes=max_payload_bytes)
         self.max_payload_bytes = max_payload_bytes
+        self.auto_ack = auto_ack
         self._inbox: queue.Queue[Frame] = queue.Queue(maxsize=inbox_size)
         self._seen: OrderedDict[int, None] = OrderedDict()
         self._dedup_window = dedup_window
+        self._unacked: set[int] = set()  # delivered, waiting for acknowledge() (auto_ack=False)
+        self._rx_lock = threading.Lock()  # _seen and _unacked: the reader and acknowledge() share them
         self._next_seq = random.SystemRandom().randrange(1 << 32)
         self._send_lock = threading.Lock()
         self._ack_cond = threading.Condition()
@@ -208,11 +238,33 @@ class Link:
 
     # -- receiving ---------------------------------------------------------------------------------
     def receive(self, timeout_s: float | None = None) -> Frame | None:
-        """The next delivered frame (never an ACK or a duplicate), or ``None`` after ``timeout_s``."""
+        """The next delivered frame (never an ACK or a duplicate), or ``None`` after ``timeout_s``.
+
+        With ``auto_ack=False`` pass the frame to :meth:`acknowledge` once it has been processed.
+        """
         try:
             return self._inbox.get(timeout=timeout_s)
         except queue.Empty:
             return None
+
+    def acknowledge(self, frame: Frame) -> None:
+        """Acknowledge ``frame`` (from :meth:`receive`) after processing it; only with ``auto_ack=False``.
+
+        Call it once the frame's effect is applied: the sender's ``send`` returns ``True`` on this ACK.
+        If the ACK is lost (or the port is down), the sender's retransmission is acknowledged again
+        without being delivered. A frame that is not awaiting its ACK (already acknowledged) is ignored.
+        """
+        if self.auto_ack:
+            raise ConfigError(
+                f"{self.name}: this link acknowledges frames on receipt (auto_ack=True); create it with "
+                "auto_ack=False to acknowledge each frame after processing it"
+            )
+        with self._rx_lock:
+            if frame.seq not in self._unacked:
+                logger.debug("%s: frame %d is not awaiting an ACK; ignored", self.name, frame.seq)
+                return
+            self._unacked.discard(frame.seq)  # before writing: a retransmission is now re-acknowledged
+        self._ack(frame.seq)
 
     def _read_loop(self) -> None:
         reconnects = self.port.reconnects
@@ -243,20 +295,33 @@ class Link:
                     self.stats.stale_acks += 1
             return
         self.stats.received += 1
-        if frame.seq in self._seen:
-            self.stats.duplicates += 1
+        with self._rx_lock:
+            if frame.seq in self._unacked:  # still being processed: acknowledge() sends its ACK
+                self.stats.duplicates += 1
+                return
+            duplicate = frame.seq in self._seen  # delivered and acknowledged, but the ACK was lost
+            if duplicate:
+                self.stats.duplicates += 1
+            elif not self._deliver(frame):
+                return
+        if duplicate or self.auto_ack:
             self._ack(frame.seq)
-            return
+
+    def _deliver(self, frame: Frame) -> bool:
+        """Queue a new frame for :meth:`receive` (the caller holds ``_rx_lock``); ``False`` if full."""
+        if not self.auto_ack:
+            self._unacked.add(frame.seq)  # before the application can take it from the inbox
         try:
             self._inbox.put_nowait(frame)
         except queue.Full:
+            self._unacked.discard(frame.seq)
             self.stats.dropped["inbox_full"] += 1  # not acknowledged: the peer will retransmit
-            return
+            return False
         self._seen[frame.seq] = None
         if len(self._seen) > self._dedup_window:
             self._seen.popitem(last=False)
         self.stats.delivered += 1
-        self._ack(frame.seq)
+        return True
 
     def _ack(self, seq: int) -> None:
         if self.port.write(encode_frame(Frame(FrameType.ACK, seq))):
@@ -269,7 +334,7 @@ class Link:
         return merged
 
     def drain(self) -> list[Frame]:
-        """All frames waiting in the inbox, without blocking."""
+        """All frames waiting in the inbox, without blocking (with ``auto_ack=False``, acknowledge them)."""
         frames: list[Frame] = []
         with contextlib.suppress(queue.Empty):
             while True:

@@ -213,8 +213,9 @@ class ReconnectingPort:
             return True
         except Exception as error:
             logger.warning("serial write failed (%s: %s)", type(error).__name__, error)
-            self._broken = True
-            self.failures += 1
+            if self._port is port:  # a port the reader already replaced must not break the new one
+                self._broken = True
+                self.failures += 1
             return False
 
     def close(self) -> None:
