@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,13 +55,14 @@ class _Prestart:
                 pythonpath = os.pathsep.join(sys.path)
                 if os.environ.get("PYTHONPATH"):
                     pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-                # Ray warns that it sets no SIGTERM handler outside the main thread; the simulation's
-                # end shuts Ray down all the same.
-                logging.getLogger("ray").setLevel(logging.ERROR)
+                # Outside the main thread Ray warns that it sets no SIGTERM handler; the simulation's
+                # end shuts Ray down all the same, so that warning is not shown unless verbose.
+                if not verbose:
+                    _quiet_ray_warnings()
                 ray.init(
                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
                     include_dashboard=False,
-                    logging_level="WARNING",
+                    logging_level="WARNING" if verbose else "ERROR",
                     **_ray_init_args(verbose),
                 )
         except BaseException as exc:  # reported; simulate() then starts Ray itself
@@ -75,6 +77,23 @@ class _Prestart:
 
 
 _prestart: _Prestart | None = None
+
+
+def _quiet_ray_warnings() -> None:
+    """Hide Ray's FutureWarning about GPU environment variables (we ask for no GPUs; process-wide)."""
+    warnings.filterwarnings(
+        "ignore", message=r".*Ray will no longer override accelerator", category=FutureWarning
+    )
+
+
+class _DropDeprecation(logging.Filter):
+    """Drop Flower's notice that ``run_simulation`` is deprecated.
+
+    We call it on purpose: it runs Python-object apps in this process, which ``flwr run`` cannot.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in str(record.msg) and "deprecated feature" not in str(record.msg)
 
 
 def _ray_init_args(verbose: bool) -> dict[str, Any]:
@@ -196,8 +215,13 @@ def simulate(
             "init_args": _ray_init_args(verbose),
         }
         prestarted = _await_prestart()
+        flwr_logger = logging.getLogger("flwr")
+        quiet = _DropDeprecation()
         start = time.perf_counter()
         try:
+            if not verbose:
+                _quiet_ray_warnings()
+                flwr_logger.addFilter(quiet)
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -206,6 +230,7 @@ def simulate(
                 verbose_logging=verbose,
             )
         finally:
+            flwr_logger.removeFilter(quiet)
             if prestarted is not None:
                 prestarted.release()
         seconds = time.perf_counter() - start

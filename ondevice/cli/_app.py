@@ -31,11 +31,12 @@ console = Console(stderr=True, soft_wrap=True)
 
 def configure_logging(verbose: bool) -> None:
     """Only the CLI configures logging; libraries just log."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Libraries that set their own loggers to DEBUG (Flower does in a simulation) still propagate to the
+    # root handlers: the handlers' level keeps their debug lines out unless --verbose.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
 
 
 def print_json(payload: Any) -> None:
