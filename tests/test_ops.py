@@ -659,3 +659,171 @@ def test_ops_run_on_fake_tensors() -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     for p in model.parameters():
         p.grad = None
+
+
+# ------------------------------------------------------------------------ in-place activations in Sequential
+
+
+class _Stack(nn.Module):
+    """A model whose child Sequential has conv -> BN -> ReLU6, conv -> BN -> LeakyReLU and conv -> ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
+            nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6), nn.LeakyReLU(0.1),
+            nn.Conv2d(6, 4, 1), nn.ReLU(),
+        )  # fmt: skip
+        for m in self.body.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2)
+                    m.bias.uniform_(-0.5, 0.5)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class _NormStack(nn.Module):
+    """conv -> GroupNorm -> ReLU (a lite-residual branch), then Linear -> ReLU and LayerNorm -> ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.branch = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.GroupNorm(2, 4), nn.ReLU())
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 8), nn.ReLU(), nn.LayerNorm(8), nn.ReLU())
+        for norm in (self.branch[1], self.mlp[3]):
+            with torch.no_grad():
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.branch(x))
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scheme", ["bias", "full", "last"])
+@pytest.mark.parametrize("mask", ["bit", "byte"])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_sequential_runs_activations_in_place_with_stock_outputs_and_gradients(
+    scheme: str, mask: str, input_grad: bool
+) -> None:
+    stock = _Stack()
+    _freeze(stock, scheme)
+    ours = ops.convert(copy.deepcopy(stock), mask=mask)  # type: ignore[arg-type]
+    assert type(ours.body) is ops.MemorySavingSequential
+    assert ops.sequential.inplace_pairs(ours.body) == (2, 5, 7)
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    x = _special_values(torch.randn(2, 3, 8, 8) * 3).requires_grad_(input_grad)
+    _assert_same_grads(stock, ours, x)
+    with _OpNames() as seen:
+        out = ours(x)
+    assert {"hardtanh_", "leaky_relu_", "relu_"} <= set(seen.names)
+    assert not {"hardtanh", "leaky_relu", "relu"} & set(seen.names)
+    # Frozen conv -> eval BatchNorm (-> ReLU6) runs as one op wherever a frozen conv's output needs a grad.
+    fused = sum(name == "_ConvBatchNormFnBackward" for name in _graph_nodes(out))
+    assert fused == {"bias": 2, "full": 0, "last": 0}[scheme] + (scheme == "last" and input_grad) * 2
+
+
+def _graph_nodes(t: Tensor) -> list[str]:
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("scheme", ["bias", "full", "last"])
+def test_activations_after_group_norm_layer_norm_and_linear_run_in_place(scheme: str) -> None:
+    stock = _NormStack()
+    _freeze(stock, scheme)
+    ours = ops.convert(copy.deepcopy(stock), mask="byte")
+    assert ops.sequential.inplace_pairs(ours.branch) == (2,)
+    assert ops.sequential.inplace_pairs(ours.mlp) == (2, 4)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    _assert_same_grads(stock, ours, x)
+    with _OpNames() as seen:
+        ours(x)
+    assert seen.names.count("relu_") == 3 and "relu" not in seen.names
+
+
+def test_sequential_keeps_what_the_out_of_place_layers_keep() -> None:
+    model = _Stack()
+    _freeze(model, "bias")
+    ours = ops.convert(copy.deepcopy(model), mask="bit")
+    x = torch.randn(2, 3, 8, 8)
+    plain = copy.deepcopy(ours)
+    plain.body = ours.body.to_stock()  # the same memory-saving layers, run out of place
+    assert type(plain.body) is nn.Sequential
+    masks = 2 * math.ceil(2 * 6 * 8 * 8 / 8) + math.ceil(2 * 4 * 8 * 8 / 8)  # ReLU6, LeakyReLU, ReLU
+    assert _saved_bytes(ours, x) == _saved_bytes(plain, x) == masks
+
+
+@pytest.mark.parametrize("where", ["producer", "activation", "global"])
+def test_hooks_turn_in_place_activations_off(where: str) -> None:
+    model = _Stack()
+    _freeze(model, "bias")
+    ours = ops.convert(copy.deepcopy(model))
+    seen: list[Tensor] = []
+    if where == "producer":
+        handle = ours.body[1].register_forward_hook(lambda m, a, out: seen.append(out))
+    elif where == "activation":
+        handle = ours.body[2].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    else:
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: seen.append(out) if m is ours.body[1] else None
+        )
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        out = ours(x)
+    finally:
+        handle.remove()
+    assert torch.equal(out, model(x))
+    assert torch.equal(seen[0], model.body[1](model.body[0](x)))  # the hook's tensor was not clamped
+    assert seen[0].data_ptr() != ours.body[2](seen[0]).data_ptr()
+
+
+def test_restore_turns_sequentials_back_and_convert_again_updates_their_layers() -> None:
+    model = _Stack()
+    keys = list(model.state_dict())
+    ops.convert(model, mask="byte")
+    assert model.body[2].op_options.mask == "byte"
+    ops.convert(model, mask="bit")
+    assert type(model.body) is ops.MemorySavingSequential and model.body[2].op_options.mask == "bit"
+    ops.restore(model)
+    assert type(model.body) is nn.Sequential and type(model.body[2]) is nn.ReLU6
+    assert not any(isinstance(m, MemorySavingModule) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    root = ops.convert(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))
+    assert type(root) is nn.Sequential  # the root is never replaced (convert changes it in place)
+    assert type(ops.restore(ops.MemorySavingSequential(nn.Conv2d(1, 1, 1)))) is nn.Sequential
+    nested = ops.convert(nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), nn.Flatten()))
+    assert type(nested[0]) is ops.MemorySavingSequential  # a conv -> BatchNorm run alone qualifies
+    assert ops.sequential.fusable_runs(nested[0]) == (0,)
+
+
+def test_a_channels_last_input_runs_the_separate_layers() -> None:
+    model = _Stack()
+    _freeze(model, "bias")
+    ours = ops.convert(model)
+    plain = copy.deepcopy(ours)
+    plain.body = plain.body.to_stock()
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    out = ours(x)
+    assert "_ConvBatchNormFnBackward" not in _graph_nodes(out)
+    _assert_same_grads(plain, ours, x)

@@ -8,7 +8,7 @@ tensors that actually require grad need, decided at forward time. One module per
 registers itself in :mod:`ondevice.ops.registry` by module type.
 """
 
-from ondevice.ops import activation, conv, dropout, linear, norm, partial, pooling
+from ondevice.ops import activation, conv, dropout, linear, norm, partial, pooling, sequential
 from ondevice.ops.convert import SAVES_NOTHING, convert, restore, unsupported_leaves
 from ondevice.ops.registry import (
     MemorySavingModule,
@@ -17,10 +17,12 @@ from ondevice.ops.registry import (
     register_op,
     supported_types,
 )
+from ondevice.ops.sequential import MemorySavingSequential
 
 __all__ = [
     "SAVES_NOTHING",
     "MemorySavingModule",
+    "MemorySavingSequential",
     "OpOptions",
     "activation",
     "conv",
@@ -33,6 +35,7 @@ __all__ = [
     "pooling",
     "register_op",
     "restore",
+    "sequential",
     "supported_types",
     "unsupported_leaves",
 ]

@@ -14,7 +14,10 @@ For the ReLU family backward computes stock's ``threshold_backward`` (ReLU, ReLU
 ``_bitmask.masked_grad``) or runs stock's ``leaky_relu_backward`` on the 0/1 mask in place of the input, so
 gradients are bit-identical to stock PyTorch's. On plain CPU tensors the mask is built by numpy comparisons
 straight into a bool buffer (ATen's comparisons into ``bool`` are several times slower), so a ReLU6 costs
-three cheap passes on top of stock's forward and its backward one pass, like stock's.
+three cheap passes on top of stock's forward and its backward one pass, like stock's. Inside an
+``nn.Sequential`` the activation after a convolution, linear layer or norm runs in place on that layer's
+output (:meth:`_MaskedMixin.forward_inplace`, called by ``sequential.MemorySavingSequential``), which
+saves the allocation and the write of a new output, about what the mask costs.
 """
 
 from __future__ import annotations
@@ -114,17 +117,21 @@ def _numpy_mask(
     return np.greater(values, 0, out=out)
 
 
+def _activate(kind: str, x: Tensor, slope: float, inplace: bool) -> Tensor:
+    """Stock ReLU, ReLU6 or LeakyReLU of ``x`` (what the stock layer's ``forward`` computes)."""
+    if kind == "relu":
+        return F.relu(x, inplace)
+    if kind == "relu6":
+        return F.hardtanh(x, 0.0, 6.0, inplace)
+    return F.leaky_relu(x, slope, inplace)
+
+
 class _MaskedFn(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, kind: str, slope: float, inplace: bool, mode: MaskMode
     ) -> Tensor:
-        if kind == "relu":
-            y = torch.relu_(x) if inplace else torch.relu(x)
-        elif kind == "relu6":
-            y = F.hardtanh_(x, 0.0, 6.0) if inplace else F.hardtanh(x, 0.0, 6.0)
-        else:
-            y = F.leaky_relu_(x, slope) if inplace else F.leaky_relu(x, slope)
+        y = _activate(kind, x, slope, inplace)
         if inplace:
             ctx.mark_dirty(x)
         ctx.kind, ctx.slope, ctx.mode, ctx.shape = kind, slope, mode, y.shape
@@ -177,12 +184,25 @@ class _MaskedMixin(MemorySavingModule):
     shown_options = ("mask",)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad):  # nothing to keep: stock, no Function
-            return super().forward(x)  # type: ignore[safe-super]
+        return self._apply_to(x, inplace=bool(getattr(self, "inplace", False)))
+
+    def forward_inplace(self, x: Tensor) -> Tensor:
+        """This layer's output computed in place on ``x``, whatever the layer's own ``inplace`` flag.
+
+        For a caller that owns ``x`` and knows that nothing else reads it or keeps it for backward (see
+        :class:`ondevice.ops.sequential.MemorySavingSequential`): same values and gradients as
+        :meth:`forward`, without allocating the output. LeakyReLU with a negative slope, which stock
+        autograd cannot differentiate in place, runs out of place.
+        """
+        negative = self.kind == "leaky_relu" and float(getattr(self, "negative_slope", 0.0)) < 0
+        return self._apply_to(x, inplace=not negative)
+
+    def _apply_to(self, x: Tensor, *, inplace: bool) -> Tensor:
         slope = float(getattr(self, "negative_slope", 0.0))
-        if self.kind == "leaky_relu" and slope < 0:
-            return super().forward(x)  # type: ignore[safe-super]  # the sign of x is then not in the output
-        inplace = bool(getattr(self, "inplace", False))
+        if not (torch.is_grad_enabled() and x.requires_grad):  # nothing to keep: stock, no Function
+            return _activate(self.kind, x, slope, inplace)
+        if self.kind == "leaky_relu" and slope < 0:  # the sign of x is then not in the output: stock
+            return _activate(self.kind, x, slope, inplace)
         return _MaskedFn.apply(x, self.kind, slope, inplace, self.op_options.mask)
 
 

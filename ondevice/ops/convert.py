@@ -20,7 +20,8 @@ from typing import Literal
 
 from torch import nn
 
-from ondevice.ops.registry import MemorySavingModule, OpOptions, find_op, supported_types
+from ondevice.ops.registry import MemorySavingModule, OpOptions, clone_module_as, find_op, supported_types
+from ondevice.ops.sequential import MemorySavingSequential, fusable_runs, inplace_pairs
 
 __all__ = ["SAVES_NOTHING", "convert", "restore", "unsupported_leaves"]
 
@@ -63,7 +64,10 @@ def convert(
 
     Children are replaced in place through their parents; the returned module is ``module`` itself unless
     ``module`` is a supported layer (then its replacement is returned). Layers converted earlier are
-    converted again with the new options. Gradients are unchanged (exactly, for the lossless default).
+    converted again with the new options. Plain ``nn.Sequential`` children in which a ReLU-family
+    activation follows a convolution, linear layer or norm, or a BatchNorm follows a convolution, become
+    :class:`MemorySavingSequential`, which runs frozen conv-BatchNorm(-ReLU) runs as one op and
+    activations in place. Gradients are unchanged (exactly, for the lossless default).
 
     Args:
         module: a model or a single layer.
@@ -86,17 +90,25 @@ def convert(
             if new is not None:
                 setattr(parent, name, new)
                 replaced += 1
+    # Inner Sequentials before outer ones, so an outer one's (copied) child dict holds the replaced inner.
+    for parent in reversed(list(module.modules())):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Sequential and (inplace_pairs(child) or fusable_runs(child)):
+                setattr(parent, name, clone_module_as(child, MemorySavingSequential))
     logger.debug("converted %d layer(s) to memory-saving ops (%s)", replaced, options)
     return module
 
 
 def restore(module: nn.Module) -> nn.Module:
-    """Turn every memory-saving layer back into its stock layer (same Parameters); return the result."""
+    """Turn every memory-saving layer and Sequential back into its stock one (same Parameters); return it."""
     if isinstance(module, MemorySavingModule):
         return module.to_stock()
-    for parent in list(module.modules()):
+    if isinstance(module, MemorySavingSequential):
+        module = module.to_stock()
+    # Children before parents, so a replaced Sequential's (copied) child dict holds the restored layers.
+    for parent in reversed(list(module.modules())):
         for name, child in list(parent.named_children()):
-            if isinstance(child, MemorySavingModule):
+            if isinstance(child, MemorySavingModule | MemorySavingSequential):
                 setattr(parent, name, child.to_stock())
     return module
 
