@@ -243,9 +243,9 @@ def main() -> None:
         claim = variants(lr_full, lr_lite)[3][2]
         scale = _run("100 devices x 3 rounds", "scale", {**claim, "num_clients": 100, "rounds": 3})
     seed_pairs: list[dict[str, Any]] = []
+    full_name, _, full_overrides = variants(lr_full, lr_lite)[0]
+    claim_name, _, claim_overrides = variants(lr_full, lr_lite)[3]
     for seed in range(1, max(1, args.seeds)):
-        full_name, _, full_overrides = variants(lr_full, lr_lite)[0]
-        claim_name, _, claim_overrides = variants(lr_full, lr_lite)[3]
         full_row = _run(f"seed {seed}: {full_name}", "seed", {**full_overrides, "seed": seed})
         claim_seed = _run(f"seed {seed}: {claim_name}", "seed", {**claim_overrides, "seed": seed})
         seed_pairs.append(

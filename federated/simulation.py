@@ -93,7 +93,7 @@ class _DropDeprecation(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in str(record.msg) and "deprecated feature" not in str(record.msg)
+        return "deprecated feature" not in str(record.msg).lower()
 
 
 def _ray_init_args(verbose: bool) -> dict[str, Any]:

@@ -605,9 +605,10 @@ def _check_window_fits(learner: Learner, window: int) -> None:
         ) from None
 
 
-def _check_label_count(source: _SerialSource, names: list[str]) -> None:
-    if source.labels is not None or len(names) <= _MAX_DISCOVERED_LABELS:
+def _check_label_count(source: _SerialSource, label_index: dict[str, int]) -> None:
+    if source.labels is not None or len(label_index) <= _MAX_DISCOVERED_LABELS:
         return
+    names = sorted(label_index, key=label_index.__getitem__)
     examples = ", ".join(repr(name) for name in names[-3:])
     raise ConfigError(
         f"label column {source.label_column} of {source.url!r} gave {len(names)} different labels (e.g. "
@@ -706,7 +707,7 @@ def _run_serial(
         for sample in stream.samples(max_samples=source.max_samples, duration_s=source.duration_s):
             samples += 1
             for x, y in windower.push(sample):
-                _check_label_count(source, label_names())
+                _check_label_count(source, windower.label_index)
                 learning.add(x, y)
             accuracy = learning.recent_accuracy
             rate = stream.stats.sampling_rate_hz

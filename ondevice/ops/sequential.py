@@ -56,6 +56,7 @@ from ondevice.ops.norm import (
     MemorySavingLayerNorm,
 )
 from ondevice.ops.placeholder import shape_placeholder
+from ondevice.ops.registry import clone_module_as
 
 __all__ = ["MemorySavingSequential", "fusable_runs", "inplace_pairs"]
 
@@ -245,6 +246,4 @@ class MemorySavingSequential(nn.Sequential):
 
     def to_stock(self) -> nn.Sequential:
         """A plain ``nn.Sequential`` with the same children."""
-        from ondevice.ops.registry import clone_module_as
-
         return clone_module_as(self, nn.Sequential)
