@@ -3,8 +3,8 @@
 Run: ``python examples/federated_simulation.py`` (``--quick``: 3 devices, 2 rounds). The backbone is
 pretrained on digits 0-4 (cached);
 each device holds a Dirichlet(0.3) share of the digits, learns it with its continual learner and sends
-only its small trainable tensors (lite residual branches, biases, norm statistics, head) in fp16: the
-configuration of ``bench/federated.py``'s claim row.
+only its small trainable tensors (lite residual branches, biases, head) in fp16, and the server
+aggregates them with FedProx: the configuration of ``bench/federated.py``'s claim row.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ def main(argv: list[str] | None = None) -> federated.SimulationResult:
             "kernel_size": 3,
             "groups": 8,
             "downsample": 1,
-            "update_norm_stats": True,
+            "update_norm_stats": False,
         },
         partition="dirichlet:0.3",
         num_clients=3 if args.quick else 10,
         rounds=2 if args.quick else 5,
-        local_epochs=1 if args.quick else 2,
-        lr=1e-2,
+        local_epochs=1 if args.quick else 4,
+        lr=3e-2,
+        aggregation="fedprox",
+        proximal_mu=0.03,
         strategy="naive",
         compression="fp16",
         downlink="fp16",

@@ -827,3 +827,20 @@ def test_a_channels_last_input_runs_the_separate_layers() -> None:
     out = ours(x)
     assert "_ConvBatchNormFnBackward" not in _graph_nodes(out)
     _assert_same_grads(plain, ours, x)
+
+
+def test_replacing_a_child_after_a_forward_changes_what_runs() -> None:
+    """The per-Sequential plan is cached by child identity: a replaced child is seen at the next call."""
+    model = _Stack()
+    _freeze(model, "bias")
+    ours = ops.convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 8, 8)
+    assert "_ConvBatchNormFnBackward" in _graph_nodes(ours(x))
+    ours.body[2] = nn.Identity()  # the first ReLU6 goes: conv -> BN still fuse, nothing clamps
+    model.body[2] = nn.Identity()
+    _assert_same_grads(model, ours, x.clone().requires_grad_())
+    ours.body[1] = nn.Identity()  # no BatchNorm after the first conv any more: no fusion there
+    model.body[1] = nn.Identity()
+    out = ours(x)
+    assert torch.equal(out, model(x))
+    assert _graph_nodes(out).count("_ConvBatchNormFnBackward") == 1  # only the depthwise conv -> BN

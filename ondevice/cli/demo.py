@@ -166,7 +166,7 @@ def _federated_step(*, quick: bool, show: bool) -> dict[str, Any]:
                 f"accepted, {record.bytes_down:,} B down, {record.bytes_up:,} B up"
             )
 
-    # The configuration of bench/federated.py's claim row: lite residual + bias, fp16 both ways.
+    # Lite residual + bias in fp16 both ways, as bench/federated.py's claim row, sized for a quick demo.
     result = simulate(
         num_clients=clients,
         rounds=rounds,

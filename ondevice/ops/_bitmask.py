@@ -48,6 +48,12 @@ _INT_VIEW: dict[torch.dtype, torch.dtype] = {
     torch.float32: torch.int32,
     torch.float64: torch.int64,
 }
+# The same, numpy-side: a gradient's numpy dtype -> the integer dtype its bits are multiplied as.
+_NUMPY_INT_VIEW = {
+    np.dtype(np.float16): np.int16,
+    np.dtype(np.float32): np.int32,
+    np.dtype(np.float64): np.int64,
+}
 
 
 def _table(dtype: torch.dtype) -> Tensor:
@@ -128,18 +134,22 @@ def masked_grad(grad_out: Tensor, stored: Tensor, shape: torch.Size, mode: MaskM
     Bit for bit what stock ``threshold_backward(grad_out, mask, 0)`` returns for a 0/1 ``mask``; on plain
     CPU tensors one numpy pass (see the module docstring), elsewhere that ATen kernel itself.
     """
-    if not torch.is_grad_enabled() and shape_only(grad_out):
+    grad_enabled = torch.is_grad_enabled()
+    if not grad_enabled and numpy_fast_path(grad_out) and _plain_cpu(stored):  # the hot path first
+        if mode == "bit":
+            keep = np.unpackbits(stored.numpy(), count=shape.numel(), bitorder="little").reshape(shape)
+        else:
+            keep = stored.numpy()
+        bits = grad_out.detach().numpy()
+        grad_bits = np.multiply(bits.view(_NUMPY_INT_VIEW[bits.dtype]), keep)  # bit patterns times 0 or 1
+        # ``detach``: one cheap ATen op (``view(shape)`` costs several times more), so that ``memory``'s
+        # live-tensor tracker sees the new storage.
+        return torch.from_numpy(grad_bits.view(bits.dtype)).detach()
+    if not grad_enabled and shape_only(grad_out):
         return torch.empty(shape, dtype=grad_out.dtype, device=grad_out.device)
-    if torch.is_grad_enabled() or not (numpy_fast_path(grad_out) and _plain_cpu(stored)):  # double backward
-        mask = decode_mask(stored, shape, mode, grad_out.dtype)
-        return torch.ops.aten.threshold_backward.default(grad_out, mask, 0)
-    itype = _INT_VIEW[grad_out.dtype]
-    if mode == "bit":
-        keep = np.unpackbits(stored.numpy(), count=shape.numel(), bitorder="little").reshape(shape)
-    else:
-        keep = stored.numpy()
-    grad_bits = np.multiply(grad_out.detach().view(itype).numpy(), keep)  # bit patterns times 0 or 1
-    return torch.from_numpy(grad_bits).view(grad_out.dtype).view(shape)
+    # Double backward, or tensors numpy cannot read: stock's kernel on the decoded mask.
+    mask = decode_mask(stored, shape, mode, grad_out.dtype)
+    return torch.ops.aten.threshold_backward.default(grad_out, mask, 0)
 
 
 def decode_mask(stored: Tensor, shape: torch.Size, mode: MaskMode, dtype: torch.dtype) -> Tensor:

@@ -74,21 +74,21 @@ def _keep_mask(kind: str, y: Tensor, mode: MaskMode) -> Tensor:
     On plain CPU tensors numpy builds it with the same tests as :func:`_mask` (``y != 0`` for ReLU;
     ``y != 0 and not y >= 6`` for ReLU6, NaN passing as in stock; ``y > 0`` for LeakyReLU) and packs it,
     a few microseconds of fixed cost instead of the tens that allocating through torch takes, in chunks of
-    :data:`_CHUNK` elements for large tensors. The result passes through one ATen ``view``, so
-    ``memory``'s live-tensor tracker sees its storage.
+    :data:`_CHUNK` elements for large tensors. The result passes through one ATen op (``detach``, the
+    cheapest), so ``memory``'s live-tensor tracker sees its storage.
     """
-    if shape_only(y):
+    if not numpy_fast_path(y):  # fake and meta tensors are never on it
+        if not shape_only(y):
+            return encode_mask(_mask(kind, y), mode)
         if mode == "bit":
             return torch.empty((y.numel() + 7) // 8, dtype=torch.uint8, device=y.device)
         return torch.empty(y.shape, dtype=torch.bool, device=y.device)
-    if not numpy_fast_path(y):
-        return encode_mask(_mask(kind, y), mode)
     values = y.detach().numpy()
     if y.numel() <= _CHUNK or not values.flags.c_contiguous:
         keep = _numpy_mask(kind, values, None)
         if mode == "bit":
-            return torch.from_numpy(np.packbits(keep, axis=None, bitorder="little")).view(-1)
-        return torch.from_numpy(np.ascontiguousarray(keep)).view(y.shape)
+            return torch.from_numpy(np.packbits(keep, axis=None, bitorder="little")).detach()
+        return torch.from_numpy(np.ascontiguousarray(keep)).detach()
     # Large tensors in chunks, so the comparisons after the first read ``y`` from cache, not memory.
     flat, numel = values.reshape(-1), y.numel()
     bit = mode == "bit"
@@ -102,7 +102,7 @@ def _keep_mask(kind: str, y: Tensor, mode: MaskMode) -> Tensor:
             out[start // 8 : (start + size + 7) // 8] = np.packbits(keep, bitorder="little")
         else:
             _numpy_mask(kind, chunk, out[start : start + size], scratch[1, :size])
-    return torch.from_numpy(out).view(-1 if mode == "bit" else y.shape)
+    return torch.from_numpy(out if bit else out.reshape(y.shape)).detach()
 
 
 def _numpy_mask(

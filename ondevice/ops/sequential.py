@@ -25,6 +25,7 @@ it is given) that has such layers; :func:`ondevice.ops.restore` turns it back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -177,7 +178,7 @@ class _ConvBatchNormFn(torch.autograd.Function):
                 grad_norm_bias if needs_norm_bias else None, None, None, None, None, None)  # fmt: skip
 
 
-def _fusable(layers: list[nn.Module], i: int, x: Tensor) -> int:
+def _fusable(layers: Sequence[nn.Module], i: int, x: Tensor) -> int:
     """How many layers from ``layers[i]`` run as one :class:`_ConvBatchNormFn` (0, 2 or 3) on input ``x``.
 
     A conv whose weight is frozen, then its BatchNorm in eval mode with running statistics and a frozen
@@ -200,7 +201,26 @@ def _fusable(layers: list[nn.Module], i: int, x: Tensor) -> int:
     return 3 if type(act) in _FUSED_ACTIVATIONS and not _hooked(act) else 2  # type: ignore[arg-type]
 
 
-def _run_fused(layers: list[nn.Module], x: Tensor) -> Tensor:
+_FUSE_CANDIDATE, _IN_PLACE_CANDIDATE = 1, 2
+
+
+def _static_plan(layers: tuple[nn.Module, ...]) -> tuple[int, ...]:
+    """Per layer, what its type allows: the start of a fused run, an in-place activation, or neither.
+
+    Cached by :class:`MemorySavingSequential` while its children stay the same objects; what can change
+    between calls (gradients required, training mode, hooks) is checked at every call.
+    """
+    kinds = [0] * len(layers)
+    for i in range(1, len(layers)):
+        if _in_place_pair(layers[i - 1], layers[i]):
+            kinds[i] = _IN_PLACE_CANDIDATE
+    for i in range(len(layers) - 1):
+        if _FUSED_NORM.get(type(layers[i])) is type(layers[i + 1]):
+            kinds[i] = _FUSE_CANDIDATE
+    return tuple(kinds)
+
+
+def _run_fused(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
     conv: Any = layers[0]
     norm: Any = layers[1]
     norm._check_input_dim(x)
@@ -222,25 +242,26 @@ class MemorySavingSequential(nn.Sequential):
     def forward(self, input: Tensor) -> Tensor:  # nn.Sequential's parameter name
         if _global_hooks():
             return super().forward(input)
-        layers = list(self)
+        layers = tuple(self._modules.values())
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0] != layers:  # first call, or a child was replaced (compared by identity)
+            plan = self.__dict__["_plan"] = (layers, _static_plan(layers))
+        kinds = plan[1]
         grad = torch.is_grad_enabled()
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            fused = _fusable(layers, i, input) if grad else 0
-            if fused:
-                input = _run_fused(layers[i : i + fused], input)
-                i += fused
-                continue
-            previous = layers[i - 1] if i else None
-            if (
-                previous is not None
-                and _in_place_pair(previous, layer)
-                and not (_hooked(previous) or _hooked(layer))
-            ):
+        i, count = 0, len(layers)
+        while i < count:
+            layer, kind = layers[i], kinds[i]
+            if kind == _FUSE_CANDIDATE and grad:
+                fused = _fusable(layers, i, input)
+                if fused:
+                    input = _run_fused(layers[i : i + fused], input)
+                    i += fused
+                    continue
+            elif kind == _IN_PLACE_CANDIDATE and not (_hooked(layers[i - 1]) or _hooked(layer)):
                 input = layer.forward_inplace(input)  # type: ignore[operator]
-            else:
-                input = layer(input)
+                i += 1
+                continue
+            input = layer(input)
             i += 1
         return input
 
