@@ -408,8 +408,8 @@ def prepare(
             layers, e.g. as a reference.
         mask: how ReLU-family ops keep their gradient mask: ``"bit"`` (packed, 1 bit per element, the
             default) or ``"byte"`` (faster, 8x larger).
-        compress: ``"int8"`` keeps the activations that smooth activations and norms must save in 8 bits
-            with a per-group scale (lossy; off by default).
+        compress: ``"int8"`` keeps what smooth activations (SiLU, GELU, Hardswish, Sigmoid, Tanh) must
+            save in 8 bits with a per-group scale (lossy; off by default; ReLU-family masks are exact).
         copy_model: work on a deep copy (default) so the caller's model is untouched.
 
     Returns:

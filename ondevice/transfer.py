@@ -37,6 +37,8 @@ class SchemeOutcome:
     total_params: int
     train_seconds: float
     skipped: str | None = None
+    #: What one training step on a batch of ``batch_size`` keeps for backward (``memory.measure``).
+    activation_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class TransferResult:
     epochs: int
     optimizer: dict[str, Any]
     outcomes: tuple[SchemeOutcome, ...] = field(default_factory=tuple)
+    #: ``"int8"`` when what smooth activations keep was compressed (``prepare(compress=...)``).
+    compress: str | None = None
 
     def outcome(self, scheme: str) -> SchemeOutcome:
         for item in self.outcomes:
@@ -95,14 +99,19 @@ def run_transfer(
     seed: int = 0,
     progress: bool = False,
     on_outcome: Callable[[SchemeOutcome], None] | None = None,
+    compress: str | None = None,
     **model_kwargs: Any,
 ) -> TransferResult:
     """Pretrain ``model`` on ``source_classes`` (cached), then adapt it to ``target_classes`` per scheme.
 
     Every scheme gets a fresh copy of the pretrained backbone with a new head for the target classes,
     the same training data, optimizer, epochs and seed. Schemes that do not apply to the model (LoRA on
-    a network without Linear layers but the head) are reported as skipped.
+    a network without Linear layers but the head) are reported as skipped. ``compress="int8"`` keeps what
+    smooth activations save for backward in 8 bits (lossy; see ``prepare``), so that its
+    accuracy cost can be measured against the same run without it; every outcome reports the bytes one
+    training step keeps for backward.
     """
+    from memory import measure
     from ondevice.data import load_digits, transfer_split
     from ondevice.pretrain import pretrain_with_report
 
@@ -127,7 +136,7 @@ def run_transfer(
             torch.manual_seed(seed)
             net.replace_head(len(target_classes))
             try:
-                prepared = prepare(net, scheme, copy_model=False)
+                prepared = prepare(net, scheme, copy_model=False, compress=compress)  # type: ignore[arg-type]
             except ConfigError as exc:
                 outcome = SchemeOutcome(scheme.name, float("nan"), 0, 0, 0.0, skipped=str(exc).split(";")[0])
                 outcomes.append(outcome)
@@ -137,6 +146,11 @@ def run_transfer(
             trainer = Trainer(prepared, optimizer=config, batch_size=batch_size, progress=progress)
             fit = trainer.fit(split.target_train, epochs=epochs, seed=seed)
         accuracy = evaluate(prepared, split.target_test).accuracy
+        # Memory of one training step, measured after the accuracy (the step moves the weights).
+        batch = split.target_train.x[:batch_size].to(prepared.dtype)
+        prepared.train()
+        kept = measure(prepared, batch, target=split.target_train.y[:batch_size]).activation_bytes
+        prepared.eval()
         report = prepared.report
         outcome = SchemeOutcome(
             scheme=scheme.name,
@@ -144,6 +158,7 @@ def run_transfer(
             trainable_params=report.trainable_params,
             total_params=report.total_params,
             train_seconds=fit.seconds,
+            activation_bytes=kept,
         )
         logger.info("transfer %s/%s: accuracy %.4f in %.1f s", model, scheme.name, accuracy, fit.seconds)
         outcomes.append(outcome)
@@ -158,4 +173,5 @@ def run_transfer(
         epochs=epochs,
         optimizer=config.to_dict(),
         outcomes=tuple(outcomes),
+        compress=compress,
     )

@@ -34,6 +34,28 @@ def test_transfer_rejects_an_unknown_scheme_without_a_traceback() -> None:
     assert "unknown scheme 'nonsense'" in result.output and "Traceback" not in result.output
 
 
+def test_transfer_int8_compression_is_reported_and_leaves_a_relu_network_alone() -> None:
+    """int8 compresses what smooth activations keep; the ReLU CNN has none, so nothing changes."""
+    runs = {}
+    for compress in ("none", "int8"):
+        args = ["transfer", "--quick", "--json", "--schemes", "full,last_layer", "--compress", compress]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        runs[compress] = json.loads(result.stdout)
+    assert runs["none"]["compress"] is None and runs["int8"]["compress"] == "int8"
+    plain, packed = ({o["scheme"]: o for o in runs[k]["outcomes"]} for k in ("none", "int8"))
+    for scheme in ("full", "last_layer"):
+        assert packed[scheme]["activation_bytes"] == plain[scheme]["activation_bytes"] > 0
+        assert packed[scheme]["accuracy"] == plain[scheme]["accuracy"]
+
+
+def test_transfer_rejects_an_unknown_compression() -> None:
+    result = runner.invoke(app, ["transfer", "--quick", "--compress", "int4"])
+    assert result.exit_code == 2
+    assert "--compress must be 'none' or 'int8', got 'int4'" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "ondevice"
     env = {**os.environ, "COLUMNS": "120"}

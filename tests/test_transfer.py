@@ -28,3 +28,14 @@ def test_inapplicable_schemes_are_reported_not_crashed() -> None:
     assert lora.skipped and "no Linear layer" in lora.skipped and math.isnan(lora.accuracy)
     assert 0.0 < result.outcome("last_layer").accuracy <= 1.0
     assert result.to_dict()["outcomes"][0]["scheme"] == "lora"
+
+
+def test_int8_compression_shrinks_what_a_transformer_keeps_and_its_cost_is_measured() -> None:
+    """GELU inputs kept in 8 bits: fewer bytes for backward, accuracy close to the uncompressed run."""
+    small = {"image_size": 8, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2}
+    plain = run_transfer("vit", schemes=("full",), epochs=2, seed=0, **small)
+    packed = run_transfer("vit", schemes=("full",), epochs=2, seed=0, compress="int8", **small)
+    assert plain.compress is None and packed.compress == "int8"
+    kept, kept_int8 = plain.outcome("full").activation_bytes, packed.outcome("full").activation_bytes
+    assert kept is not None and kept_int8 is not None and 0 < kept_int8 < kept
+    assert abs(packed.outcome("full").accuracy - plain.outcome("full").accuracy) <= 0.1
