@@ -58,7 +58,8 @@ def test_proximal_term_value_and_gradient() -> None:
     anchor = torch.randn(4, 3)
     mu = 0.3
     term = proximal_term({"w": w}, {"w": anchor}, mu)
-    assert float(term.detach()) == pytest.approx(0.5 * mu * float(((w - anchor) ** 2).sum()), rel=1e-6)
+    expected = 0.5 * mu * float(((w.detach() - anchor) ** 2).sum())
+    assert float(term.detach()) == pytest.approx(expected, rel=1e-6)
     term.backward()
     torch.testing.assert_close(w.grad, mu * (w.detach() - anchor))
     with pytest.raises(ConfigError, match="mu"):
