@@ -248,18 +248,17 @@ def main() -> None:
         lr_full, full_rows = _grid("full", "full")
         lr_lite, lite_rows = _grid(LITE_RESIDUAL, "lite_residual+bias")
         grid_rows = full_rows + lite_rows
-    chosen = variants(lr_full, lr_lite)
-    if args.only:
-        chosen = [chosen[int(i)] for i in args.only.split(",")]
+    every = variants(lr_full, lr_lite)
+    by_role = {role: (name, overrides) for name, role, overrides in every}
+    full_name, full_overrides = by_role["baseline"]
+    claim_name, claim_overrides = by_role["claim"]
+    chosen = [every[int(i)] for i in args.only.split(",")] if args.only else every
     rows = [_run(name, role, overrides) for name, role, overrides in chosen]
     scale: Row | None = None
     if not args.skip_scale:
         print("scale: 100 devices, 3 rounds, lite_residual+bias (fp16)", file=sys.stderr)
-        claim = next(o for _, role, o in variants(lr_full, lr_lite) if role == "claim")
-        scale = _run("100 devices x 3 rounds", "scale", {**claim, "num_clients": 100, "rounds": 3})
+        scale = _run("100 devices x 3 rounds", "scale", {**claim_overrides, "num_clients": 100, "rounds": 3})
     seed_pairs: list[dict[str, Any]] = []
-    full_name, _, full_overrides = next(v for v in variants(lr_full, lr_lite) if v[1] == "baseline")
-    claim_name, _, claim_overrides = next(v for v in variants(lr_full, lr_lite) if v[1] == "claim")
     for seed in range(1, max(1, args.seeds)):
         full_row = _run(f"seed {seed}: {full_name}", "seed", {**full_overrides, "seed": seed})
         claim_seed = _run(f"seed {seed}: {claim_name}", "seed", {**claim_overrides, "seed": seed})

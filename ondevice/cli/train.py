@@ -666,7 +666,8 @@ def _run_serial(
     def label_names() -> list[str]:
         return sorted(windower.label_index, key=windower.label_index.__getitem__)
 
-    def extra() -> dict[str, Any]:
+    def setting() -> dict[str, Any]:
+        """Where the windows came from: in the checkpoint's metadata and in the summary."""
         return {
             "source": "serial",
             "url": source.url,
@@ -674,6 +675,11 @@ def _run_serial(
             "hop": source.step,
             "label_column": source.label_column,
             "labels": label_names(),
+        }
+
+    def extra() -> dict[str, Any]:
+        return {
+            **setting(),
             "model": "cnn1d",
             "model_kwargs": model_kwargs(learning.channels or 0),
             "windows": learning.windows,
@@ -737,12 +743,7 @@ def _run_serial(
     channels = stats["channels"]
     return {
         "title": f"{source.url}: {channels or '?'} channel(s), window {source.window}, hop {source.step}",
-        "source": "serial",
-        "url": source.url,
-        "window": source.window,
-        "hop": source.step,
-        "label_column": source.label_column,
-        "labels": label_names(),
+        **setting(),
         "samples": samples,
         "windows": learning.windows,
         "windows_learned": state.trained_samples if state else 0,

@@ -199,9 +199,9 @@ class _MaskedMixin(MemorySavingModule):
 
     def _apply_to(self, x: Tensor, *, inplace: bool) -> Tensor:
         slope = float(getattr(self, "negative_slope", 0.0))
-        if not (torch.is_grad_enabled() and x.requires_grad):  # nothing to keep: stock, no Function
-            return _activate(self.kind, x, slope, inplace)
-        if self.kind == "leaky_relu" and slope < 0:  # the sign of x is then not in the output: stock
+        # Stock, no Function: nothing to keep, or (a negative LeakyReLU slope) the sign of x is not in the
+        # output, so a mask of it cannot be taken from there.
+        if not (torch.is_grad_enabled() and x.requires_grad) or (self.kind == "leaky_relu" and slope < 0):
             return _activate(self.kind, x, slope, inplace)
         return _MaskedFn.apply(x, self.kind, slope, inplace, self.op_options.mask)
 

@@ -25,7 +25,7 @@ it is given) that has such layers; :func:`ondevice.ops.restore` turns it back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -89,13 +89,13 @@ def _in_place_pair(producer: nn.Module, activation: nn.Module) -> bool:
     return type(producer) in _PRODUCERS and type(activation) in _ACTIVATIONS
 
 
-def inplace_pairs(sequential: nn.Sequential) -> tuple[int, ...]:
+def inplace_pairs(sequential: Iterable[nn.Module]) -> tuple[int, ...]:
     """Indices of the activations of ``sequential`` that may run in place on their predecessor's output."""
     layers = list(sequential)
     return tuple(i for i in range(1, len(layers)) if _in_place_pair(layers[i - 1], layers[i]))
 
 
-def fusable_runs(sequential: nn.Sequential) -> tuple[int, ...]:
+def fusable_runs(sequential: Iterable[nn.Module]) -> tuple[int, ...]:
     """Indices of the convolutions of ``sequential`` followed by a BatchNorm they may run fused with."""
     layers = list(sequential)
     return tuple(i for i in range(len(layers) - 1) if _FUSED_NORM.get(type(layers[i])) is type(layers[i + 1]))
@@ -185,9 +185,7 @@ def _fusable(layers: Sequence[nn.Module], i: int, x: Tensor) -> int:
     scale, then optionally a ReLU or ReLU6; something must need a gradient, the input must be contiguous
     (so the norm overwrites a contiguous output) and no hook may see inside.
     """
-    conv = layers[i]
-    if i + 1 >= len(layers) or _FUSED_NORM.get(type(conv)) is not type(layers[i + 1]):
-        return 0
+    conv = layers[i]  # a fuse candidate of the plan: a conv followed by its BatchNorm type
     norm: Any = layers[i + 1]
     weight: Any = conv.weight
     if weight.requires_grad or norm.training or norm.running_mean is None or norm.running_var is None:
@@ -211,12 +209,10 @@ def _static_plan(layers: tuple[nn.Module, ...]) -> tuple[int, ...]:
     between calls (gradients required, training mode, hooks) is checked at every call.
     """
     kinds = [0] * len(layers)
-    for i in range(1, len(layers)):
-        if _in_place_pair(layers[i - 1], layers[i]):
-            kinds[i] = _IN_PLACE_CANDIDATE
-    for i in range(len(layers) - 1):
-        if _FUSED_NORM.get(type(layers[i])) is type(layers[i + 1]):
-            kinds[i] = _FUSE_CANDIDATE
+    for i in inplace_pairs(layers):
+        kinds[i] = _IN_PLACE_CANDIDATE
+    for i in fusable_runs(layers):
+        kinds[i] = _FUSE_CANDIDATE
     return tuple(kinds)
 
 
