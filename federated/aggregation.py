@@ -6,11 +6,21 @@ Learning of Deep Networks from Decentralized Data", AISTATS 2017, Alg. 1) restri
 frozen tensors are identical on every device and never travel. FedProx (Li et al., "Federated
 Optimization in Heterogeneous Networks", MLSys 2020, Eq. 2) aggregates the same way; its difference is
 the proximal term each device adds to its local loss, :func:`proximal_term`.
+
+The server may also take the averaged update as a pseudo-gradient and step with momentum,
+:class:`ServerMomentum` (FedAvgM: Hsu et al., "Measuring the Effects of Non-Identical Data Distribution
+for Federated Visual Classification", 2019, Sec. 3; Reddi et al., "Adaptive Federated Optimization",
+ICLR 2021, Alg. 1 with a momentum server optimizer). Momentum 0 and server learning rate 1 is FedAvg.
+
+The average does not depend on the order the replies arrive in: the updates are summed in an order
+fixed by their weights and content, so a federation whose devices are deterministic gives the same
+global model however the engine schedules them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +28,7 @@ from torch import Tensor
 
 from ondevice.errors import ConfigError
 
-__all__ = ["apply_update", "proximal_term", "update_norm", "weighted_average"]
+__all__ = ["ServerMomentum", "apply_update", "proximal_term", "update_norm", "weighted_average"]
 
 
 def weighted_average(
@@ -27,7 +37,8 @@ def weighted_average(
     """Per-key average of ``updates`` weighted by ``weights`` (sample counts), in float64, sorted keys.
 
     Float tensors keep their dtype; integer tensors (BatchNorm's ``num_batches_tracked``) are rounded
-    back to their dtype. Equals ``numpy.average(stacked, axis=0, weights=weights)`` per key.
+    back to their dtype. Equals ``numpy.average(stacked, axis=0, weights=weights)`` per key, and is
+    bit-identical for any order of the (update, weight) pairs.
 
     Raises:
         ConfigError: no updates, mismatched keys or shapes, or weights that are not positive and finite.
@@ -44,6 +55,8 @@ def weighted_average(
         if sorted(update) != keys:
             raise ConfigError(f"update {i} has keys {sorted(update)[:5]}..., expected {keys[:5]}...")
     w = w / w.sum()
+    order = sorted(range(len(updates)), key=lambda i: (w[i], _digest(updates[i], keys)))
+    w, updates = w[order], [updates[i] for i in order]
     out: dict[str, np.ndarray] = {}
     for key in keys:
         first = updates[0][key]
@@ -60,11 +73,70 @@ def weighted_average(
     return out
 
 
+def _digest(update: Mapping[str, np.ndarray], keys: Sequence[str]) -> bytes:
+    """A content key that orders updates for summation (shapes are checked by the caller)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in keys:
+        value = np.ascontiguousarray(update[key])
+        digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.digest()
+
+
 def apply_update(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``base + update`` per key (same keys required), keeping each tensor's dtype."""
     if sorted(base) != sorted(update):
         raise ConfigError("apply_update needs the same keys in base and update")
     return {k: (base[k] + update[k]).astype(base[k].dtype) for k in sorted(base)}
+
+
+class ServerMomentum:
+    """The server's step on the averaged update, with momentum (FedAvgM, see the module docstring).
+
+    Each round, with ``delta`` the sample-weighted mean update (:func:`weighted_average`)::
+
+        v <- momentum * v + delta        (v starts at 0)
+        w <- w + lr * v
+
+    for the floating-point tensors, in float64. ``lr=1, momentum=0`` is plain FedAvg. The tensors named in
+    ``plain`` (running statistics, which are estimates rather than descent directions) and integer tensors
+    take the mean update as it is. A round without an update (too few valid replies) leaves ``v`` as it is.
+
+    Raises:
+        ConfigError: ``lr`` not > 0 or ``momentum`` outside [0, 1).
+    """
+
+    def __init__(self, *, lr: float = 1.0, momentum: float = 0.0, plain: Iterable[str] = ()) -> None:
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
+            raise ConfigError(f"the server learning rate must be a number > 0, got {lr!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+            raise ConfigError(f"the server momentum must be a number in [0, 1), got {momentum!r}")
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.plain = frozenset(plain)
+        self.velocity: dict[str, np.ndarray] = {}
+
+    def _descends(self, key: str, value: np.ndarray) -> bool:
+        return key not in self.plain and np.issubdtype(value.dtype, np.floating)
+
+    def step(self, base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new global tensors from ``base`` and this round's mean ``update`` (same keys)."""
+        if sorted(base) != sorted(update):
+            raise ConfigError("ServerMomentum.step needs the same keys in base and update")
+        if self.lr == 1.0 and self.momentum == 0.0:
+            return apply_update(base, update)
+        out: dict[str, np.ndarray] = {}
+        for key in sorted(base):
+            value = update[key]
+            if not self._descends(key, value):
+                out[key] = (base[key] + value).astype(base[key].dtype)
+                continue
+            velocity = value.astype(np.float64)
+            if self.momentum and key in self.velocity:
+                velocity = velocity + self.momentum * self.velocity[key]
+            self.velocity[key] = velocity
+            out[key] = (base[key].astype(np.float64) + self.lr * velocity).astype(base[key].dtype)
+        return out
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:

@@ -9,7 +9,8 @@ Flower stays the engine that moves the messages. Each round:
 2. each device loads them, trains on its own stream, replies ``"update"`` + ``"aux"`` (the compressed
    delta of the shared tensors) and ``"metrics"`` (``num-examples`` and its accuracies);
 3. the server validates every reply (:mod:`federated.validation`), averages the accepted updates weighted
-   by samples (FedAvg / FedProx, :mod:`federated.aggregation`) and evaluates the global model on its
+   by samples (FedAvg / FedProx, :mod:`federated.aggregation`), steps with the server's momentum if
+   configured (FedAvgM) and evaluates the global model on its
    test set (or, in personalised mode, averages the devices' local accuracies).
 
 Node config keys a SuperNode may set: ``partition-id``, ``num-partitions`` (required outside simulation,
@@ -35,7 +36,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from federated.aggregation import apply_update, weighted_average
+from federated.aggregation import ServerMomentum, weighted_average
 from federated.config import FederatedConfig
 from federated.device import (
     DeviceLearner,
@@ -252,6 +253,7 @@ def run_server(
             "top-k uplink with error feedback and Adam on the devices: Adam's normalised steps make the "
             "residuals grow round after round (see federated.compression); use optimizer='sgd' with top-k"
         )
+    server_step = ServerMomentum(lr=config.server_lr, momentum=config.server_momentum, plain=statistics)
     rng = random.Random(config.seed)
     records: list[RoundRecord] = []
     for server_round in range(1, config.rounds + 1):
@@ -288,7 +290,7 @@ def run_server(
         accepted = report.accepted
         if len(accepted) >= config.min_replies:
             mean = weighted_average([c.update for c in accepted], [c.num_examples for c in accepted])
-            global_arrays = apply_update(global_arrays, mean)
+            global_arrays = server_step.step(global_arrays, mean)
         else:
             logger.warning(
                 "round %d: %d valid replies (%d needed); the global model is unchanged",

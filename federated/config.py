@@ -27,6 +27,9 @@ from ondevice.schemes import Scheme, resolve_scheme
 __all__ = ["CONFIG_VERSION", "FederatedConfig"]
 
 CONFIG_VERSION = 1
+_FLOAT_FIELDS = frozenset(
+    {"lr", "fraction_train", "proximal_mu", "server_lr", "server_momentum", "norm_factor", "round_timeout_s"}
+)
 
 
 def _positive_int(owner: str, value: object) -> None:
@@ -66,6 +69,9 @@ class FederatedConfig:
             ``batch_size`` samples).
         aggregation: ``"fedavg"`` (McMahan et al. 2017) or ``"fedprox"`` (Li et al. 2020).
         proximal_mu: FedProx's mu (must be > 0 for fedprox, 0 for fedavg).
+        server_lr, server_momentum: the server's step on the averaged update (FedAvgM, Hsu et al. 2019,
+            :class:`federated.aggregation.ServerMomentum`); 1 and 0 are plain averaging. Composes with
+            either aggregation.
         compression: uplink codec, ``"none"``, ``"fp16"``, ``"int8"`` or ``"topk:RATIO"``.
         downlink: precision of the global tensors the server broadcasts (the server keeps float32).
         personalised: keep the head on each device (head tensors never leave it).
@@ -91,6 +97,8 @@ class FederatedConfig:
     buffer_size: int = 200
     aggregation: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
     compression: str = "none"
     downlink: Literal["fp32", "fp16"] = "fp32"
     personalised: bool = False
@@ -122,6 +130,13 @@ class FederatedConfig:
         _number("fraction_train", self.fraction_train, low=0.0, high=1.0)
         _number("lr", self.lr, low=0.0)
         _number("proximal_mu", self.proximal_mu, low=0.0, open_low=False)
+        _number("server_lr", self.server_lr, low=0.0)
+        _number("server_momentum", self.server_momentum, low=0.0, open_low=False)
+        if self.server_momentum >= 1:
+            raise ConfigError(
+                f"FederatedConfig.server_momentum must be in [0, 1) (0.9 is the usual upper end), "
+                f"got {self.server_momentum!r}"
+            )
         _number("norm_factor", self.norm_factor, low=1.0)
         _number("round_timeout_s", self.round_timeout_s, low=0.0)
         if self.optimizer not in ("adam", "sgd"):
@@ -226,9 +241,7 @@ class FederatedConfig:
                     value = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"run config {key!r} is not valid JSON: {exc}") from None
-            if name in ("lr", "fraction_train", "proximal_mu", "norm_factor", "round_timeout_s") and (
-                isinstance(value, int) and not isinstance(value, bool)
-            ):
+            if name in _FLOAT_FIELDS and (isinstance(value, int) and not isinstance(value, bool)):
                 value = float(value)
             kwargs[name] = value
         return FederatedConfig(**kwargs)

@@ -30,6 +30,12 @@ def simulate(
     mu: Annotated[
         float, typer.Option(min=0.0, help="FedProx proximal mu (with --aggregation fedprox).")
     ] = 0.0,
+    server_lr: Annotated[
+        float, typer.Option(min=0.0, help="Server learning rate on the averaged update (1 = FedAvg).")
+    ] = 1.0,
+    server_momentum: Annotated[
+        float, typer.Option(min=0.0, help="Server momentum, FedAvgM (0 = FedAvg; must be < 1).")
+    ] = 0.0,
     compression: Annotated[str, typer.Option(help="Uplink codec: none, fp16, int8, topk:RATIO.")] = "none",
     downlink: Annotated[str, typer.Option(help="Broadcast precision: fp32 or fp16.")] = "fp32",
     personalised: Annotated[
@@ -65,6 +71,8 @@ def simulate(
             buffer_size=buffer_size,
             aggregation=aggregation,  # type: ignore[arg-type]
             proximal_mu=mu,
+            server_lr=server_lr,
+            server_momentum=server_momentum,
             compression=compression,
             downlink=downlink,  # type: ignore[arg-type]
             personalised=personalised,

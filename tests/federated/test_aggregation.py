@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from federated.aggregation import apply_update, proximal_term, update_norm, weighted_average
+from federated.aggregation import (
+    ServerMomentum,
+    apply_update,
+    proximal_term,
+    update_norm,
+    weighted_average,
+)
 from ondevice.errors import ConfigError
 
 
@@ -64,3 +70,66 @@ def test_proximal_term_value_and_gradient() -> None:
     torch.testing.assert_close(w.grad, mu * (w.detach() - anchor))
     with pytest.raises(ConfigError, match="mu"):
         proximal_term({"w": w}, {"w": anchor}, -1.0)
+
+
+def test_weighted_average_does_not_depend_on_the_order_of_the_replies() -> None:
+    rng = np.random.default_rng(7)
+    updates = [{"w": rng.normal(size=(64, 33)).astype(np.float32)} for _ in range(9)]
+    weights = rng.integers(1, 50, size=9).tolist()
+    first = weighted_average(updates, weights)["w"]
+    for _ in range(5):
+        order = rng.permutation(9)
+        again = weighted_average([updates[i] for i in order], [weights[i] for i in order])["w"]
+        np.testing.assert_array_equal(again, first)
+
+
+def _fedavgm_reference(
+    start: np.ndarray, deltas: list[np.ndarray], lr: float, momentum: float
+) -> list[np.ndarray]:
+    """FedAvgM written out, round by round (Hsu et al. 2019): v = m v + delta, w = w + lr v."""
+    w, v, out = start.astype(np.float64), np.zeros(start.shape), []
+    for delta in deltas:
+        v = momentum * v + delta
+        w = w + lr * v
+        out.append(w.astype(start.dtype))
+    return out
+
+
+@pytest.mark.parametrize(("lr", "momentum"), [(1.0, 0.0), (1.0, 0.5), (0.7, 0.9), (1.5, 0.0)])
+def test_server_momentum_matches_the_fedavgm_recurrence(lr: float, momentum: float) -> None:
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(5, 4)).astype(np.float32)
+    deltas = [rng.normal(size=(5, 4)) * 0.1 for _ in range(4)]
+    expected = _fedavgm_reference(start, deltas, lr, momentum)
+    stats_start = np.ones(4, np.float32)
+    stats_deltas = [rng.normal(size=4).astype(np.float32) for _ in range(4)]
+    server = ServerMomentum(lr=lr, momentum=momentum, plain=["bn.running_mean"])
+    arrays = {"w": start, "bn.running_mean": stats_start, "bn.num_batches_tracked": np.array(5, np.int64)}
+    for i, delta in enumerate(deltas):
+        update = {
+            "w": delta.astype(np.float32),
+            "bn.running_mean": stats_deltas[i],
+            "bn.num_batches_tracked": np.array(2, np.int64),
+        }
+        arrays = server.step(arrays, update)
+        np.testing.assert_allclose(arrays["w"], expected[i], rtol=1e-6, atol=1e-6)
+        assert arrays["w"].dtype == np.float32
+    # statistics and counters are averaged, never pushed by momentum or the server's learning rate
+    np.testing.assert_allclose(
+        arrays["bn.running_mean"], stats_start + np.sum(stats_deltas, axis=0), rtol=1e-6
+    )
+    assert int(arrays["bn.num_batches_tracked"]) == 5 + 2 * 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"momentum": 1.0}, r"\[0, 1\), got 1.0"),
+        ({"momentum": -0.1}, r"\[0, 1\)"),
+        ({"lr": 0.0}, "learning rate must be a number > 0, got 0.0"),
+        ({"lr": True}, "learning rate"),
+    ],
+)
+def test_server_momentum_rejects_bad_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ServerMomentum(**kwargs)

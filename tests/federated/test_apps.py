@@ -87,6 +87,30 @@ def test_poisoned_and_malformed_replies_are_rejected(loopback_grid, tmp_path: Pa
         )
 
 
+def test_server_momentum_steps_as_fedavgm_over_rounds(loopback_grid, tmp_path: Path) -> None:
+    """Three rounds of FedAvgM in the server loop against numpy: v = m v + mean delta, w = w + lr v."""
+    lr, momentum = 0.8, 0.6
+    config = _config(num_clients=3, rounds=3, server_lr=lr, server_momentum=momentum)
+    grid = loopback_grid(make_client_app(config, state_root=str(tmp_path)), 3)
+    outcome = run_server(grid, config)
+    prepared = build_model(config)
+    spec = tensor_spec(prepared, personalised=False)
+    start = to_numpy({k: v for k, v in prepared.trainable_tensors().items() if k in spec})
+    expected = {k: v.astype(np.float64) for k, v in start.items()}
+    velocity = {k: np.zeros_like(v) for k, v in expected.items()}
+    for start in range(0, len(grid.replies), 3):
+        replies = [reply for _, reply in grid.replies[start : start + 3]]
+        updates = [from_record(r.content["update"]) for r in replies]
+        weights = [r.content["metrics"]["num-examples"] for r in replies]
+        for key in spec:
+            mean = np.average(np.stack([u[key] for u in updates]).astype(np.float64), axis=0, weights=weights)
+            velocity[key] = momentum * velocity[key] + mean
+            expected[key] = expected[key] + lr * velocity[key]
+    assert len(grid.replies) == 9
+    for key in spec:
+        np.testing.assert_allclose(outcome.arrays[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
 def test_a_round_with_no_valid_reply_keeps_the_model(loopback_grid, tmp_path: Path) -> None:
     config = _config(num_clients=2)
     grid = loopback_grid(make_client_app(config, state_root=str(tmp_path)), 2, tamper=_poison("nan"))

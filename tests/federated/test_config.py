@@ -23,8 +23,12 @@ def test_round_trips() -> None:
 
 
 def test_run_config_accepts_scheme_names_and_int_lr() -> None:
-    config = FederatedConfig.from_run_config({"scheme": "bias", "lr": 1, "rounds": 2, "unrelated": "x"})
+    config = FederatedConfig.from_run_config(
+        {"scheme": "bias", "lr": 1, "rounds": 2, "server-lr": 2, "server-momentum": 0, "unrelated": "x"}
+    )
     assert config.scheme["name"] == "bias" and config.lr == 1.0 and config.rounds == 2
+    assert isinstance(config.server_lr, float) and config.server_lr == 2.0
+    assert isinstance(config.server_momentum, float) and config.server_momentum == 0.0
 
 
 @pytest.mark.parametrize(
@@ -43,6 +47,9 @@ def test_run_config_accepts_scheme_names_and_int_lr() -> None:
         ({"strategy": "forget"}, "strategy"),
         ({"buffer_size": 0}, "buffer_size"),
         ({"aggregation": "fedprox", "proximal_mu": 0.1, "strategy": "lwf"}, "fedprox"),
+        ({"server_momentum": 1.0}, r"server_momentum must be in \[0, 1\)"),
+        ({"server_momentum": -0.5}, "server_momentum"),
+        ({"server_lr": 0}, "server_lr must be a number > 0"),
     ],
 )
 def test_invalid(kwargs: dict, match: str) -> None:
