@@ -58,7 +58,7 @@ LITE_RESIDUAL = {
     "update_norm_stats": False,
 }
 #: How the lite rows aggregate (see the module docstring).
-LITE_AGGREGATION = {"aggregation": "fedprox", "proximal_mu": 0.03}
+LITE_AGGREGATION = {"aggregation": "fedprox", "proximal_mu": 0.03, "server_momentum": 0.5}
 _fp16 = {"compression": "fp16", "downlink": "fp16"}
 _fp16_down = {"downlink": "fp16"}
 #: Learning rate of the SGD rows (not grid-searched).
@@ -79,23 +79,29 @@ COMMON = {
 def variants(lr_full: float, lr_lite: float) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, role, config overrides).
 
-    Roles: ``baseline`` (full FedAvg), ``claim``, ``reference``, ``uncompressed`` and ``codec`` (a codec's
-    cost is measured against ``uncompressed``), ``uncompressed-sgd`` and ``codec-sgd`` (the same under SGD).
+    Roles: ``baseline`` (full FedAvg), ``claim``, ``same-aggregation`` (full with the lite rows'
+    aggregation), ``reference``, ``uncompressed`` and ``codec`` (a codec's cost is measured against
+    ``uncompressed``), ``uncompressed-sgd`` and ``codec-sgd`` (the same under SGD).
     """
     full = {"scheme": "full", "lr": lr_full}
     lite = {"scheme": LITE_RESIDUAL, "lr": lr_lite, **LITE_AGGREGATION}
     lite_sgd = {"scheme": LITE_RESIDUAL, "lr": SGD_LR, "optimizer": "sgd", **LITE_AGGREGATION}
-    mu = LITE_AGGREGATION["proximal_mu"]
+    aggregation = _aggregation_name(LITE_AGGREGATION)
     return [
         (f"full, fp32 (lr {lr_full:g}), FedAvg", "baseline", full),
         ("full, fp16 up+down", "reference", {**full, **_fp16}),
-        (f"full, fp32, FedProx (mu {mu:g})", "reference", {**full, **LITE_AGGREGATION}),
-        (f"lite_residual+bias, fp32 (lr {lr_lite:g}), FedProx (mu {mu:g})", "uncompressed", lite),
+        (f"full, fp32, {aggregation}", "same-aggregation", {**full, **LITE_AGGREGATION}),
+        (f"lite_residual+bias, fp32 (lr {lr_lite:g}), {aggregation}", "uncompressed", lite),
         ("lite_residual+bias, fp16 up+down", "claim", {**lite, **_fp16}),
+        (
+            "lite_residual+bias, fp16 up+down, no server momentum",
+            "reference",
+            {**lite, **_fp16, "server_momentum": 0.0},
+        ),
         (
             "lite_residual+bias, fp16 up+down, FedAvg",
             "reference",
-            {**lite, **_fp16, "aggregation": "fedavg", "proximal_mu": 0.0},
+            {**lite, **_fp16, "aggregation": "fedavg", "proximal_mu": 0.0, "server_momentum": 0.0},
         ),
         (
             "lite_residual+bias, int8 up, fp16 down",
@@ -120,6 +126,12 @@ def variants(lr_full: float, lr_lite: float) -> list[tuple[str, str, dict[str, A
             {**lite_sgd, "compression": "topk:0.1", **_fp16_down},
         ),
     ]
+
+
+def _aggregation_name(settings: dict[str, Any]) -> str:
+    name = f"FedProx (mu {settings['proximal_mu']:g})" if settings["aggregation"] == "fedprox" else "FedAvg"
+    momentum = settings.get("server_momentum", 0.0)
+    return f"{name} + server momentum {momentum:g}" if momentum else name
 
 
 class PeakRss:
@@ -211,6 +223,19 @@ def _run(name: str, role: str, overrides: dict[str, Any]) -> Row:
     return row
 
 
+def _seed_pair(seed: int, full: Row, claim: Row, same: Row | None) -> dict[str, Any]:
+    """The claim on one seed, and the gap to full training under the lite rows' aggregation."""
+    return {
+        "seed": seed,
+        "full_accuracy": full.accuracy,
+        "claim_accuracy": claim.accuracy,
+        "gap_points": 100 * (full.accuracy - claim.accuracy),
+        "bytes_ratio": full.bytes_per_round / claim.bytes_per_round,
+        "same_aggregation_accuracy": None if same is None else same.accuracy,
+        "gap_to_same_aggregation_points": None if same is None else 100 * (same.accuracy - claim.accuracy),
+    }
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -218,8 +243,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _grid(scheme: Any, label: str) -> tuple[float, list[Row]]:
-    rows = [_run(f"grid: {label}, lr {lr:g}", "grid", {"scheme": scheme, "lr": lr}) for lr in LR_GRID]
+def _grid(overrides: dict[str, Any], label: str) -> tuple[float, list[Row]]:
+    rows = [_run(f"grid: {label}, lr {lr:g}", "grid", {**overrides, "lr": lr}) for lr in LR_GRID]
     best = max(rows, key=lambda r: r.accuracy)
     return LR_GRID[rows.index(best)], rows
 
@@ -245,13 +270,14 @@ def main() -> None:
     lr_full, lr_lite = BEST_LR["full"], BEST_LR["lite_residual"]
     grid_rows: list[Row] = []
     if args.grid:
-        lr_full, full_rows = _grid("full", "full")
-        lr_lite, lite_rows = _grid(LITE_RESIDUAL, "lite_residual+bias")
+        lr_full, full_rows = _grid({"scheme": "full"}, "full")
+        lr_lite, lite_rows = _grid({"scheme": LITE_RESIDUAL, **LITE_AGGREGATION}, "lite_residual+bias")
         grid_rows = full_rows + lite_rows
     every = variants(lr_full, lr_lite)
     by_role = {role: (name, overrides) for name, role, overrides in every}
     full_name, full_overrides = by_role["baseline"]
     claim_name, claim_overrides = by_role["claim"]
+    same_name, same_overrides = by_role["same-aggregation"]
     chosen = [every[int(i)] for i in args.only.split(",")] if args.only else every
     rows = [_run(name, role, overrides) for name, role, overrides in chosen]
     scale: Row | None = None
@@ -262,16 +288,10 @@ def main() -> None:
     for seed in range(1, max(1, args.seeds)):
         full_row = _run(f"seed {seed}: {full_name}", "seed", {**full_overrides, "seed": seed})
         claim_seed = _run(f"seed {seed}: {claim_name}", "seed", {**claim_overrides, "seed": seed})
-        seed_pairs.append(
-            {
-                "seed": seed,
-                "full_accuracy": full_row.accuracy,
-                "claim_accuracy": claim_seed.accuracy,
-                "gap_points": 100 * (full_row.accuracy - claim_seed.accuracy),
-                "bytes_ratio": full_row.bytes_per_round / claim_seed.bytes_per_round,
-            }
-        )
+        same_seed = _run(f"seed {seed}: {same_name}", "seed", {**same_overrides, "seed": seed})
+        seed_pairs.append(_seed_pair(seed, full_row, claim_seed, same_seed))
     baseline = next((r for r in rows if r.role == "baseline"), None)
+    same_aggregation = next((r for r in rows if r.role == "same-aggregation"), None)
     uncompressed = next((r for r in rows if r.role == "uncompressed"), None)
     uncompressed_sgd = next((r for r in rows if r.role == "uncompressed-sgd"), None)
     claim_row = next((r for r in rows if r.role == "claim"), None)
@@ -289,16 +309,7 @@ def main() -> None:
         }
 
     if baseline is not None and claim_row is not None and seed_pairs:
-        seed_pairs.insert(
-            0,
-            {
-                "seed": 0,
-                "full_accuracy": baseline.accuracy,
-                "claim_accuracy": claim_row.accuracy,
-                "gap_points": 100 * (baseline.accuracy - claim_row.accuracy),
-                "bytes_ratio": baseline.bytes_per_round / claim_row.bytes_per_round,
-            },
-        )
+        seed_pairs.insert(0, _seed_pair(0, baseline, claim_row, same_aggregation))
     claim_met = None
     if baseline is not None and claim_row is not None:
         claim_met = (
@@ -377,6 +388,15 @@ def main() -> None:
             + f"bytes {min(pair['bytes_ratio'] for pair in seed_pairs):.1f}x fewer or more; "
             + f"met on every seed: {met_every_seed}"
         )
+        same_gaps = [p["gap_to_same_aggregation_points"] for p in seed_pairs]
+        if all(gap is not None for gap in same_gaps):
+            console.print(
+                "against full training with the lite rows' aggregation: "
+                + ", ".join(
+                    f"{p['seed']}: {p['gap_to_same_aggregation_points']:+.1f} pts" for p in seed_pairs
+                )
+                + f"; mean gap {sum(same_gaps) / len(same_gaps):+.1f}"
+            )
     if scale is not None:
         console.print(
             f"100 devices x 3 rounds (lite_residual+bias, fp16): {scale.seconds:.0f} s, peak RSS "

@@ -250,8 +250,9 @@ def run_server(
     compression = config.compression_obj
     if compression.kind == "topk" and compression.error_feedback and config.optimizer == "adam":
         logger.warning(
-            "top-k uplink with error feedback and Adam on the devices: Adam's normalised steps make the "
-            "residuals grow round after round (see federated.compression); use optimizer='sgd' with top-k"
+            "top-k uplink with error feedback and Adam on the devices: Adam's normalised steps can make the "
+            "residuals grow round after round, and in some settings accuracy collapses (federated.compression "
+            "has the measurements); check the run against compression='int8', which needs no feedback"
         )
     server_step = ServerMomentum(lr=config.server_lr, momentum=config.server_momentum, plain=statistics)
     rng = random.Random(config.seed)
