@@ -4,7 +4,7 @@ Run: ``python bench/federated.py [--json] [--skip-scale] [--grid]``. Every row c
 each a federation on Flower's Simulation Engine (``federated.simulate``, Ray): 10 devices, 5 rounds, the
 digits split Dirichlet(0.3), the backbone pretrained on digits 0-4 and the devices learning all ten with a
 new 10-way head; every device runs the ``naive`` continual learner (Adam, batch 16, its stream observed
-twice per round). Bytes are the array bytes of the messages actually sent (the downlink broadcast to every
+four times a round). Bytes are the array bytes of the messages actually sent (the downlink broadcast to every
 sampled device + the uplink replies, per round); peak memory is the largest summed resident set of this
 process and all its descendants (Ray's workers), sampled every 0.2 s.
 
@@ -12,19 +12,21 @@ The lite-residual scheme is TinyTL's "lite residual + bias" sized for the 8x8 CN
 the block width, 3x3 group convs with 8 groups, no pooling) with the head and the norm shifts; the
 backbone's running statistics stay frozen, as in TinyTL (averaging statistics that each device estimates
 on its own skewed share cost seed 1 two points). Both schemes observe their stream four times a round
-(``local_epochs`` 4). Full FedAvg is the baseline the claim names; the lite rows aggregate with FedProx
+(``local_epochs`` 4). Full FedAvg is the baseline the claim names. The lite rows aggregate with FedProx
 (mu 0.03, the proximal term that holds a device's few trainable tensors near the global ones on a skewed
-share: seed 1, 0.927 -> 0.951). Reference rows give full FedAvg the same FedProx, and lite plain FedAvg.
+share) and the server steps on the averaged update with momentum 0.5 (FedAvgM). A reference row gives
+full training the same aggregation (and is rerun on every seed); others take the momentum, and then
+FedProx, away from the lite row.
 
-Learning rates: each scheme takes the rate with the best final accuracy *averaged over seeds 0-2* (a rate
-tuned on one split does not carry over to the next: tuned on seed 0, lite trailed full by 5.1 points on
-seed 1). ``BEST_LR`` holds the winners as last measured with the same apps and setting, devices served in
-process (final accuracy, seeds 0 / 1 / 2): full 0.971 / 0.909 / 0.958 (mean 0.946) at 3e-3 and 0.949 /
-0.953 / 0.949 (mean 0.950) at 1e-2; lite residual 0.944 / 0.951 / 0.956 (mean 0.950) at 3e-2 (at 2e-2
-seed 1 gives 0.938; at 1e-2 with two local epochs the lite rows trailed by 7-8 points there). ``--grid``
-reruns a grid {1e-3, 3e-3, 1e-2, 3e-2} on seed 0 here, on the Simulation Engine, and uses its winners.
-The compression rows compress the lite-residual update; their accuracy cost is against the
-uncompressed lite-residual row.
+Learning rates and the server momentum: each takes the value with the best final accuracy *averaged over
+seeds 0-2* (a value tuned on one split does not carry over to the next). ``BEST_LR`` holds the winners as
+last measured with the same apps and setting, devices served in process (final accuracy, seeds 0 / 1 /
+2): full FedAvg 0.971 / 0.909 / 0.958 at 3e-3 (before the order-independent sum) and 0.967 / 0.938 /
+0.949 (mean 0.951) at 1e-2; lite residual (fp16, FedProx) without momentum 0.944 / 0.951 / 0.956 (mean
+0.950) at 3e-2. Server momentum for the lite row at 3e-2: 0.3 -> mean 0.953, 0.5 -> 0.959 (0.949 / 0.964
+/ 0.964), 0.7 -> 0.948, 0.9 -> 0.925; 0.5 at 2e-2 -> 0.957. ``--grid`` reruns a grid {1e-3, 3e-3, 1e-2,
+3e-2} on seed 0 here, on the Simulation Engine, and uses its winners. The compression rows compress the
+lite-residual update; their accuracy cost is against the uncompressed lite-residual row.
 """
 
 from __future__ import annotations

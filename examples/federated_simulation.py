@@ -4,7 +4,8 @@ Run: ``python examples/federated_simulation.py`` (``--quick``: 3 devices, 2 roun
 pretrained on digits 0-4 (cached);
 each device holds a Dirichlet(0.3) share of the digits, learns it with its continual learner and sends
 only its small trainable tensors (lite residual branches, biases, head) in fp16, and the server
-aggregates them with FedProx: the configuration of ``bench/federated.py``'s claim row.
+aggregates them with FedProx and steps with momentum (FedAvgM): the configuration of
+``bench/federated.py``'s claim row.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> federated.SimulationResult:
         lr=3e-2,
         aggregation="fedprox",
         proximal_mu=0.03,
+        server_momentum=0.5,
         strategy="naive",
         compression="fp16",
         downlink="fp16",

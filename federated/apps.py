@@ -251,8 +251,8 @@ def run_server(
     if compression.kind == "topk" and compression.error_feedback and config.optimizer == "adam":
         logger.warning(
             "top-k uplink with error feedback and Adam on the devices: Adam's normalised steps can make the "
-            "residuals grow round after round, and in some settings accuracy collapses (federated.compression "
-            "has the measurements); check the run against compression='int8', which needs no feedback"
+            "residuals grow round after round, and in some settings accuracy collapses (measurements in "
+            "federated.compression); check the run against compression='int8', which needs no feedback"
         )
     server_step = ServerMomentum(lr=config.server_lr, momentum=config.server_momentum, plain=statistics)
     rng = random.Random(config.seed)
