@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +62,15 @@ def test_invalid(kwargs: dict, match: str) -> None:
 def test_from_dict_rejects_unknown_fields() -> None:
     with pytest.raises(ConfigError, match="no field"):
         FederatedConfig.from_dict({"epochs": 3})
+
+
+def test_the_example_app_lists_every_field_and_its_default() -> None:
+    """examples/federated_app/pyproject.toml says it holds every key: it must, and parse to a valid config."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "federated_app" / "pyproject.toml"
+    app_config = tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
+    expected = set(FederatedConfig().to_run_config())
+    missing = sorted(expected - set(app_config))
+    assert not missing, f"{path} lacks {missing}"
+    config = FederatedConfig.from_run_config(app_config)
+    assert config.classes == tuple(range(10)) and config.pretrain_classes == (0, 1, 2, 3, 4)
+    assert config.server_lr == 1.0 and config.server_momentum == 0.0
