@@ -9,7 +9,7 @@ the proximal term each device adds to its local loss, :func:`proximal_term`.
 
 The server may also take the averaged update as a pseudo-gradient and step with momentum,
 :class:`ServerMomentum` (FedAvgM: Hsu et al., "Measuring the Effects of Non-Identical Data Distribution
-for Federated Visual Classification", 2019, Sec. 3; Reddi et al., "Adaptive Federated Optimization",
+for Federated Visual Classification", arXiv:1909.06335, 2019; Reddi et al., "Adaptive Federated Optimization",
 ICLR 2021, Alg. 1 with a momentum server optimizer). Momentum 0 and server learning rate 1 is FedAvg.
 
 The average does not depend on the order the replies arrive in: the updates are summed in an order
@@ -101,6 +101,7 @@ class ServerMomentum:
     for the floating-point tensors, in float64. ``lr=1, momentum=0`` is plain FedAvg. The tensors named in
     ``plain`` (running statistics, which are estimates rather than descent directions) and integer tensors
     take the mean update as it is. A round without an update (too few valid replies) leaves ``v`` as it is.
+    ``v`` lives as long as the server's run: a new run starts from zero.
 
     Raises:
         ConfigError: ``lr`` not > 0 or ``momentum`` outside [0, 1).
