@@ -56,6 +56,13 @@ def test_transfer_rejects_an_unknown_compression() -> None:
     assert "Traceback" not in result.output
 
 
+def test_simulate_rejects_a_server_momentum_of_one_before_starting_anything() -> None:
+    result = runner.invoke(app, ["simulate", "--clients", "2", "--rounds", "1", "--server-momentum", "1.0"])
+    assert result.exit_code == 2
+    assert "server_momentum must be in [0, 1)" in result.output and "got 1.0" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "ondevice"
     env = {**os.environ, "COLUMNS": "120"}
