@@ -133,9 +133,10 @@ class ServerMomentum:
                 out[key] = (base[key] + value).astype(base[key].dtype)
                 continue
             velocity = value.astype(np.float64)
-            if self.momentum and key in self.velocity:
-                velocity = velocity + self.momentum * self.velocity[key]
-            self.velocity[key] = velocity
+            if self.momentum:
+                if key in self.velocity:
+                    velocity += self.momentum * self.velocity[key]
+                self.velocity[key] = velocity
             out[key] = (base[key].astype(np.float64) + self.lr * velocity).astype(base[key].dtype)
         return out
 

@@ -27,9 +27,6 @@ from ondevice.schemes import Scheme, resolve_scheme
 __all__ = ["CONFIG_VERSION", "FederatedConfig"]
 
 CONFIG_VERSION = 1
-_FLOAT_FIELDS = frozenset(
-    {"lr", "fraction_train", "proximal_mu", "server_lr", "server_momentum", "norm_factor", "round_timeout_s"}
-)
 
 
 def _positive_int(owner: str, value: object) -> None:
@@ -241,7 +238,8 @@ class FederatedConfig:
                     value = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"run config {key!r} is not valid JSON: {exc}") from None
-            if name in _FLOAT_FIELDS and (isinstance(value, int) and not isinstance(value, bool)):
+            # TOML and JSON write 1.0 as 1: a float field takes an int as its float.
+            if known[name].type == "float" and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             kwargs[name] = value
         return FederatedConfig(**kwargs)

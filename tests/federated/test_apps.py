@@ -98,8 +98,8 @@ def test_server_momentum_steps_as_fedavgm_over_rounds(loopback_grid, tmp_path: P
     start = to_numpy({k: v for k, v in prepared.trainable_tensors().items() if k in spec})
     expected = {k: v.astype(np.float64) for k, v in start.items()}
     velocity = {k: np.zeros_like(v) for k, v in expected.items()}
-    for start in range(0, len(grid.replies), 3):
-        replies = [reply for _, reply in grid.replies[start : start + 3]]
+    for first in range(0, len(grid.replies), 3):
+        replies = [reply for _, reply in grid.replies[first : first + 3]]
         updates = [from_record(r.content["update"]) for r in replies]
         weights = [r.content["metrics"]["num-examples"] for r in replies]
         for key in spec:
