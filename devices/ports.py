@@ -84,10 +84,11 @@ def url_opener(
     def open_port() -> PortLike:
         import serial
 
-        kwargs: dict[str, object] = {"baudrate": baudrate, "timeout": timeout_s, "write_timeout": 2.0}
         if exclusive:
-            kwargs["exclusive"] = True
-        return serial.serial_for_url(url, **kwargs)
+            return serial.serial_for_url(
+                url, baudrate=baudrate, timeout=timeout_s, write_timeout=2.0, exclusive=True
+            )
+        return serial.serial_for_url(url, baudrate=baudrate, timeout=timeout_s, write_timeout=2.0)
 
     return open_port
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -133,13 +134,14 @@ def _block_geometry(name: str, module: nn.Module) -> tuple[int, int, int, int]:
         )
     dims = 1 if isinstance(convs[0], nn.Conv1d) else 2
     if all(hasattr(module, a) for a in ("in_channels", "out_channels", "stride")):
-        stride = module.stride
-        stride = int(stride[0] if isinstance(stride, tuple) else stride)
-        return int(module.in_channels), int(module.out_channels), stride, dims
-    stride = 1
+        block: Any = module  # a block that states its own shape
+        block_stride = block.stride
+        total_stride = int(block_stride[0] if isinstance(block_stride, tuple) else block_stride)
+        return int(block.in_channels), int(block.out_channels), total_stride, dims
+    total_stride = 1
     for conv in convs:
-        stride *= int(conv.stride[0])
-    return convs[0].in_channels, convs[-1].out_channels, stride, dims
+        total_stride *= int(conv.stride[0])
+    return convs[0].in_channels, convs[-1].out_channels, total_stride, dims
 
 
 def lite_residual_targets(model: nn.Module, scheme: LiteResidual, head: str | None) -> list[str]:
@@ -204,14 +206,16 @@ def compute_layers(model: nn.Module, head: str | None) -> list[tuple[str, nn.Mod
 def layer_bias(model: nn.Module, name: str) -> nn.Parameter | None:
     """A layer's bias, or the shift of the norm leaf right after it when it has none (BN folding)."""
     layer = model.get_submodule(name)
-    if getattr(layer, "bias", None) is not None:
-        return layer.bias
+    own_bias = getattr(layer, "bias", None)
+    if isinstance(own_bias, nn.Parameter):
+        return own_bias
     ordered = list(leaves(model))
     index = next(i for i, (n, _) in enumerate(ordered) if n == name)
     if index + 1 < len(ordered):
         follower = ordered[index + 1][1]
-        if isinstance(follower, NORM_TYPES) and getattr(follower, "bias", None) is not None:
-            return follower.bias
+        shift = getattr(follower, "bias", None)
+        if isinstance(follower, NORM_TYPES) and isinstance(shift, nn.Parameter):
+            return shift
     return None
 
 
@@ -253,6 +257,7 @@ def _apply_sparse(model: nn.Module, scheme: Scheme, ctx: ApplyContext) -> None:
         raise ConfigError(f"Sparse.weight_layers names a layer twice: {chosen}")
     for name, ratio in zip(chosen, scheme.ratios(), strict=True):
         layer = model.get_submodule(name)
+        assert isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Linear)  # _resolve_layer returns these only
         if ratio >= 1.0:
             layer.weight.requires_grad_(True)
             continue
@@ -288,6 +293,6 @@ def _apply_lora(model: nn.Module, scheme: Scheme, ctx: ApplyContext) -> None:
     if scheme.train_classifier:
         _train_head(model, ctx, scheme)
     for name in targets:
-        replace_submodule(
-            model, name, LoRALinear(model.get_submodule(name), rank=scheme.rank, alpha=scheme.alpha)
-        )
+        target = model.get_submodule(name)
+        assert isinstance(target, nn.Linear)  # lora targets are Linear layers
+        replace_submodule(model, name, LoRALinear(target, rank=scheme.rank, alpha=scheme.alpha))

@@ -106,7 +106,7 @@ class Scheme:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"scheme {name!r} has no field(s) {unknown}; its fields are {sorted(known)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
 
     @staticmethod

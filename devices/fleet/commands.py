@@ -286,7 +286,6 @@ async def run_action(
     action = Action(action)
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    options = {"log_lines": log_lines, "restart_wait_s": restart_wait_s}
     if action is Action.RESTART:
         results: list[HostResult] = []
         halted: str | None = None
@@ -294,7 +293,7 @@ async def run_action(
             if halted is not None:
                 result = HostResult(host.name, action, Outcome.SKIPPED, f"not restarted: {halted}")
             else:
-                result = await _on_host(host, action, **options)
+                result = await _on_host(host, action, log_lines=log_lines, restart_wait_s=restart_wait_s)
                 if result.outcome is Outcome.FAILED:
                     halted = f"{host.name} did not come back after its restart"
             results.append(result)
@@ -305,7 +304,7 @@ async def run_action(
 
     async def one(host: Host) -> HostResult:
         async with gate:
-            result = await _on_host(host, action, **options)
+            result = await _on_host(host, action, log_lines=log_lines, restart_wait_s=restart_wait_s)
         if on_result is not None:
             on_result(result)
         return result

@@ -39,7 +39,7 @@ def build_lite_residual_branch(
     conv = nn.Conv1d if dims == 1 else nn.Conv2d
     batch_norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
 
-    def make_norm(channels: int) -> nn.Module:
+    def make_norm(channels: int) -> nn.GroupNorm | nn.BatchNorm1d | nn.BatchNorm2d:
         return _group_norm(channels) if norm == "group" else batch_norm(channels)
 
     final_norm = make_norm(out_channels)

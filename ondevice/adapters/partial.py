@@ -46,6 +46,8 @@ class PartialChannelUpdate(nn.Module):
     the wrapped layer computes exactly what ``base`` did until ``weight_update`` changes.
     """
 
+    channel_index: Tensor
+
     def __init__(self, base: _Layer, channel_index: Tensor) -> None:
         super().__init__()
         if not isinstance(base, nn.Conv1d | nn.Conv2d | nn.Linear):

@@ -297,10 +297,12 @@ class ReplayBuffer:
             raise CheckpointError("the checkpoint's replay buffer lacks its samples")
         if size:
             assert self._values is not None and self._labels is not None
-            if tuple(values.shape) != (size, *self._sample_shape) or values.dtype != self._values.dtype:  # type: ignore[union-attr,misc]
+            assert values is not None and labels is not None  # checked just above
+            assert self._sample_shape is not None  # set by _allocate
+            if tuple(values.shape) != (size, *self._sample_shape) or values.dtype != self._values.dtype:
                 raise CheckpointError(
-                    f"replay buffer samples have shape {tuple(values.shape)} {values.dtype}, expected "  # type: ignore[union-attr]
-                    f"{(size, *self._sample_shape)} {self._values.dtype}"  # type: ignore[misc]
+                    f"replay buffer samples have shape {tuple(values.shape)} {values.dtype}, expected "
+                    f"{(size, *self._sample_shape)} {self._values.dtype}"
                 )
             self._values[:size] = values
             self._labels[:size] = labels

@@ -18,7 +18,7 @@ __all__ = ["ADWIN", "DriftDetector", "PageHinkley", "detector_from_dict"]
 
 def _positive(owner: str, name: str, value: object, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
+    if not ok or not isinstance(value, int | float) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{owner}.{name} must be a finite number {bound}, got {value!r}")
 

@@ -561,7 +561,7 @@ class Learner:
             torch.manual_seed(self.config.seed * 1_000_003 + num_classes)
             new_head = inner.grow_head(num_classes)
         if type(old_head) is not nn.Linear:
-            inner.classifier = self.model.with_ops(new_head)
+            setattr(inner, "classifier", self.model.with_ops(new_head))  # noqa: B010  (a wrapped head, not a Linear)
         self._params = self.model.trainable_parameters()
         grown = {
             name: tuple(p.shape)

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def _number(owner: str, name: str, value: object, *, low: float, strict: bool) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (strict and value == low):
+    if not ok or not isinstance(value, int | float) or value < low or (strict and value == low):
         raise ConfigError(
             f"{owner}.{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}"
         )

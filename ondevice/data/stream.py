@@ -285,5 +285,5 @@ def as_stream(
                 " set shuffle=True on the DataLoader" if isinstance(obj, DataLoader) else " shuffle it first"
             )
             raise ConfigError(f"as_stream cannot shuffle a {type(obj).__name__} (a sequential source);{hint}")
-        source = obj
+        source = obj  # type: ignore[assignment]  # a sequential source is iterable
     return IterableStream(source, batch_size=batch_size, drop_last=drop_last, epochs=epochs)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -92,7 +93,7 @@ def _keep_mask(kind: str, y: Tensor, mode: MaskMode) -> Tensor:
     # Large tensors in chunks, so the comparisons after the first read ``y`` from cache, not memory.
     flat, numel = values.reshape(-1), y.numel()
     bit = mode == "bit"
-    out = np.empty((numel + 7) // 8 if bit else numel, dtype=np.uint8 if bit else np.bool_)
+    out: np.ndarray = np.empty((numel + 7) // 8 if bit else numel, dtype=np.uint8 if bit else np.bool_)
     scratch = np.empty((2, _CHUNK), dtype=np.bool_)
     for start in range(0, numel, _CHUNK):
         chunk = flat[start : start + _CHUNK]
@@ -233,8 +234,8 @@ _SIGMOID = _Smooth(torch.sigmoid, torch.ops.aten.sigmoid_backward, keeps_output=
 _TANH = _Smooth(torch.tanh, torch.ops.aten.tanh_backward, keeps_output=True)
 _GELU = {
     approximate: _Smooth(
-        lambda x, a=approximate: F.gelu(x, approximate=a),
-        lambda g, x, a=approximate: torch.ops.aten.gelu_backward(g, x, approximate=a),
+        partial(F.gelu, approximate=approximate),
+        partial(torch.ops.aten.gelu_backward, approximate=approximate),
         keeps_output=False,
     )
     for approximate in ("none", "tanh")

@@ -83,6 +83,7 @@ class _PartialFn(torch.autograd.Function):
                 )  # fmt: skip
         grad_base = None
         if full_weight_grad:
+            assert grad_w is not None  # computed above whenever the base weight needs a gradient
             grad_base = grad_w.index_fill(1, index, 0)
             grad_update = grad_w.index_select(1, index) if needs_update else None
         elif needs_update:

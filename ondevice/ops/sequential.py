@@ -55,9 +55,10 @@ from ondevice.ops.norm import (
     MemorySavingBatchNorm3d,
     MemorySavingGroupNorm,
     MemorySavingLayerNorm,
+    empty_batch_norm_stats,
 )
 from ondevice.ops.placeholder import shape_placeholder
-from ondevice.ops.registry import clone_module_as
+from ondevice.ops.registry import MaskMode, clone_module_as
 
 __all__ = ["MemorySavingSequential", "fusable_runs", "inplace_pairs"]
 
@@ -140,12 +141,15 @@ class _ConvBatchNormFn(torch.autograd.Function):
         running_var: Tensor,
         conv_args: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int],
         eps: float,
-        act: tuple[str, str] | None,
+        act: tuple[str, MaskMode] | None,
     ) -> Tensor:
         y = _CONV[x.dim() - 2](x, conv_weight, conv_bias, *conv_args)
-        stats = y.new_empty(0)
+        # Two distinct statistics buffers: in eval mode CUDA's kernel copies the running mean into
+        # ``save_mean`` and writes the inverse std into ``save_invstd`` before normalising with both, so
+        # one shared buffer would normalise with the inverse std as the mean. CPU leaves them empty.
+        save_mean, save_invstd = empty_batch_norm_stats(y), empty_batch_norm_stats(y)
         _BATCH_NORM_OUT(y, norm_weight, norm_bias, running_mean, running_var, False, 0.0, eps,
-                        out=y, save_mean=stats, save_invstd=stats)  # fmt: skip
+                        out=y, save_mean=save_mean, save_invstd=save_invstd)  # fmt: skip
         mask = None
         if act is not None:
             kind, mode = act
@@ -162,8 +166,9 @@ class _ConvBatchNormFn(torch.autograd.Function):
         if ctx.act is not None:
             grad_out = masked_grad(grad_out, mask, ctx.shape, ctx.act[1])
         needs_x, needs_conv_bias, needs_norm_bias = (ctx.needs_input_grad[i] for i in (0, 2, 4))
+        no_stats = empty_batch_norm_stats(grad_out)
         grad_norm_in, _, grad_norm_bias = _BATCH_NORM_BACKWARD(
-            grad_out, grad_out, norm_weight, running_mean, running_var, None, None, False, ctx.eps,
+            grad_out, grad_out, norm_weight, running_mean, running_var, no_stats, no_stats, False, ctx.eps,
             [needs_x or needs_conv_bias, False, needs_norm_bias],
         )  # fmt: skip
         grad_x = grad_conv_bias = None
