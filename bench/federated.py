@@ -185,6 +185,8 @@ class Row:
     shared_params: int
     seconds: float
     peak_rss_bytes: int
+    scheme: str = ""
+    codec: str = ""
 
     @property
     def bytes_per_round(self) -> float:
@@ -216,6 +218,8 @@ def _run(name: str, role: str, overrides: dict[str, Any]) -> Row:
         shared_params=shared,
         seconds=result.seconds,
         peak_rss_bytes=peak.peak_bytes,
+        scheme=_scheme_name(overrides),
+        codec=codec(overrides),
     )
     print(
         f"  {name}: accuracy {row.accuracy:.4f}, {row.bytes_per_round:,.0f} B/round, {row.seconds:.0f} s",
@@ -238,6 +242,41 @@ def _seed_pair(seed: int, full: Row, claim: Row, same: Row | None) -> dict[str, 
     }
 
 
+def codec(overrides: dict[str, Any]) -> str:
+    """The wire format of a row: uplink codec and downlink precision (bytes depend on nothing else)."""
+    return f"{overrides.get('compression', 'none')} up, {overrides.get('downlink', 'fp32')} down"
+
+
+def _scheme_name(overrides: dict[str, Any]) -> str:
+    scheme = overrides.get("scheme", "")
+    return str(scheme.get("name", "") if isinstance(scheme, dict) else scheme)
+
+
+def add_same_codec_ratios(payload: dict[str, Any]) -> dict[str, Any]:
+    """Add ``bytes_ratio_vs_full_same_codec`` to every row: full training's bytes at the row's codec over
+    the row's (``None`` when no full row used that codec). ``bytes_ratio_vs_full`` compares with fp32
+    full FedAvg, so an fp16 row's ratio there includes fp16's own 2x; this one does not.
+
+    Rows saved before rows carried their scheme and codec get them from :func:`variants` by name.
+    """
+    lr = payload["setting"]["lr"]
+    known = {name: overrides for name, _, overrides in variants(lr["full"], lr["lite_residual"])}
+    for row in payload["rows"]:
+        overrides = known.get(row["name"], {})
+        row.setdefault("scheme", _scheme_name(overrides))
+        row.setdefault("codec", codec(overrides) if overrides else "")
+    full = {}
+    for row in payload["rows"]:
+        if row["scheme"] == "full" and row["codec"]:
+            full.setdefault(row["codec"], row["bytes_per_round"])
+    for row in payload["rows"]:
+        reference = full.get(row["codec"])
+        row["bytes_ratio_vs_full_same_codec"] = (
+            None if reference is None else reference / row["bytes_per_round"]
+        )
+    return payload
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -257,6 +296,11 @@ def main() -> None:
     parser.add_argument("--skip-scale", action="store_true", help="skip the 100-device run")
     parser.add_argument("--grid", action="store_true", help="rerun the learning-rate grid for both schemes")
     parser.add_argument("--save", default="", help="also write the JSON results to this file")
+    parser.add_argument(
+        "--render",
+        default="",
+        help="print the tables of saved JSON results (adding the derived ratios) instead of running",
+    )
     parser.add_argument("--only", default="", help="comma-separated variant indices to run (0 = full)")
     parser.add_argument(
         "--seeds",
@@ -267,6 +311,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    if args.render:
+        with open(args.render) as handle:
+            saved = add_same_codec_ratios(json.load(handle))
+        if args.save:
+            with open(args.save, "w") as handle:
+                json.dump(saved, handle, indent=2)
+        print(json.dumps(saved, indent=2)) if args.json else print_tables(saved)
+        return
 
     print("federated benchmark: 10 devices, 5 rounds, Dirichlet(0.3)", file=sys.stderr)
     lr_full, lr_lite = BEST_LR["full"], BEST_LR["lite_residual"]
@@ -344,29 +396,40 @@ def main() -> None:
         "scale": None if scale is None else scale.to_dict(),
         "seeds": seed_pairs,
     }
+    add_same_codec_ratios(payload)
     if args.save:
         with open(args.save, "w") as handle:
             json.dump(payload, handle, indent=2)
     if args.json:
         print(json.dumps(payload, indent=2))
         return
+    print_tables(payload)
+
+
+def print_tables(payload: dict[str, Any]) -> None:
+    """The results as tables and claim lines (from a run or from saved JSON)."""
     from rich.console import Console
     from rich.table import Table
 
     from memory import format_bytes
 
     console = Console()
-    if grid_rows:
+    if payload.get("grid"):
         grid = Table(title="learning-rate grid (final accuracy)")
         for column in ("run", "accuracy"):
             grid.add_column(column, justify="left" if column == "run" else "right")
-        for row in grid_rows:
-            grid.add_row(row.name, f"{row.accuracy:.4f}")
+        for row in payload["grid"]:
+            grid.add_row(row["name"], f"{row['accuracy']:.4f}")
         console.print(grid)
     table = Table(title="10 devices, 5 rounds, digits Dirichlet(0.3) (backbone pretrained on 0-4)")
-    columns = ("variant", "params sent", "accuracy", "gap (pts)", "codec cost", "bytes/round", "vs full")
+    columns = ("variant", "params sent", "accuracy", "gap (pts)", "codec cost", "bytes/round", "vs full fp32",
+               "vs full, same codec")  # fmt: skip
     for column in (*columns, "time (s)"):
         table.add_column(column, justify="left" if column == "variant" else "right")
+
+    def fewer(ratio: float | None) -> str:
+        return "-" if ratio is None else f"{ratio:.1f}x fewer"
+
     for item in payload["rows"]:
         table.add_row(
             item["name"],
@@ -375,12 +438,21 @@ def main() -> None:
             "-" if item["accuracy_gap_points"] is None else f"{item['accuracy_gap_points']:+.1f}",
             "-" if item["codec_cost_points"] is None else f"{item['codec_cost_points']:+.1f}",
             format_bytes(int(item["bytes_per_round"])),
-            "-" if item["bytes_ratio_vs_full"] is None else f"{item['bytes_ratio_vs_full']:.1f}x fewer",
+            fewer(item["bytes_ratio_vs_full"]),
+            fewer(item.get("bytes_ratio_vs_full_same_codec")),
             f"{item['seconds']:.0f}",
         )
     console.print(table)
-    if claim_met is not None:
-        console.print(f"claim (within 2 points, >= 20x fewer bytes, fp16 lite vs fp32 full): {claim_met}")
+    claim = payload.get("claim") or {}
+    claim_row = next((r for r in payload["rows"] if r["role"] == "claim"), None)
+    if claim.get("met") is not None:
+        console.print(f"claim (within 2 points, >= 20x fewer bytes, fp16 lite vs fp32 full): {claim['met']}")
+    if claim_row is not None and claim_row.get("bytes_ratio_vs_full_same_codec") is not None:
+        console.print(
+            f"claim row against full training at the same codec ({claim_row['codec']}): "
+            f"{claim_row['bytes_ratio_vs_full_same_codec']:.1f}x fewer bytes (fp16 alone halves both)"
+        )
+    seed_pairs = payload.get("seeds") or []
     if seed_pairs:
         gaps = [pair["gap_points"] for pair in seed_pairs]
         console.print(
@@ -388,7 +460,7 @@ def main() -> None:
             + ", ".join(f"{pair['seed']}: {pair['gap_points']:+.1f} pts" for pair in seed_pairs)
             + f"; mean gap {sum(gaps) / len(gaps):+.1f}, worst {max(gaps):+.1f}; "
             + f"bytes {min(pair['bytes_ratio'] for pair in seed_pairs):.1f}x fewer or more; "
-            + f"met on every seed: {met_every_seed}"
+            + f"met on every seed: {claim.get('met_on_every_seed')}"
         )
         same_gaps = [p["gap_to_same_aggregation_points"] for p in seed_pairs]
         if all(gap is not None for gap in same_gaps):
@@ -399,10 +471,11 @@ def main() -> None:
                 )
                 + f"; mean gap {sum(same_gaps) / len(same_gaps):+.1f}"
             )
+    scale = payload.get("scale")
     if scale is not None:
         console.print(
-            f"100 devices x 3 rounds (lite_residual+bias, fp16): {scale.seconds:.0f} s, peak RSS "
-            f"(process tree) {format_bytes(scale.peak_rss_bytes)}, final accuracy {scale.accuracy:.4f}"
+            f"100 devices x 3 rounds (lite_residual+bias, fp16): {scale['seconds']:.0f} s, peak RSS "
+            f"(process tree) {format_bytes(scale['peak_rss_bytes'])}, final accuracy {scale['accuracy']:.4f}"
         )
 
 

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> memory.Plan:
     args = parser.parse_args(argv)
 
     model = create_model(args.model, width_mult=0.35, resolution=args.resolution, num_classes=10)
-    budget = memory.Budget.from_profile(get_profile(args.device), frozen_param_bits=8)  # weights: int8 flash
+    budget = get_profile(args.device).to_budget()  # an MCU keeps int8 frozen weights in flash
     chosen = memory.plan(model, budget, batch_size=1)
     print(chosen.to_markdown(top=6))
     print(f"train with: ondevice.prepare(model, {chosen.scheme!r})")

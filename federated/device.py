@@ -35,10 +35,10 @@ from federated.config import FederatedConfig
 from federated.errors import PayloadError
 from federated.partition import ClientData, FederatedSplit, client_data, federated_split
 from federated.payload import TensorSpec, to_numpy
-from ondevice.checkpoint import read_tensors, write_tensors
+from ondevice.checkpoint import KIND_FEDERATED_DEVICE_STATE, read_tensors, write_tensors
 from ondevice.continual import Learner, LearnerConfig, create_learner
 from ondevice.continual.regularizers import Regularizer
-from ondevice.continual.state import read_learner_state
+from ondevice.continual.state import load_learner, read_learner_state, save_learner
 from ondevice.errors import CheckpointError
 from ondevice.prepared import PreparedModel, prepare
 from ondevice.trainer import EvalResult, evaluate
@@ -115,7 +115,8 @@ def load_split(config: FederatedConfig, prepared: PreparedModel) -> FederatedSpl
     """The digits laid out for the model, restricted to ``config.classes`` (labels 0..C-1), split."""
     from ondevice.data import load_digits
 
-    shape = tuple(prepared.model.input_shape)
+    input_shape: tuple[int, ...] = prepared.model.input_shape  # type: ignore[assignment]  # zoo models
+    shape = tuple(input_shape)
     if len(shape) == 3:
         data = load_digits(image_size=(shape[1], shape[2]), channels=shape[0])
     else:
@@ -168,6 +169,16 @@ class ProximalRegularizer(Regularizer):
         return proximal_term(self._params, self._anchor, self.config.mu)
 
 
+def _set_aside(path: Path) -> str:
+    """Move a refused state file to ``<name>.unusable`` (kept for inspection); says what happened."""
+    aside = path.with_name(path.name + ".unusable")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        return f"could not move it aside ({exc})"
+    return f"moved it to {aside}"
+
+
 class DeviceLearner:
     """One device: its prepared model, its continual learner, its data, its state directory.
 
@@ -204,6 +215,7 @@ class DeviceLearner:
         self.residuals: dict[str, np.ndarray] = {}
         self.rounds_trained = 0
         self.last_round = 0
+        self.state_error: str | None = None  # why a state file on disk was refused, if one was
         self.restored = self._load_state()
 
     def _new_learner(self) -> Learner:
@@ -233,18 +245,32 @@ class DeviceLearner:
         return None if self.state_dir is None else self.state_dir / STATE_FILE
 
     def _load_state(self) -> bool:
+        """Restore the learner from the state file; False (and a fresh learner) when there is none.
+
+        A damaged, foreign or outdated state file is refused with a logged error, moved aside to
+        ``<name>.unusable`` (kept for inspection, and so that the next save can write) and the device
+        starts from the shared start; :attr:`state_error` says why.
+        """
         path = self.state_path
-        if path is None or not path.exists():
+        if path is None or not (path.exists() or path.is_symlink()):
             return False
         try:
-            _, metadata = read_learner_state(path)
+            _, metadata = read_learner_state(path, kind=KIND_FEDERATED_DEVICE_STATE)
             extra = metadata.get("extra") or {}
             if extra.get("federation") != self.config.to_dict():
                 logger.warning("device state %s belongs to another run configuration; starting afresh", path)
                 return False
-            self.learner.load(path)
+            load_learner(self.learner, path, kind=KIND_FEDERATED_DEVICE_STATE)
         except (CheckpointError, ValueError) as exc:  # CheckpointMismatchError is a ValueError
-            logger.warning("device state %s unusable (%s); starting afresh", path, exc)
+            self.state_error = str(exc)
+            where = _set_aside(path)
+            logger.error(
+                "device %d: state file %s refused (%s); %s and starting from the shared start",
+                self.partition_id,
+                path,
+                exc,
+                where,
+            )
             self.prepared = build_model(self.config)
             self.learner = self._new_learner()
             return False
@@ -260,9 +286,10 @@ class DeviceLearner:
         if not path.exists():
             return {}
         try:
-            tensors, metadata = read_tensors(path)
+            tensors, metadata = read_tensors(path, kind=KIND_FEDERATED_DEVICE_STATE)
         except CheckpointError as exc:
-            logger.warning("top-k residuals %s unusable (%s); dropping them", path, exc)
+            moved = _set_aside(path)
+            logger.warning("top-k residuals %s unusable (%s); %s and dropping them", path, exc, moved)
             return {}
         fresh = metadata.get("rounds_trained") == self.rounds_trained
         if metadata.get("format") != _RESIDUALS_FORMAT or not fresh:
@@ -281,6 +308,7 @@ class DeviceLearner:
                 residuals_path,
                 {k: torch.from_numpy(np.asarray(v)) for k, v in self.residuals.items()},
                 {"format": _RESIDUALS_FORMAT, "rounds_trained": self.rounds_trained},
+                kind=KIND_FEDERATED_DEVICE_STATE,
             )
         elif residuals_path.exists():
             residuals_path.unlink()
@@ -289,7 +317,7 @@ class DeviceLearner:
             "partition_id": self.partition_id,
             "counters": {"rounds_trained": self.rounds_trained, "last_round": self.last_round},
         }
-        return self.learner.save(path, extra=extra)
+        return save_learner(self.learner, path, extra=extra, kind=KIND_FEDERATED_DEVICE_STATE)
 
     # -- rounds ------------------------------------------------------------------------------------
     def load_global(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Tensor]:

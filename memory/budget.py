@@ -54,7 +54,8 @@ def parse_bytes(text: str | int | float) -> int:
 class HasTrainingBudget(Protocol):
     """Anything that knows how many bytes a training step may use (e.g. a ``devices.DeviceProfile``)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def training_budget_bytes(self) -> int: ...
@@ -68,16 +69,25 @@ class Budget:
         total_bytes: bytes available to activations, trainable parameters, gradients and optimizer state
             (and frozen parameters, when ``count_frozen_params`` is set).
         name: where the figure came from, for reports.
-        count_frozen_params: whether frozen weights must also fit in the budget (an MCU keeps them in
-            flash, so the default leaves them out; a Linux board keeps them in RAM).
-        frozen_param_bits: storage width of frozen weights when they are counted (8 for int8 MCU
-            deployment as in TinyTL and tiny-training, 32 for float).
+        count_frozen_params: whether frozen weights must also fit in the budget (a Linux board keeps them
+            in RAM). ``None`` (the default) means: count them exactly when ``frozen_param_bits`` is below
+            32, since asking for 8- or 16-bit frozen weights only changes the plan when they are counted.
+            An explicit ``False`` with fewer bits says the frozen weights live outside this budget at that
+            width (a microcontroller keeps them, int8, in flash): they are then checked against
+            ``flash_bytes`` when it is known.
+        frozen_param_bits: storage width of frozen weights (8 for int8 MCU deployment as in TinyTL and
+            tiny-training, 32 for float).
+        memory_bytes: the device's whole RAM or SRAM when the budget comes from a device (``None`` for a
+            bare figure); reports flag a step whose eager peak exceeds it.
+        flash_bytes: the device's flash when known; reports flag frozen weights that do not fit in it.
     """
 
     total_bytes: int
     name: str = ""
-    count_frozen_params: bool = False
+    count_frozen_params: bool | None = None
     frozen_param_bits: int = 32
+    memory_bytes: int | None = None
+    flash_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -88,6 +98,17 @@ class Budget:
             raise ConfigError(f"Budget.total_bytes must be a positive int, got {self.total_bytes!r}")
         if self.frozen_param_bits not in (8, 16, 32):
             raise ConfigError(f"Budget.frozen_param_bits must be 8, 16 or 32, got {self.frozen_param_bits!r}")
+        if self.count_frozen_params is None:
+            object.__setattr__(self, "count_frozen_params", self.frozen_param_bits < 32)
+        elif not isinstance(self.count_frozen_params, bool):
+            raise ConfigError(
+                f"Budget.count_frozen_params must be True, False or None (None: count frozen weights when "
+                f"frozen_param_bits < 32), got {self.count_frozen_params!r}"
+            )
+        for attr in ("memory_bytes", "flash_bytes"):
+            value = getattr(self, attr)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"Budget.{attr} must be a positive int or None, got {value!r}")
 
     @classmethod
     def parse(cls, value: str | int | float | Budget | HasTrainingBudget, **kwargs: object) -> Budget:
@@ -100,7 +121,14 @@ class Budget:
 
     @classmethod
     def from_profile(cls, profile: HasTrainingBudget, **kwargs: object) -> Budget:
-        """The part of a device's memory a training step may use (see ``devices.DeviceProfile``)."""
+        """The part of a device's memory a training step may use (see ``devices.DeviceProfile``).
+
+        The profile's ``memory_bytes`` and ``flash_bytes`` (when it has them) ride along, so that reports
+        can flag figures the device cannot hold; ``kwargs`` set the other fields.
+        """
+        for attr in ("memory_bytes", "flash_bytes"):
+            if attr not in kwargs:
+                kwargs[attr] = getattr(profile, attr, None)
         return cls(int(profile.training_budget_bytes), name=profile.name, **kwargs)  # type: ignore[arg-type]
 
     def fits(self, needed_bytes: int) -> bool:

@@ -28,15 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from memory._cost_table import _CostTable, _layer_infos, _Sparse
 from memory.budget import Budget, HasTrainingBudget, format_bytes
-from memory.contribution import Contributions, LayerInfo, measure_contributions, prior_contributions
-from memory.estimate import OptimizerSpec, _batch_shape, estimate, fake_copy, make_optimizer
+from memory.contribution import Contributions, measure_contributions, prior_contributions
+from memory.estimate import OptimizerSpec, _batch_shape, estimate
 from memory.measure import LossFn, distinct_storage_bytes
-from memory.report import MemoryReport, budget_bytes_needed
+from memory.report import MemoryReport, budget_bytes_needed, device_limits, explain_needed, needed_terms
 from ondevice.errors import BudgetExceededError, ConfigError, OnDeviceError
 
 __all__ = ["Candidate", "Plan", "plan"]
@@ -116,7 +115,11 @@ class Plan:
         object.__setattr__(self, "considered", tuple(self.considered))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
+        """A JSON-serialisable dict.
+
+        ``needed_bytes`` is the figure compared with ``budget.total_bytes``; ``requirement`` names its
+        terms, and ``exceeds_device`` lists figures the device behind the budget cannot hold.
+        """
         return {
             "scheme": self.scheme.to_dict(),
             "report": self.report.to_dict(),
@@ -125,22 +128,31 @@ class Plan:
                 "name": self.budget.name,
                 "count_frozen_params": self.budget.count_frozen_params,
                 "frozen_param_bits": self.budget.frozen_param_bits,
+                "memory_bytes": self.budget.memory_bytes,
+                "flash_bytes": self.budget.flash_bytes,
             },
             "needed_bytes": self.needed_bytes,
+            "requirement": {
+                "compared_with": "budget.total_bytes",
+                "terms": needed_terms(self.report, self.budget),
+                "not_compared": {"peak_bytes": self.report.peak_bytes},
+            },
+            "exceeds_device": device_limits(self.report, self.budget),
             "score": self.score,
             "score_source": self.score_source,
             "considered": [c.to_dict() for c in self.considered],
         }
 
     def to_markdown(self, *, top: int | None = 10) -> str:
-        """The chosen scheme, its budget share, the candidates and the memory report, as Markdown."""
+        """The chosen scheme, which figure is the requirement, the candidates and the memory report."""
         lines = [
-            f"Plan for a budget of {self.budget}: **{self.scheme.name}** "
-            f"({format_bytes(self.needed_bytes)} of {format_bytes(self.budget.total_bytes)}, "
-            f"{100 * self.needed_bytes / self.budget.total_bytes:.1f} %), predicted gain {self.score:.3f} "
+            f"Plan for a budget of {self.budget}: **{self.scheme.name}**, predicted gain {self.score:.3f} "
             f"({self.score_source})",
             "",
             f"`{self.scheme.to_json()}`",
+            "",
+            explain_needed(self.report, self.budget),
+            "Candidates (needed: the figure compared with the budget):",
             "",
             "| candidate | needed | fits | gain | how |",
             "|---|---:|:---:|---:|---|",
@@ -168,149 +180,6 @@ def _describe(scheme: dict[str, Any]) -> str:
     return f"sparse (bias last {scheme.get('bias_last_k')}, weights [{weights}])"
 
 
-# -- the per-layer cost table ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Sparse:
-    bias_k: int
-    weights: tuple[tuple[int, float], ...]  # sorted (layer index, ratio)
-
-
-class _CostTable:
-    """Bytes of a sparse scheme from per-layer figures (see the module docstring, step 2)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        head: str | None,
-        shape: tuple[int, ...],
-        budget: Budget,
-        *,
-        optimizer: OptimizerSpec | None,
-        loss_fn: LossFn | None,
-    ) -> None:
-        from ondevice import prepare
-        from ondevice._apply import compute_layers, layer_bias
-        from ondevice.schemes import Sparse
-
-        self.budget = budget
-        pairs = compute_layers(model, head)
-        self.layers = _layer_infos(pairs)
-        n = len(self.layers)
-        self.in_bytes = _input_bytes(model, [name for name, _ in pairs], shape)
-        self.bias_bytes = []
-        for name, _ in pairs:
-            bias = layer_bias(model, name)
-            self.bias_bytes.append(0 if bias is None else bias.numel() * bias.element_size())
-        self.weight_numel = [m.weight.numel() for _, m in pairs]
-        self.elem = [m.weight.element_size() for _, m in pairs]
-        head_module = model.get_submodule(head) if head else None
-        self.head_param_bytes = (
-            distinct_storage_bytes(head_module.parameters()) if head_module is not None else 0
-        )
-        self.head_tensors = len(list(head_module.parameters())) if head_module is not None else 0
-        all_bias = prepare(model, Sparse(bias_last_k=n, weight_layers=()), head=head)
-        report = estimate(all_bias.model, shape, optimizer=optimizer, loss_fn=loss_fn, copy_model=False)
-        order = list(report.modules)
-        positions = {name: order.index(name) for name, _ in pairs if name in order}
-        values = list(report.modules.values())
-        self.chain = [sum(values[positions.get(name, 0) + 1 :]) for name, _ in pairs]
-        self.head_only = report.modules.get(head or "", 0)
-        self.opt_a, self.opt_b = _optimizer_state_model(optimizer)
-        self.total_param_numel = sum(p.numel() for p in model.parameters())
-        self.frozen_bits = budget.frozen_param_bits
-
-    def channels(self, index: int, ratio: float) -> int:
-        c = self.layers[index].in_channels
-        return c if ratio >= 1.0 else max(1, -(-int(ratio * c * 1_000_000) // 1_000_000))
-
-    def needed(self, cand: _Sparse) -> int:
-        n = len(self.layers)
-        starts = [i for i, _ in cand.weights]
-        if cand.bias_k > 0:
-            starts.append(n - cand.bias_k)
-        activation = self.chain[min(starts)] if starts else self.head_only
-        trainable = self.head_param_bytes
-        tensors = self.head_tensors
-        full_numel = 0
-        for i in range(n - cand.bias_k, n):
-            trainable += self.bias_bytes[i]
-            tensors += self.bias_bytes[i] > 0
-            full_numel += self.bias_bytes[i] // 4
-        for i, ratio in cand.weights:
-            c = self.channels(i, ratio)
-            activation += self.in_bytes[i] * c // self.layers[i].in_channels
-            trainable += self.weight_numel[i] * c // self.layers[i].in_channels * self.elem[i]
-            tensors += 1
-            if ratio >= 1.0:
-                full_numel += self.weight_numel[i]
-        needed = activation + 2 * trainable + int(self.opt_a * trainable) + self.opt_b * tensors
-        if self.budget.count_frozen_params:
-            frozen_numel = self.total_param_numel - full_numel - self.head_param_bytes // 4
-            needed += frozen_numel * self.frozen_bits // 8
-        return needed
-
-
-def _layer_infos(pairs: Sequence[tuple[str, nn.Module]]) -> list[LayerInfo]:
-    infos = []
-    for i, (name, module) in enumerate(pairs):
-        groups = int(getattr(module, "groups", 1))
-        kernel = getattr(module, "kernel_size", (1,))
-        kernel_numel = 1
-        for k in kernel:
-            kernel_numel *= int(k)
-        in_channels = int(getattr(module, "in_channels", getattr(module, "in_features", 1)))
-        nxt = pairs[i + 1][1] if i + 1 < len(pairs) else None
-        first_pointwise = (
-            kernel_numel == 1 and groups == 1 and nxt is not None and int(getattr(nxt, "groups", 1)) > 1
-        )
-        infos.append(LayerInfo(name, i, in_channels, groups, kernel_numel, first_pointwise))
-    return infos
-
-
-def _input_bytes(model: nn.Module, names: Sequence[str], shape: tuple[int, ...]) -> list[int]:
-    """Bytes of each named layer's input, from one forward pass on fake tensors (no compute)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    work = fake_copy(model, mode)
-    sizes: dict[str, int] = {}
-    handles = []
-    for name in names:
-
-        def hook(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            x = args[0]
-            sizes.setdefault(name, x.numel() * x.element_size() if isinstance(x, Tensor) else 0)
-
-        handles.append(work.get_submodule(name).register_forward_pre_hook(hook))
-    dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
-    try:
-        with mode, torch.no_grad():
-            work.eval()(torch.empty(shape, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [sizes.get(name, 0) for name in names]
-
-
-def _optimizer_state_model(optimizer: OptimizerSpec | None) -> tuple[float, int]:
-    """``(a, b)`` with optimizer state = ``a * trainable bytes + b * tensors``, from two fake steps."""
-    mode = FakeTensorMode()
-    figures = []
-    with mode:
-        for sizes in ((256,), (256, 768)):
-            params = [nn.Parameter(torch.empty(s)) for s in sizes]
-            for p in params:
-                p.grad = torch.empty_like(p)
-            opt = make_optimizer(optimizer, params)
-            opt.step()
-            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, Tensor)]
-            figures.append(distinct_storage_bytes(state))
-    # one tensor of 1024 bytes: s0 = 1024 a + b; two of 1024 + 3072 bytes: s1 = 4096 a + 2 b
-    a = (figures[1] - 2 * figures[0]) / 2048
-    b = figures[0] - 1024 * a
-    return float(a), round(b)
-
-
 # -- search -----------------------------------------------------------------------------------------
 
 
@@ -318,11 +187,24 @@ def _options(table: _CostTable, ratios: Sequence[float]) -> dict[int, list[float
     return {info.index: [float(r) for r in ratios if r >= 1.0 or info.groups == 1] for info in table.layers}
 
 
-def _fitness(c: _Sparse, table: _CostTable, gains: Contributions, limit: int) -> float:
-    return gains.gain(c.bias_k, c.weights) if table.needed(c) <= limit else float("-inf")
+def _every_weight(c: _Sparse, n: int) -> bool:
+    """Whether ``c`` trains every layer's weights at full width: full fine-tuning, not a sparse update."""
+    return len(c.weights) == n and all(r >= 1.0 for _, r in c.weights)
 
 
-def _greedy(table: _CostTable, gains: Contributions, options: dict[int, list[float]], limit: int) -> _Sparse:
+def _fitness(c: _Sparse, table: _CostTable, gains: Contributions, limit: int, exclude_full: bool) -> float:
+    if table.needed(c) > limit or (exclude_full and _every_weight(c, len(table.layers))):
+        return float("-inf")
+    return gains.gain(c.bias_k, c.weights)
+
+
+def _greedy(
+    table: _CostTable,
+    gains: Contributions,
+    options: dict[int, list[float]],
+    limit: int,
+    exclude_full: bool = False,
+) -> _Sparse:
     n = len(table.layers)
     best = _Sparse(0, ())
     for k in range(n + 1):
@@ -338,7 +220,7 @@ def _greedy(table: _CostTable, gains: Contributions, options: dict[int, list[flo
                     continue
                 trial = _Sparse(best.bias_k, tuple(sorted({**current, i: r}.items())))
                 cost = table.needed(trial)
-                if cost > limit:
+                if cost > limit or (exclude_full and _every_weight(trial, n)):
                     continue
                 value = (gains.gain(trial.bias_k, trial.weights) - base_gain) / max(1, cost - base_cost)
                 if value > step_value:
@@ -355,6 +237,7 @@ def _evolve(
     limit: int,
     seed: int,
     *,
+    exclude_full: bool = False,
     population: int = 48,
     generations: int = 40,
 ) -> _Sparse:
@@ -386,18 +269,22 @@ def _evolve(
                 weights[i] = pick
         return _Sparse(rng.choice((a.bias_k, b.bias_k)), tuple(sorted(weights.items())))
 
-    greedy = _greedy(table, gains, options, limit)
+    greedy = _greedy(table, gains, options, limit, exclude_full)
+
+    def fitness(c: _Sparse) -> float:
+        return _fitness(c, table, gains, limit, exclude_full)
+
     pool = [greedy, _Sparse(0, ())]
     while len(pool) < population:
         pool.append(mutate(rng.choice(pool)))
     for _ in range(generations):
-        ranked = sorted(set(pool), key=lambda c: _fitness(c, table, gains, limit), reverse=True)
+        ranked = sorted(set(pool), key=fitness, reverse=True)
         parents = ranked[: max(2, population // 4)]
         pool = list(parents)
         while len(pool) < population:
             child = crossover(rng.choice(parents), rng.choice(parents)) if rng.random() < 0.5 else None
             pool.append(mutate(child or rng.choice(parents)))
-    return max(set(pool), key=lambda c: (_fitness(c, table, gains, limit), -table.needed(c)))
+    return max(set(pool), key=lambda c: (fitness(c), -table.needed(c)))
 
 
 def _to_scheme(c: _Sparse) -> Any:
@@ -525,9 +412,12 @@ def plan(
         table = _CostTable(model, head, shape, budget, optimizer=optimizer, loss_fn=loss_fn)
         options = _options(table, ratios)
         limit = budget.total_bytes
+        # Every layer's weights at full width is full fine-tuning: when `full` itself fits, the search
+        # looks for a genuinely sparse update and `full` competes under its own name.
+        exclude_full = any(c.fits and c.scheme.get("name") == "full" for c in considered)
         for _attempt in range(4):
-            found = _evolve(table, gains, options, limit, seed)
-            if table.needed(found) > limit:
+            found = _evolve(table, gains, options, limit, seed, exclude_full=exclude_full)
+            if table.needed(found) > limit or (exclude_full and _every_weight(found, len(table.layers))):
                 break
             scheme = _to_scheme(found)
             report = measure_scheme(scheme)
@@ -551,11 +441,17 @@ def plan(
                 smallest_bytes=0,
             )
         needed, scheme = smallest
+        if not budget.count_frozen_params:
+            frozen = ""
+        elif budget.frozen_param_bits > 8:
+            frozen = f", or store frozen weights at 8 bits (they count at {budget.frozen_param_bits})"
+        else:
+            frozen = ", or keep frozen weights out of the budget (e.g. in flash)"
         raise BudgetExceededError(
             f"no update scheme of {type(model).__name__} fits the budget of {budget} "
             f"({budget.total_bytes} bytes) at input {shape}: the smallest achievable is {needed} bytes "
             f"({format_bytes(needed)}) with {_describe(scheme.to_dict())}. Raise the budget, lower the "
-            f"batch size or resolution, or count frozen weights at 8 bits",
+            f"batch size or resolution{frozen}",
             budget_bytes=budget.total_bytes,
             smallest_bytes=needed,
         )

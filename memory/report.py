@@ -17,7 +17,14 @@ from typing import Any, Literal
 from memory.budget import Budget, format_bytes
 from ondevice.errors import ConfigError
 
-__all__ = ["MemoryReport", "budget_bytes_needed"]
+__all__ = [
+    "MemoryReport",
+    "budget_bytes_needed",
+    "device_limits",
+    "explain_needed",
+    "needed_terms",
+    "stored_weight_bytes",
+]
 
 _BYTE_FIELDS = (
     "activation_bytes",
@@ -121,6 +128,12 @@ class MemoryReport:
         lines = [f"Memory of one training step ({self.source})", "", "| what | bytes | size |"]
         lines.append("|---|---:|---:|")
         lines += [f"| {what} | {value} | {format_bytes(value)} |" for what, value in rows]
+        lines += [
+            "",
+            "A budget is compared with activations + trainable parameters + gradients + optimizer state "
+            "(+ frozen parameters when it counts them), not with the peak, which adds this eager step's "
+            "transient tensors and every parameter.",
+        ]
         keeping = sorted(((n, b) for n, b in self.modules.items() if b > 0), key=lambda nb: -nb[1])
         if keeping:
             shown = keeping if top is None else keeping[:top]
@@ -132,6 +145,21 @@ class MemoryReport:
         return "\n".join(lines) + "\n"
 
 
+def needed_terms(report: MemoryReport, budget: Budget) -> dict[str, int]:
+    """The terms of :func:`budget_bytes_needed`, named as reports print them, in the order they add up."""
+    terms = {
+        "activations kept for backward": report.activation_bytes,
+        "trainable parameters": report.trainable_param_bytes,
+        "gradients": report.gradient_bytes,
+        "optimizer state": report.optimizer_state_bytes,
+    }
+    if budget.count_frozen_params:
+        terms[f"frozen parameters at {budget.frozen_param_bits} bit"] = report.frozen_bytes_at(
+            budget.frozen_param_bits
+        )
+    return terms
+
+
 def budget_bytes_needed(report: MemoryReport, budget: Budget) -> int:
     """The bytes of ``report`` that count against ``budget``.
 
@@ -141,7 +169,64 @@ def budget_bytes_needed(report: MemoryReport, budget: Budget) -> int:
     frozen parameters at 8 bit), with gradients and optimizer state made explicit as tiny-training
     (Lin et al. 2022, Sec. 3) keeps them in SRAM too.
     """
-    needed = report.activation_bytes + report.training_state_bytes
-    if budget.count_frozen_params:
-        needed += report.frozen_bytes_at(budget.frozen_param_bits)
-    return needed
+    return sum(needed_terms(report, budget).values())
+
+
+def stored_weight_bytes(report: MemoryReport, budget: Budget) -> int:
+    """Bytes of weights the device stores: frozen ones at the budget's width, trainable ones as they are."""
+    return report.frozen_bytes_at(budget.frozen_param_bits) + report.trainable_param_bytes
+
+
+def device_limits(report: MemoryReport, budget: Budget) -> list[str]:
+    """Figures of ``report`` that the device behind ``budget`` cannot hold, one sentence each.
+
+    Checked when the budget knows the device (``Budget.from_profile``): the weights to store (frozen at
+    ``frozen_param_bits``, trainable as they are) against ``flash_bytes``, and the eager peak against
+    ``memory_bytes``. An empty list means nothing known was exceeded.
+    """
+    where = f" of {budget.name}" if budget.name else ""
+    found = []
+    stored = stored_weight_bytes(report, budget)
+    if budget.flash_bytes is not None and stored > budget.flash_bytes:
+        found.append(
+            f"the weights to store ({format_bytes(stored)}: frozen at {budget.frozen_param_bits} bit, "
+            f"trainable at full width) exceed the {format_bytes(budget.flash_bytes)} flash{where}; choose a "
+            f"smaller model (fewer channels or layers) or store frozen weights at fewer bits"
+        )
+    if budget.memory_bytes is not None and report.peak_bytes > budget.memory_bytes:
+        found.append(
+            f"the eager peak ({format_bytes(report.peak_bytes)}) exceeds the "
+            f"{format_bytes(budget.memory_bytes)} memory{where}: eager PyTorch cannot run this step "
+            f"there; only a runtime that plans tensors in place (as tiny-training's compiler does) can, "
+            f"and the requirement above is what it needs"
+        )
+    return found
+
+
+def explain_needed(report: MemoryReport, budget: Budget) -> str:
+    """Markdown: which figure is compared with ``budget`` and why, what is not, and what the device lacks."""
+    needed = budget_bytes_needed(report, budget)
+    terms = " + ".join(f"{what} {format_bytes(b)}" for what, b in needed_terms(report, budget).items())
+    share = 100 * needed / budget.total_bytes
+    paragraphs = [
+        f"**Requirement (compared with the budget): {format_bytes(needed)} of "
+        f"{format_bytes(budget.total_bytes)} ({share:.1f} %)** = {terms}. "
+        f"This is the memory training adds to inference, which must fit in the training budget "
+        f"(TinyTL's and tiny-training's accounting).",
+    ]
+    frozen = report.frozen_bytes_at(budget.frozen_param_bits)
+    if not budget.count_frozen_params:
+        place = "flash" if budget.flash_bytes is not None else "storage outside this budget"
+        paragraphs.append(
+            f"Frozen weights are not counted: at {budget.frozen_param_bits} bit they take "
+            f"{format_bytes(frozen)}, kept in {place}."
+        )
+    paragraphs.append(
+        f"Not the requirement: the peak of {format_bytes(report.peak_bytes)} is what this eager PyTorch step "
+        f"holds at once (every parameter at its own width, the input, transient outputs and gradient "
+        f"buffers); it is reported for running the step here, not compared with the budget."
+    )
+    limits = device_limits(report, budget)
+    if limits:
+        paragraphs.append("**Exceeds the device:**\n\n" + "\n".join(f"- {item}" for item in limits))
+    return "\n\n".join(paragraphs) + "\n"

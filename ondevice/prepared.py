@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ondevice._apply import BATCH_NORM_TYPES, COMPUTE_TYPES, ApplyContext, apply_scheme, leaves
-from ondevice.checkpoint import read_tensors, write_tensors
+from ondevice.checkpoint import KIND_DELTA, read_tensors, write_tensors
 from ondevice.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -351,11 +351,18 @@ class PreparedModel(nn.Module):
         }
 
     def save_delta(self, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None) -> Path:
-        """Write the trainable tensors (and only those) to a safetensors file, atomically."""
+        """Write the trainable tensors (and only those) to a safetensors file, atomically.
+
+        The file carries its kind (``"delta"``) and a SHA-256 digest (see :mod:`ondevice.checkpoint`).
+
+        Raises:
+            CheckpointError: ``path`` is a directory, or a file that is not a delta checkpoint (it is left
+                unchanged).
+        """
         metadata = self.delta_metadata()
         if extra:
             metadata["extra"] = dict(extra)
-        return write_tensors(path, self.trainable_tensors(), metadata)
+        return write_tensors(path, self.trainable_tensors(), metadata, kind=KIND_DELTA)
 
     def check_delta_metadata(self, metadata: Mapping[str, Any], *, source: str = "checkpoint") -> None:
         """Raise CheckpointMismatchError if ``metadata`` belongs to another model or scheme."""
@@ -377,8 +384,16 @@ class PreparedModel(nn.Module):
             )
 
     def load_delta(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Load a delta written by :meth:`save_delta`; returns its metadata."""
-        tensors, metadata = read_tensors(path)
+        """Load a delta written by :meth:`save_delta`; returns its metadata.
+
+        Everything is validated (digest, kind, model, scheme, names, shapes, finiteness) before a single
+        tensor is copied, so a failed load leaves the model as it was.
+
+        Raises:
+            CheckpointError: the file is missing, damaged, foreign or of another kind.
+            CheckpointMismatchError: it belongs to another model or scheme.
+        """
+        tensors, metadata = read_tensors(path, kind=KIND_DELTA)
         self.check_delta_metadata(metadata, source=f"checkpoint {str(path)!r}")
         self.load_trainable(tensors)
         return metadata

@@ -10,6 +10,7 @@ import html
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from ondevice.errors import ConfigError
 
 __all__ = [
     "ReportFiles",
+    "markdown_text",
     "plot_accuracy_matrix",
     "plot_federated_rounds",
     "plot_memory_by_scheme",
@@ -193,45 +195,87 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>|#!~&])")
+
+
+def markdown_text(value: object) -> str:
+    """``value`` as literal Markdown text: every character Markdown or HTML would interpret is escaped.
+
+    Device names, descriptions and other strings that come from users or the machine go through this, so
+    ``**x**`` stays two asterisks and ``<b>`` stays text in both the Markdown and the HTML.
+    """
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", " ".join(str(value).split()))
+
+
 def _markdown_to_html(markdown: str, title: str) -> str:
-    """A small converter for what :func:`write_report` emits: headings, paragraphs, tables, images."""
-    out = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{color:#555;font-size:90%}"
-        "</style></head><body>",
-    ]
-    lines = markdown.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("|"):
-            block = []
-            while i < len(lines) and lines[i].startswith("|"):
-                block.append([c.strip() for c in lines[i].strip("|").split("|")])
-                i += 1
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in block[0]) + "</tr>")
-            for row in block[2:]:
-                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-            out.append("</table>")
-            continue
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
-        elif line.startswith("![") and "](" in line:
-            alt, src = line[2:].split("](", 1)
-            out.append(
-                f"<figure><img src='{html.escape(src.rstrip(')'))}' alt='{html.escape(alt)}'>"
-                f"<figcaption>{html.escape(alt)}</figcaption></figure>"
-            )
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-        i += 1
-    out.append("</body></html>")
-    return "\n".join(out)
+    """Render the report's Markdown (CommonMark + tables) as a standalone HTML page.
+
+    markdown-it-py (rich's own Markdown parser, so always installed) renders it with raw HTML disabled:
+    any ``<tag>`` in the text is escaped, never passed through.
+    """
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return "\n".join(
+        [
+            "<!doctype html><html><head><meta charset='utf-8'>",
+            f"<title>{html.escape(title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+            "code{background:#f4f4f4;padding:0 3px}</style></head><body>",
+            body,
+            "</body></html>",
+        ]
+    )
+
+
+def _settings_section(figures: Mapping[str, Any]) -> list[str]:
+    """What the tables cover: version, date, seed, and each section's model, input and batch size."""
+    settings = figures.get("settings") or {}
+    md = ["## What this report covers", ""]
+    if settings:
+        md += [
+            f"ondevice {markdown_text(settings.get('version', '?'))}, written "
+            f"{markdown_text(settings.get('date', '?'))}; seed {markdown_text(settings.get('seed', '?'))} "
+            f"for every random draw; device {markdown_text(settings.get('device', '?'))}"
+            + ("; quick pass" if settings.get("quick") else "")
+            + ".",
+            "",
+        ]
+    rows = []
+    plan = figures.get("plan")
+    if plan and plan.get("input_shape"):
+        rows.append(["planned scheme", (figures.get("stream") or {}).get("model", "backbone"),
+                     plan["input_shape"], plan.get("batch_size", "-"), "-"])  # fmt: skip
+    memory_rows = figures.get("memory") or []
+    if memory_rows and "resolution" in memory_rows[0]:
+        first = memory_rows[0]
+        side = first["resolution"]
+        rows.append(["memory per scheme", "mobilenetv2-w0.35", [3, side, side], first["batch_size"],
+                     first.get("seed", "-")])  # fmt: skip
+    stream = figures.get("stream")
+    if stream and stream.get("model"):
+        rows.append(["continual learning", stream["model"], stream.get("input_shape", "-"),
+                     stream.get("batch_size", "-"), stream.get("seed", "-")])  # fmt: skip
+    federated = figures.get("federated")
+    if federated and federated.get("model"):
+        rows.append(["federated simulation", federated["model"], "-", federated.get("batch_size", "-"),
+                     federated.get("seed", "-")])  # fmt: skip
+    if rows:
+        shape = [
+            [
+                markdown_text(name),
+                markdown_text(model),
+                markdown_text(" x ".join(str(d) for d in dims) if isinstance(dims, list | tuple) else dims),
+                markdown_text(batch),
+                markdown_text(seed),
+            ]
+            for name, model, dims, batch, seed in rows
+        ]
+        md += [_table(["section", "model", "input per sample", "batch size", "seed"], shape), ""]
+    return md
 
 
 def write_report(
@@ -251,20 +295,24 @@ def write_report(
     root = Path(folder)
     (root / "plots").mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {}
-    md: list[str] = [f"# {title}", ""]
+    md: list[str] = [f"# {markdown_text(title)}", ""]
+    md += _settings_section(figures)
     device = figures.get("device")
     if device:
         md += [
             "## The device and its budget",
             "",
-            f"Profile **{device.get('name')}**: {device.get('description', '')}",
+            f"Profile **{markdown_text(device.get('name'))}**: "
+            f"{markdown_text(device.get('description', ''))}",
             "",
-            f"Training budget: {device.get('budget')}.",
+            f"Training budget: {markdown_text(device.get('budget'))}.",
             "",
         ]
     plan = figures.get("plan")
     if plan:
         md += ["## The planned update scheme", "", f"Scheme: `{plan.get('scheme')}`", ""]
+        if plan.get("requirement"):
+            md += [plan["requirement"], ""]
         if plan.get("table"):
             md += [plan["table"], ""]
     memory_rows = figures.get("memory")
@@ -316,7 +364,7 @@ def write_report(
             "",
             f"ACC {stream['acc']:.3f}, BWT {stream['bwt']:+.3f}, average forgetting "
             f"{stream['avg_forgetting']:.3f} ({stream.get('strategy', '')}, "
-            f"{stream.get('samples', 0)} samples).",
+            f"{stream.get('samples', 0)} samples; {markdown_text(stream.get('scenario', ''))}).",
             "",
             "![Prequential accuracy over the stream; dashed lines mark new experiences]"
             "(plots/stream_accuracy.png)",
@@ -333,7 +381,7 @@ def write_report(
             "## Federated simulation",
             "",
             f"{federated.get('clients')} devices, {len(rounds)} rounds, scheme `{federated.get('scheme')}`, "
-            f"partition {federated.get('partition')}.",
+            f"partition {markdown_text(federated.get('partition'))}.",
             "",
             "![Bytes per federated round (bars) and global accuracy (line)](plots/federated_rounds.png)",
             "",

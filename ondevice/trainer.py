@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ondevice.checkpoint import read_tensors, write_tensors
+from ondevice.checkpoint import KIND_TRAINER, read_tensors, write_tensors
 from ondevice.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -62,6 +62,9 @@ class FitResult:
     skipped_batches: int
     epoch_losses: tuple[float, ...]
     seconds: float
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    """Skipped batches of this fit by reason: ``nonfinite_input``, ``nonfinite_loss`` or
+    ``nonfinite_gradient`` (their sum is ``skipped_batches``)."""
 
     @property
     def final_loss(self) -> float:
@@ -151,9 +154,9 @@ class Trainer:
         self._check_labels(x, y)
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             return self._skip("nonfinite_input", x)
-        logits = self.model(x)
+        logits = self.model(_as_model_dtype(x, self.model))
         self._check_label_range(y, logits)
-        loss = self.loss_fn(logits, y)
+        loss = self.loss_fn(_loss_precision(logits), y)
         if not bool(torch.isfinite(loss)):
             return self._skip("nonfinite_loss", x)
         (loss / self.accumulate_steps).backward()
@@ -193,6 +196,7 @@ class Trainer:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
         start = time.perf_counter()
+        reasons_before = dict(self.state.skipped_reasons)
         before = (
             self.state.batches,
             self.state.samples,
@@ -206,8 +210,10 @@ class Trainer:
             )
             total = len(stream) if isinstance(stream, Stream) else None
             losses: list[float] = []
+            seen = 0
             with self._progress_bar(f"epoch {epoch + 1}/{epochs}", total) as advance:
                 for x, y in stream:
+                    seen += 1
                     result = self.step(x, y)
                     if result.loss is not None:
                         losses.append(result.loss)
@@ -215,6 +221,17 @@ class Trainer:
                         on_step(result)
                     advance(result)
             self.flush()
+            if not seen:
+                what = type(data).__name__
+                if epoch == 0:
+                    raise ConfigError(
+                        f"Trainer.fit got no batches: the {what} passed as data is empty; pass a dataset or "
+                        f"stream with at least one sample"
+                    )
+                raise ConfigError(
+                    f"Trainer.fit got no batches in epoch {epoch + 1} of {epochs}: the {what} passed as data "
+                    f"can be read only once; pass a dataset, a DataLoader or a list, or use epochs=1"
+                )
             epoch_losses.append(sum(losses) / len(losses) if losses else float("nan"))
         return FitResult(
             epochs=epochs,
@@ -224,6 +241,11 @@ class Trainer:
             skipped_batches=self.state.skipped_batches - before[3],
             epoch_losses=tuple(epoch_losses),
             seconds=time.perf_counter() - start,
+            skipped_reasons={
+                reason: count - reasons_before.get(reason, 0)
+                for reason, count in sorted(self.state.skipped_reasons.items())
+                if count > reasons_before.get(reason, 0)
+            },
         )
 
     @torch.no_grad()
@@ -256,11 +278,20 @@ class Trainer:
                 "skipped_reasons": self.state.skipped_reasons,
             },
         }
-        return write_tensors(path, tensors, metadata)
+        return write_tensors(path, tensors, metadata, kind=KIND_TRAINER)
 
     def resume(self, path: str | os.PathLike[str]) -> None:
-        """Restore what :meth:`save_checkpoint` wrote (validated against this model and scheme)."""
-        tensors, metadata = read_tensors(path)
+        """Restore what :meth:`save_checkpoint` wrote (validated against this model and scheme).
+
+        The whole checkpoint (digest, kind, model, scheme, optimizer, every tensor) is validated before
+        anything is copied, so a failed resume leaves the model, the optimizer and the counters as they
+        were.
+
+        Raises:
+            CheckpointError: the file is missing, damaged, foreign or not a Trainer checkpoint.
+            CheckpointMismatchError: it belongs to another model, scheme or optimizer.
+        """
+        tensors, metadata = read_tensors(path, kind=KIND_TRAINER)
         source = f"checkpoint {str(path)!r}"
         self.model.check_delta_metadata(metadata, source=source)
         trainer_meta = metadata.get("trainer")
@@ -268,36 +299,47 @@ class Trainer:
             raise CheckpointError(
                 f"{source} holds a delta but no trainer state; use PreparedModel.load_delta"
             )
-        if trainer_meta.get("optimizer", {}).get("kind") != self.config.kind:
+        if (trainer_meta.get("optimizer") or {}).get("kind") != self.config.kind:
             raise CheckpointMismatchError(
                 f"{source} was trained with optimizer {trainer_meta.get('optimizer')}, this trainer uses "
                 f"{self.config.to_dict()}; create the Trainer with the same optimizer kind"
             )
         delta = {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}
-        self.model.load_trainable(delta)
         state: dict[Any, dict[str, Any]] = {}
         for key, value in tensors.items():
             if not key.startswith(_OPTIM_PREFIX):
                 continue
             name, _, slot = key[len(_OPTIM_PREFIX) :].rpartition("/")
-            if name not in self._params:
+            param = self._params.get(name)
+            if param is None:
                 raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
-            state.setdefault(self._params[name], {})[slot] = value.clone()
+            if value.numel() > 1 and tuple(value.shape) != tuple(param.shape):
+                raise CheckpointMismatchError(
+                    f"{source} has optimizer state {slot!r} of shape {tuple(value.shape)} for {name!r}, "
+                    f"whose shape is {tuple(param.shape)}"
+                )
+            state.setdefault(param, {})[slot] = value.to(param.device).clone()
         for name, extra in (trainer_meta.get("optimizer_scalars") or {}).items():
-            if name not in self._params:
+            if name not in self._params or not isinstance(extra, dict):
                 raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
             state.setdefault(self._params[name], {}).update(extra)
+        counters = trainer_meta.get("state") or {}
+        try:
+            restored = TrainerState(
+                batches=int(counters.get("batches", 0)),
+                samples=int(counters.get("samples", 0)),
+                optimizer_steps=int(counters.get("optimizer_steps", 0)),
+                skipped_batches=int(counters.get("skipped_batches", 0)),
+                skipped_reasons={str(k): int(v) for k, v in (counters.get("skipped_reasons") or {}).items()},
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{source} has malformed trainer counters ({exc})") from None
+        # Everything is checked; load_trainable validates the delta completely before copying.
+        self.model.load_trainable(delta)
         self.optimizer.state.clear()
         for param, slots in state.items():
             self.optimizer.state[param] = slots
-        counters = trainer_meta.get("state") or {}
-        self.state = TrainerState(
-            batches=int(counters.get("batches", 0)),
-            samples=int(counters.get("samples", 0)),
-            optimizer_steps=int(counters.get("optimizer_steps", 0)),
-            skipped_batches=int(counters.get("skipped_batches", 0)),
-            skipped_reasons={str(k): int(v) for k, v in (counters.get("skipped_reasons") or {}).items()},
-        )
+        self.state = restored
         self._pending = 0
         self._zero_grad()
 
@@ -397,9 +439,9 @@ def evaluate(
     loss_sum = 0.0
     try:
         for x, y in as_stream(data, batch_size=batch_size, shuffle=False):
-            logits = model(x)
+            logits = model(_as_model_dtype(x, model))
             Trainer._check_label_range(y, logits)
-            loss_sum += float(loss_fn(logits, y)) * int(y.shape[0])
+            loss_sum += float(loss_fn(_loss_precision(logits), y)) * int(y.shape[0])
             correct += int((logits.argmax(dim=-1) == y).sum())
             total += int(y.shape[0])
     finally:
@@ -407,3 +449,38 @@ def evaluate(
     if total == 0:
         raise ConfigError("cannot evaluate on empty data")
     return EvalResult(accuracy=correct / total, loss=loss_sum / total, samples=total)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of ``model``'s parameters (None without floating parameters)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+
+
+def _as_model_dtype(x: Tensor, model: nn.Module) -> Tensor:
+    """The batch in the model's floating dtype where that is expected or lossless.
+
+    Streams deliver float32, so a bf16/fp16 model gets its float32 batches cast to its dtype (what
+    ``model.to(dtype)`` did to the weights); a narrower float batch for a wider model is widened, which is
+    lossless. Anything else (float64 into float32, fp16 <-> bf16, integers) passes through unchanged for
+    the model's input check to reject with advice.
+    """
+    dtype = _model_dtype(model)
+    if dtype is None or not isinstance(x, Tensor) or x.dtype == dtype:
+        return x
+    expected = x.dtype == torch.float32 and dtype in _HALF
+    widening = x.dtype in _WIDTH and dtype in _WIDTH and _WIDTH[x.dtype] < _WIDTH[dtype]
+    return x.to(dtype) if expected or widening else x
+
+
+def _loss_precision(logits: Tensor) -> Tensor:
+    """Half-precision logits widened to float32 for the loss (log-softmax in bf16 loses too much)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits

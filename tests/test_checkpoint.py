@@ -8,24 +8,26 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ondevice.checkpoint import atomic_write_bytes, read_tensors, write_tensors
+from ondevice.checkpoint import KIND_DELTA, atomic_write_bytes, read_tensors, write_tensors
 from ondevice.errors import CheckpointError
 
 
 def test_round_trip_keeps_values_and_metadata(tmp_path: Path) -> None:
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2, 3])}
-    path = write_tensors(tmp_path / "x.safetensors", tensors, {"scheme": {"name": "bias"}, "step": 3})
+    path = write_tensors(
+        tmp_path / "x.safetensors", tensors, {"scheme": {"name": "bias"}, "step": 3}, kind=KIND_DELTA
+    )
     loaded, meta = read_tensors(path)
-    assert meta == {"scheme": {"name": "bias"}, "step": 3}
+    assert meta == {"scheme": {"name": "bias"}, "step": 3, "kind": "delta"}
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
 def test_overwrite_replaces_the_whole_file_and_leaves_no_temporary(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
-    write_tensors(path, {"a": torch.zeros(1000)}, {"v": 1})
-    write_tensors(path, {"a": torch.ones(3)}, {"v": 2})
+    write_tensors(path, {"a": torch.zeros(1000)}, {"v": 1}, kind=KIND_DELTA)
+    write_tensors(path, {"a": torch.ones(3)}, {"v": 2}, kind=KIND_DELTA)
     loaded, meta = read_tensors(path)
-    assert meta == {"v": 2} and torch.equal(loaded["a"], torch.ones(3))
+    assert meta == {"v": 2, "kind": "delta"} and torch.equal(loaded["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
     assert path.stat().st_mode & 0o777 == 0o644
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ def test_quick_demo_writes_the_report(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     assert summary["device"]["name"] == "rpi-4b-2gb" and not summary["device"]["detected"]
     assert summary["plan"]["needed_bytes"] <= summary["device"]["training_budget_bytes"]
+    # A Raspberry Pi's budget holds full fine-tuning: the plan is called full, not "sparse" with every layer.
+    assert summary["plan"]["scheme"] == "full"
+    assert summary["device"]["count_frozen_params"]  # a Linux board keeps frozen weights in RAM
     for row in summary["memory"]:
         assert row["ondevice_activation_bytes"] <= row["stock_activation_bytes"]
     bias = next(r for r in summary["memory"] if r["scheme"] == "bias")
@@ -38,6 +42,9 @@ def test_quick_demo_writes_the_report(tmp_path: Path) -> None:
     figures = json.loads((out / "figures.json").read_text())
     assert set(figures) >= {"device", "plan", "memory", "stream", "federated"}
     html = (out / "index.html").read_text()
+    assert "<strong>rpi-4b-2gb</strong>" in html and "**" not in html and "`" not in html
+    assert "What this report covers" in html and f"ondevice {version('ondevice')}" in html
+    assert "mobilenetv2-w0.35" in html and "seed" in html
     for plot in ("memory_by_scheme", "stream_accuracy", "accuracy_matrix", "federated_rounds"):
         path = out / "plots" / f"{plot}.png"
         assert f"plots/{plot}.png" in html

@@ -80,7 +80,9 @@ MakeModel = Callable[[nn.Module], nn.Module]
         pytest.param(lambda block: convert(nn.ModuleList([block]))[0][1], id="batchnorm-alone"),
     ],
 )
-def test_batch_norm_backward_gets_defined_statistics_as_from_stock(make: MakeModel, train_input: bool) -> None:
+def test_batch_norm_backward_gets_defined_statistics_as_from_stock(
+    make: MakeModel, train_input: bool
+) -> None:
     block, x = _block(train_input)
     stock_recorder, _, _ = _record(block, x)
     stock_stats = _backward_stats(stock_recorder)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import memory
 import ondevice
-from memory import Budget
+from memory import Budget, format_bytes
 from memory.plan import _CostTable, _Sparse, _to_scheme
 from ondevice.errors import BudgetExceededError
 from ondevice.models import create_model
@@ -109,7 +109,8 @@ def test_measured_contributions_beat_the_prior() -> None:
 @pytest.mark.parametrize("name", ["mobilenetv2", "mcunet"])
 def test_tiny_training_256kb_plans(name: str) -> None:
     model = create_model(name, width_mult=0.35, resolution=128, num_classes=10)
-    budget = Budget.parse("256KB", frozen_param_bits=8)
+    # tiny-training's setting: 256 KB of SRAM for training, int8 frozen weights kept in flash
+    budget = Budget.parse("256KB", count_frozen_params=False, frozen_param_bits=8)
     chosen = memory.plan(model, budget, batch_size=1)
     assert chosen.scheme.name == "sparse" and chosen.report.source == "estimated"
     assert chosen.needed_bytes <= 256 * 1024
@@ -135,3 +136,126 @@ def test_cli_plan_scheme_and_budget() -> None:
     assert json.loads(result.stdout)["plan"]["needed_bytes"] <= 2 * 1024**2
     result = runner.invoke(app, ["plan", "--model", "cnn"])
     assert result.exit_code == 2 and "exactly one of" in result.output
+
+
+# -- issue 12: an honest planner ---------------------------------------------------------------------
+
+
+def _frozen_numel(prepared: ondevice.PreparedModel) -> int:
+    return sum(p.numel() for p in prepared.model.parameters() if not p.requires_grad)
+
+
+def test_fewer_frozen_bits_count_frozen_weights_unless_kept_out_explicitly() -> None:
+    model = _net()
+    prepared = ondevice.prepare(model, "bias")
+    report = memory.estimate(prepared, (3, 16, 16), batch_size=2, frozen_param_bits=8)
+    base = report.activation_bytes + report.training_state_bytes
+    int8 = Budget(10**7, frozen_param_bits=8)
+    assert int8.count_frozen_params is True and Budget(10**7).count_frozen_params is False
+    assert memory.budget_bytes_needed(report, int8) == base + _frozen_numel(prepared)
+    assert memory.budget_bytes_needed(report, Budget(10**7, frozen_param_bits=16)) == (
+        base + 2 * _frozen_numel(prepared)
+    )
+    # An explicit False keeps them out of the budget (an MCU stores them in flash), at 8 bits.
+    flash = Budget(10**7, count_frozen_params=False, frozen_param_bits=8)
+    assert memory.budget_bytes_needed(report, flash) == base
+    # The planner's figure follows: 8-bit frozen weights are part of what it compares with the budget.
+    chosen = memory.plan(model, int8, (3, 16, 16), batch_size=2, search_sparse=False)
+    frozen = memory.estimate(ondevice.prepare(model, chosen.scheme), (3, 16, 16), batch_size=2)
+    assert (
+        chosen.needed_bytes
+        == frozen.activation_bytes + frozen.training_state_bytes + (frozen.frozen_param_bytes or 0) // 4
+    )
+    assert "frozen parameters at 8 bit" in chosen.to_dict()["requirement"]["terms"]
+
+
+def test_a_plan_that_trains_every_layer_is_called_full() -> None:
+    model = _net()
+    chosen = memory.plan(model, "64MB", (3, 16, 16), batch_size=2)
+    assert chosen.scheme.name == "full" and chosen.score == pytest.approx(1.0)
+    every = [
+        c
+        for c in chosen.considered
+        if c.scheme["name"] == "sparse"
+        and len(c.scheme["weight_layers"]) == 4
+        and all(r >= 1.0 for r in c.scheme["channel_ratios"] or [1.0] * 4)
+    ]
+    assert not every, "a sparse candidate trains every layer's weights at full width while full fits"
+    # When full itself does not fit, the search may still use every layer at a reduced width.
+    full = next(c for c in chosen.considered if c.scheme["name"] == "full")
+    tight = memory.plan(model, full.needed_bytes - 1, (3, 16, 16), batch_size=2)
+    assert tight.scheme.name != "full" and tight.needed_bytes < full.needed_bytes
+
+
+def test_budget_from_a_profile_knows_the_device_and_flags_what_it_cannot_hold() -> None:
+    from devices import get_profile
+    from memory.report import device_limits, stored_weight_bytes
+
+    mcu = get_profile("stm32f746").to_budget()
+    assert mcu.flash_bytes == 1024**2 and mcu.memory_bytes == 320 * 1024
+    assert not mcu.count_frozen_params and mcu.frozen_param_bits == 8
+    model = _net()
+    report = memory.estimate(ondevice.prepare(model, "bias"), (3, 16, 16), batch_size=2)
+    stored = stored_weight_bytes(report, mcu)
+    roomy = Budget(10**6, name="board", frozen_param_bits=8, count_frozen_params=False,
+                   memory_bytes=report.peak_bytes, flash_bytes=stored)  # fmt: skip
+    assert device_limits(report, roomy) == []
+    small = Budget(10**6, name="board", frozen_param_bits=8, count_frozen_params=False,
+                   memory_bytes=report.peak_bytes - 1, flash_bytes=stored - 1)  # fmt: skip
+    flash, peak = device_limits(report, small)
+    assert "flash of board" in flash and "eager peak" in peak and "memory of board" in peak
+
+
+def test_plan_markdown_says_which_figure_is_the_requirement() -> None:
+    model = _net()
+    report = memory.estimate(ondevice.prepare(model, "bias"), (3, 16, 16), batch_size=2)
+    budget = Budget(memory.budget_bytes_needed(report, Budget(1)) * 2, name="board",
+                    memory_bytes=report.peak_bytes - 1)  # fmt: skip
+    chosen = memory.plan(model, budget, (3, 16, 16), batch_size=2)
+    text = chosen.to_markdown()
+    needed = format_bytes(chosen.needed_bytes)
+    assert f"Requirement (compared with the budget): {needed} of {format_bytes(budget.total_bytes)}" in text
+    assert f"Not the requirement: the peak of {format_bytes(chosen.report.peak_bytes)}" in text
+    assert "Exceeds the device" in text and "eager peak" in text
+    payload = chosen.to_dict()
+    assert sum(payload["requirement"]["terms"].values()) == chosen.needed_bytes
+    assert payload["exceeds_device"] and payload["requirement"]["compared_with"] == "budget.total_bytes"
+
+
+def test_cli_int8_frozen_counts_frozen_weights_and_device_plans_say_what_is_compared() -> None:
+    from ondevice.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--model", "cnn", "--budget", "2MB", "--int8-frozen", "--json"])
+    assert result.exit_code == 0, result.output
+    chosen = json.loads(result.stdout)["plan"]
+    assert chosen["budget"]["count_frozen_params"] and chosen["budget"]["frozen_param_bits"] == 8
+    assert "frozen parameters at 8 bit" in chosen["requirement"]["terms"]
+    assert sum(chosen["requirement"]["terms"].values()) == chosen["needed_bytes"]
+    result = runner.invoke(
+        app, ["plan", "--model", "cnn", "--budget", "2MB", "--int8-frozen", "--no-count-frozen"]
+    )
+    assert result.exit_code == 2 and "--int8-frozen" in result.output and "--no-count-frozen" in result.output
+
+    args = ["plan", "--device", "stm32f746", "--model", "mobilenetv2", "--width-mult", "0.35",
+            "--resolution", "32"]  # fmt: skip
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    chosen = json.loads(result.stdout)["plan"]
+    # The device's convention: int8 frozen weights in flash, checked against it; SRAM holds the rest.
+    assert not chosen["budget"]["count_frozen_params"] and chosen["budget"]["frozen_param_bits"] == 8
+    assert chosen["budget"]["flash_bytes"] == 1024**2
+    assert any("eager peak" in line for line in chosen["exceeds_device"])
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Requirement (compared with the budget)" in text and "Not the requirement: the peak" in text
+    assert "Exceeds the device" in text and "kept in flash" in text
+
+
+def test_cli_plan_prints_markup_like_device_names_as_text() -> None:
+    from ondevice.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "--device", "[/bold]"])
+    assert result.exit_code == 2, result.output
+    assert "[/bold]" in result.output and "--device" in result.output

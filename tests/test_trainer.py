@@ -216,3 +216,72 @@ def test_checkpoint_resume_continues_bit_identically(tmp_path: Path, optimizer: 
     wrong_kind = Trainer(prepare(model, "lite_residual"), optimizer="adam" if optimizer == "sgd" else "sgd")
     with pytest.raises(CheckpointMismatchError, match="optimizer"):
         wrong_kind.resume(path)
+
+
+# -- half precision, empty data, skipped-batch counts (issue 12) ------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("scheme", "memory_saving"),
+    [("full", True), ("bias", True), ("lite_residual", True), ("bias", False), ("lite_residual", False)],
+)
+def test_half_precision_models_train_on_float32_streams(
+    dtype: torch.dtype, scheme: str, memory_saving: bool
+) -> None:
+    model = prepare(backbone().to(dtype), scheme, memory_saving=memory_saving)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=gen)  # streams deliver float32
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+    trainer = Trainer(model, lr=0.1, batch_size=16)
+    result = trainer.fit(TensorData(x, y), epochs=4, seed=0)
+    losses = result.epoch_losses
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses) and result.skipped_batches == 0
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert trainer.evaluate(TensorData(x, y)).samples == 96
+
+
+def test_a_half_precision_step_equals_stock_pytorch() -> None:
+    reference = backbone().to(torch.bfloat16).train()
+    model = prepare(copy.deepcopy(reference), "full", memory_saving=False)
+    x, y = batches(1)[0]
+    Trainer(model, lr=0.1).step(x, y)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    F.cross_entropy(reference(x.to(torch.bfloat16)).float(), y).backward()
+    optimizer.step()
+    for name, param in reference.named_parameters():
+        assert torch.equal(model.model.get_parameter(name), param), name
+
+
+def test_lossy_input_conversions_are_left_to_the_user() -> None:
+    model = prepare(backbone().to(torch.bfloat16), "full")
+    with pytest.raises(InputDtypeError, match=r"x\.to\(torch\.bfloat16\)"):
+        Trainer(model).step(torch.randn(4, 1, 8, 8, dtype=torch.float16), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [TensorData(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), []],
+    ids=["dataset", "list"],
+)
+def test_fit_on_empty_data_is_an_error(data: object) -> None:
+    trainer = Trainer(prepare(backbone(), "bias"))
+    with pytest.raises(ConfigError, match="empty"):
+        trainer.fit(data, shuffle=False)
+
+
+def test_fit_on_a_one_shot_iterable_for_two_epochs_says_why_it_stopped() -> None:
+    trainer = Trainer(prepare(backbone(), "bias"))
+    with pytest.raises(ConfigError, match=r"epoch 2 of 2.*read only once"):
+        trainer.fit(iter(batches(2)), epochs=2, shuffle=False)
+
+
+def test_fit_result_counts_skipped_batches_by_reason() -> None:
+    data = batches(4)
+    data[1][0][0, 0, 0, 0] = float("nan")
+    data[3][0][2, 0, 1, 1] = float("inf")
+    trainer = Trainer(prepare(backbone(), "bias"), batch_size=8)
+    result = trainer.fit(data, shuffle=False)
+    assert result.skipped_batches == 2 and result.batches == 2
+    assert result.skipped_reasons == {"nonfinite_input": 2}
+    again = trainer.fit(batches(2), shuffle=False)  # counts are per fit
+    assert again.skipped_batches == 0 and again.skipped_reasons == {}

@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 
 from ondevice.transfer import run_transfer
 
+SEEDS = (0, 1, 2)
+
 
 @pytest.mark.slow
 def test_lite_residual_plus_bias_is_close_to_full_fine_tuning_and_beats_last_layer() -> None:
-    result = run_transfer("cnn", schemes=("full", "last_layer", "lite_residual"), epochs=10, seed=0)
-    full = result.outcome("full").accuracy
-    last = result.outcome("last_layer").accuracy
-    lite = result.outcome("lite_residual").accuracy
-    assert result.source_accuracy >= 0.95  # a genuinely pretrained backbone
-    assert lite >= full - 0.03, result.to_markdown()
-    assert lite > last, result.to_markdown()
-    assert result.outcome("lite_residual").trainable_params < result.outcome("full").trainable_params
-    assert "| lite_residual |" in result.to_markdown()
+    """The claim over seeds 0-2 (split, pretraining and training re-drawn), mean and worst.
+
+    Measured gaps to full fine-tuning (points, seeds 0 / 1 / 2): 0.4 / 0.0 / 0.4 on AVX-512, up to
+    0.4 / 0.9 / 1.8 with oneDNN and ATen capped to AVX2 or generic kernels, 4.0 / -0.4 / 2.2 on another
+    AVX-512 machine (issue 12); lite residual led last layer by 8.0 points or more on every path here.
+    Bounds: a mean gap of 3 points and a worst of 6, a lead over last layer of 3 points on every seed.
+    """
+    gaps, leads = [], []
+    for seed in SEEDS:
+        result = run_transfer("cnn", schemes=("full", "last_layer", "lite_residual"), epochs=10, seed=seed)
+        full = result.outcome("full").accuracy
+        last = result.outcome("last_layer").accuracy
+        lite = result.outcome("lite_residual").accuracy
+        assert result.source_accuracy >= 0.95, f"seed {seed}"  # a genuinely pretrained backbone
+        assert result.outcome("lite_residual").trainable_params < result.outcome("full").trainable_params
+        assert "| lite_residual |" in result.to_markdown()
+        gaps.append(full - lite)
+        leads.append(lite - last)
+    table = f"gaps to full {gaps}, leads over last layer {leads} (seeds {SEEDS})"
+    assert statistics.fmean(gaps) <= 0.03 and max(gaps) <= 0.06, table
+    assert min(leads) >= 0.03, table
 
 
 def test_inapplicable_schemes_are_reported_not_crashed() -> None:

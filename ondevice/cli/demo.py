@@ -10,16 +10,21 @@
 
 from __future__ import annotations
 
+import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ondevice.cli._app import app, configure_logging, console, fail, print_json
 from ondevice.errors import OnDeviceError
 
 MEMORY_SCHEMES = ("full", "last_layer", "bias", "lite_residual", "sparse")
+SEED = 0
+"""Every random draw of the demo (pretraining, the stream, the learner, the federation) uses this seed."""
 FEDERATED_SCHEME = {
     "name": "lite_residual",
     "expand": 0.25,
@@ -35,7 +40,7 @@ def _device_step(device: str | None) -> tuple[Any, Any, dict[str, Any]]:
     from memory import Budget
 
     profile = get_profile(device) if device else detect()
-    budget = Budget.from_profile(profile)
+    budget: Budget = profile.to_budget()  # the device's convention: frozen weights in RAM or in flash
     figures = {
         "name": profile.name,
         "kind": str(getattr(profile.kind, "value", profile.kind)),
@@ -43,6 +48,8 @@ def _device_step(device: str | None) -> tuple[Any, Any, dict[str, Any]]:
         "memory_bytes": profile.memory_bytes,
         "training_budget_bytes": budget.total_bytes,
         "budget": str(budget),
+        "count_frozen_params": budget.count_frozen_params,
+        "frozen_param_bits": budget.frozen_param_bits,
         "detected": device is None,
     }
     return profile, budget, figures
@@ -50,6 +57,7 @@ def _device_step(device: str | None) -> tuple[Any, Any, dict[str, Any]]:
 
 def _plan_step(backbone: Any, budget: Any, *, batch_size: int) -> tuple[Any, dict[str, Any]]:
     from memory import plan
+    from memory.report import device_limits, explain_needed
 
     chosen = plan(backbone, budget=budget, input_shape=tuple(backbone.input_shape), batch_size=batch_size)
     figures = {
@@ -57,6 +65,10 @@ def _plan_step(backbone: Any, budget: Any, *, batch_size: int) -> tuple[Any, dic
         "scheme_config": chosen.scheme.to_dict(),
         "needed_bytes": chosen.needed_bytes,
         "budget_bytes": budget.total_bytes,
+        "requirement": explain_needed(chosen.report, budget),
+        "exceeds_device": device_limits(chosen.report, budget),
+        "batch_size": batch_size,
+        "input_shape": list(backbone.input_shape),
         "table": chosen.report.to_markdown(top=8),
         "report": chosen.report.to_dict(),
     }
@@ -70,7 +82,7 @@ def _memory_step(*, resolution: int, batch_size: int) -> list[dict[str, Any]]:
     import ondevice
     from memory import measure
 
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model = ondevice.create_model("mobilenetv2", width_mult=0.35, resolution=resolution, num_classes=10)
     x = torch.randn(batch_size, 3, resolution, resolution)
     rows = []
@@ -81,6 +93,9 @@ def _memory_step(*, resolution: int, batch_size: int) -> list[dict[str, Any]]:
             {
                 "scheme": scheme,
                 "model": f"mobilenetv2-w0.35 @{resolution}px, batch {batch_size}",
+                "resolution": resolution,
+                "batch_size": batch_size,
+                "seed": SEED,
                 "stock_activation_bytes": stock.activation_bytes,
                 "ondevice_activation_bytes": ours.activation_bytes,
                 "stock_peak_bytes": stock.peak_bytes,
@@ -97,9 +112,9 @@ def _stream_step(scheme: Any, *, quick: bool, show: bool) -> dict[str, Any]:
     import ondevice
     from ondevice.continual import LearnerConfig, create_learner, load_scenario, run_scenario
 
-    scenario = load_scenario("class-incremental", seed=0)
-    backbone = scenario.backbone(epochs=8 if quick else 20, seed=0)
-    torch.manual_seed(0)
+    scenario = load_scenario("class-incremental", seed=SEED)
+    backbone = scenario.backbone(epochs=8 if quick else 20, seed=SEED)
+    torch.manual_seed(SEED)
     prepared = ondevice.prepare(backbone, scheme)
     learner = create_learner(
         prepared,
@@ -107,8 +122,8 @@ def _stream_step(scheme: Any, *, quick: bool, show: bool) -> dict[str, Any]:
         buffer_size=200,
         optimizer="adam",
         lr=0.01 if scheme.name == "last_layer" else 1e-3,
-        config=LearnerConfig(replay_steps=1 if quick else 4, replay_batch_size=32, seed=0),
-        seed=0,
+        config=LearnerConfig(replay_steps=1 if quick else 4, replay_batch_size=32, seed=SEED),
+        seed=SEED,
     )
     correct: list[float] = []
     boundaries: list[int] = []
@@ -127,17 +142,21 @@ def _stream_step(scheme: Any, *, quick: bool, show: bool) -> dict[str, Any]:
             seen = row[: index + 1]
             drops = [max(r[j] for r in rows[:-1]) - row[j] for j in range(index)] if index else [0.0]
             console.print(
-                f"  after experience {index + 1}/{len(labels)} (digits {labels[index]}): "
+                f"  after experience {index + 1}/{len(labels)} (digits {escape(labels[index])}): "
                 f"accuracy on the digits seen so far {sum(seen) / len(seen):.3f}, "
                 f"forgetting {sum(drops) / len(drops):.3f}"
             )
 
     result = run_scenario(
-        learner, scenario, batch_size=10, seed=0, on_result=on_result, on_experience=on_experience
+        learner, scenario, batch_size=10, seed=SEED, on_result=on_result, on_experience=on_experience
     )
     metrics = result.metrics
     return {
         "scenario": scenario.description,
+        "model": scenario.model,
+        "input_shape": list(backbone.input_shape),
+        "batch_size": 10,
+        "seed": SEED,
         "scheme": scheme.name,
         "strategy": "replay, 200 samples",
         "samples": result.samples,
@@ -154,7 +173,7 @@ def _stream_step(scheme: Any, *, quick: bool, show: bool) -> dict[str, Any]:
 
 
 def _federated_step(*, quick: bool, show: bool) -> dict[str, Any]:
-    from federated import simulate
+    from federated import FederatedConfig, simulate
 
     clients, rounds = (3, 2) if quick else (6, 4)
 
@@ -167,23 +186,69 @@ def _federated_step(*, quick: bool, show: bool) -> dict[str, Any]:
             )
 
     # Lite residual + bias in fp16 both ways, as bench/federated.py's claim row, sized for a quick demo.
-    result = simulate(
-        num_clients=clients,
-        rounds=rounds,
-        scheme=FEDERATED_SCHEME,
-        partition="dirichlet:0.5",
-        lr=1e-2,
-        compression="fp16",
-        downlink="fp16",
-        on_round=on_round,
-    )
+    overrides = {
+        "num_clients": clients,
+        "rounds": rounds,
+        "scheme": FEDERATED_SCHEME,
+        "partition": "dirichlet:0.5",
+        "lr": 1e-2,
+        "compression": "fp16",
+        "downlink": "fp16",
+        "seed": SEED,
+    }
+    config = FederatedConfig.from_dict({**FederatedConfig().to_dict(), **overrides})
+    result = simulate(config, on_round=on_round)
     return {
+        "model": config.model,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
         "clients": clients,
         "scheme": "lite_residual+bias (fp16)",
         "partition": "dirichlet:0.5",
         "seconds": result.seconds,
         "final_accuracy": result.final_accuracy,
         "rounds": [r.to_dict() for r in result.rounds],
+    }
+
+
+def check_out_folder(out: Path) -> str | None:
+    """Why ``--out`` cannot hold the report (``None`` when it can), checked before any work starts."""
+    if out.exists() and not out.is_dir():
+        return (
+            f"--out {str(out)!r} is a file, not a folder; give a folder for the report (created if missing)"
+        )
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        return (
+            f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder; give a "
+            f"folder path for the report"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (
+            f"--out {str(out)!r} is not writable ({str(existing)!r} refuses writes); give a folder you can "
+            f"write to"
+        )
+    return None
+
+
+def _settings(*, quick: bool, device: str | None) -> dict[str, Any]:
+    """What the report's tables cover: the version, the date, the seed and the command's options."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ondevice_version = version("ondevice")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        from ondevice import __version__ as ondevice_version
+    return {
+        "version": ondevice_version,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "seed": SEED,
+        "quick": quick,
+        "device": device or "detected",
     }
 
 
@@ -212,11 +277,23 @@ def demo(
     from ondevice.report import write_report
 
     configure_logging(verbose)
+    problem = check_out_folder(out)
+    if problem is not None:
+        fail(problem)
+        return
+    if device is not None:
+        from devices import get_profile
+
+        try:
+            get_profile(device)  # a typo fails here, before the engine starts or anything trains
+        except OnDeviceError as exc:
+            fail(exc)
+            return
     torch.set_num_threads(threads)
     show = not json_output
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {"settings": _settings(quick=quick, device=device)}
     if not skip_federated:
         from federated import prestart_engine
 
@@ -225,19 +302,30 @@ def demo(
         with console.status("[bold]1/4[/] detecting the device and planning the update scheme") as status:
             t0 = time.perf_counter()
             _profile, budget, figures["device"] = _device_step(device)
+            figures["settings"]["device"] = figures["device"]["name"]
             from ondevice.continual import load_scenario
 
-            backbone = load_scenario("class-incremental", seed=0).backbone(epochs=8 if quick else 20, seed=0)
+            backbone = load_scenario("class-incremental", seed=SEED).backbone(
+                epochs=8 if quick else 20, seed=SEED
+            )
             scheme, figures["plan"] = _plan_step(backbone, budget, batch_size=10)
             status.update("[bold]1/4[/] measuring each scheme against stock PyTorch")
             figures["memory"] = _memory_step(resolution=64 if quick else 128, batch_size=4 if quick else 8)
             timings["plan"] = time.perf_counter() - t0
         if show:
-            console.print(
-                f"[bold]1/4 device[/] {figures['device']['name']} ({figures['device']['description']}), "
-                f"training budget {figures['device']['budget']}; planned scheme [bold]{scheme.name}[/] "
-                f"needs {figures['plan']['needed_bytes']:,} B: {scheme.to_json()}"
+            info = figures["device"]
+            frozen = (
+                f" + frozen weights at {budget.frozen_param_bits} bit" if budget.count_frozen_params else ""
             )
+            console.print(
+                f"[bold]1/4 device[/] {escape(str(info['name']))} ({escape(str(info['description']))}), "
+                f"training budget {escape(str(info['budget']))}; "
+                f"planned scheme [bold]{escape(scheme.name)}[/] "
+                f"needs {figures['plan']['needed_bytes']:,} B (the requirement compared with the budget: "
+                f"activations + trainable state{frozen}): {escape(scheme.to_json())}"
+            )
+            for line in figures["plan"]["exceeds_device"]:
+                console.print(f"  [yellow]exceeds the device:[/] {escape(line)}")
             for row in figures["memory"]:
                 ratio = row["stock_activation_bytes"] / max(1, row["ondevice_activation_bytes"])
                 console.print(
@@ -279,6 +367,7 @@ def demo(
         print_json(summary)
         return
     console.print(
-        f"[bold]4/4 report[/] written to {files.folder}/ (index.html, index.md, figures.json, plots/)"
+        f"[bold]4/4 report[/] written to {escape(str(files.folder))}/ (index.html, index.md, figures.json, "
+        f"plots/)"
     )
     console.print(f"done in {total_s:.0f} s")

@@ -7,15 +7,17 @@ from typing import Annotated, Any
 import typer
 
 from ondevice.cli._app import app, configure_logging, console, fail, print_json
-from ondevice.errors import OnDeviceError
+from ondevice.errors import BudgetExceededError, OnDeviceError, UnknownNameError
 
 _HELP = """Estimate the memory of one training step (no compute: fake tensors), or plan the update scheme.
 
 With --scheme NAME, print that scheme's memory report. With --budget SIZE (e.g. 256KB) or --device NAME
 (a device profile's training budget), choose the scheme that fits and promises the most accuracy
-(tiny-training's contribution analysis + search, with a prior). What counts against a budget:
-activations + trainable parameters + gradients + optimizer state (+ frozen weights when the budget
-counts them, at 8 bits with --int8-frozen).
+(tiny-training's contribution analysis + search, with a prior). What counts against a budget (the
+requirement the output names): activations + trainable parameters + gradients + optimizer state, plus
+frozen weights when they are counted. --device follows the device's convention (a Linux board counts
+float32 frozen weights, a microcontroller keeps int8 ones in flash and the output checks them against its
+flash); --int8-frozen counts frozen weights at 8 bits, --count-frozen/--no-count-frozen override.
 """
 
 
@@ -32,11 +34,18 @@ def plan_command(
     budget: Annotated[str | None, typer.Option(help="Plan under this budget, e.g. 256KB or 64MiB.")] = None,
     device: Annotated[str | None, typer.Option(help="Plan under this device profile's budget.")] = None,
     int8_frozen: Annotated[
-        bool, typer.Option("--int8-frozen", help="Count frozen weights at 8 bits (MCU deployment).")
+        bool,
+        typer.Option("--int8-frozen", help="Count frozen weights against the budget, at 8 bits (int8)."),
     ] = False,
     count_frozen: Annotated[
-        bool, typer.Option("--count-frozen", help="Frozen weights count against the budget too.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--count-frozen/--no-count-frozen",
+            help="Whether frozen weights count against the budget (default: the device's convention; "
+            "not counted for --budget unless --int8-frozen).",
+            show_default=False,
+        ),
+    ] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd | adam (default: SGD with momentum).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
@@ -45,12 +54,24 @@ def plan_command(
     if sum(x is not None for x in (scheme, budget, device)) != 1:
         fail("give exactly one of --scheme NAME, --budget SIZE and --device NAME")
         return
+    if int8_frozen and count_frozen is False:
+        fail(
+            "--int8-frozen counts frozen weights at 8 bits and --no-count-frozen leaves them out: give one "
+            "of them (a microcontroller's --device already keeps int8 weights in flash and checks them there)"
+        )
+        return
     try:
         payload, text = _run(
             model=model, width_mult=width_mult, resolution=resolution, num_classes=num_classes,
             batch_size=batch_size, scheme=scheme, budget=budget, device=device, int8_frozen=int8_frozen,
             count_frozen=count_frozen, optimizer=optimizer, progress=not json_output,
         )  # fmt: skip
+    except BudgetExceededError as exc:
+        fail(
+            f"{exc}. Flags: --budget or --device, --batch-size, --resolution, --int8-frozen, "
+            f"--count-frozen/--no-count-frozen"
+        )
+        return
     except OnDeviceError as exc:
         fail(exc)
         return
@@ -59,7 +80,7 @@ def plan_command(
     else:
         from rich.markdown import Markdown
 
-        console.print(Markdown(text))
+        console.print(Markdown(text), soft_wrap=False)
 
 
 def _run(**opts: Any) -> tuple[dict[str, Any], str]:
@@ -84,16 +105,8 @@ def _run(**opts: Any) -> tuple[dict[str, Any], str]:
         payload = {"model": opts["model"], "model_kwargs": kwargs, "batch_size": opts["batch_size"],
                    "scheme": prepared.scheme.to_dict(), "report": report.to_dict()}  # fmt: skip
         return payload, report.to_markdown()
-    if opts["device"] is not None:
-        from devices import get_profile
-
-        budget = memory.Budget.from_profile(
-            get_profile(opts["device"]), count_frozen_params=opts["count_frozen"], frozen_param_bits=bits
-        )
-    else:
-        budget = memory.Budget.parse(
-            opts["budget"], count_frozen_params=opts["count_frozen"], frozen_param_bits=bits
-        )
+    budget = _budget(opts["device"], opts["budget"], int8_frozen=opts["int8_frozen"],
+                     count_frozen=opts["count_frozen"])  # fmt: skip
     with console.status("planning (estimating candidate schemes on fake tensors)", spinner="dots") as status:
         if not opts["progress"]:
             status.stop()
@@ -101,3 +114,25 @@ def _run(**opts: Any) -> tuple[dict[str, Any], str]:
     payload = {"model": opts["model"], "model_kwargs": kwargs, "batch_size": opts["batch_size"],
                "plan": chosen.to_dict()}  # fmt: skip
     return payload, chosen.to_markdown()
+
+
+def _budget(device: str | None, size: str | None, *, int8_frozen: bool, count_frozen: bool | None) -> Any:
+    """The budget of --device (its own convention) or --budget, with --int8-frozen/--count-frozen applied."""
+    import dataclasses
+
+    import memory
+
+    if device is not None:
+        from devices import get_profile
+
+        try:
+            budget = get_profile(device).to_budget()
+        except UnknownNameError as exc:
+            fail(f"--device {device!r}: {exc}; `ondevice devices` lists them")
+    else:
+        budget = memory.Budget.parse(size or "", count_frozen_params=False)
+    if int8_frozen:
+        return dataclasses.replace(budget, count_frozen_params=True, frozen_param_bits=8)
+    if count_frozen is not None:
+        return dataclasses.replace(budget, count_frozen_params=count_frozen)
+    return budget

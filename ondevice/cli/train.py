@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -41,6 +39,12 @@ arrives by a cnn1d over (channels, window), built from scratch for the channel c
 reading, under --scheme (default full). The run ends at --max-samples, after --duration seconds, when
 the device stays unplugged for about 10 s, or on Ctrl-C; each way the learner is saved to --checkpoint
 (also every --checkpoint-every windows) and the summary is printed.
+
+With --checkpoint, rerunning the same command resumes from it (and says what it restored): a scenario
+continues after the last completed experience, a data file after the rows already learned (a new file
+is learned from its first row), a sensor keeps its classes and counters. A checkpoint saved with other
+options is refused; --fresh starts over and replaces it. Ctrl-C stops between batches, saves the
+learner (a scenario keeps its last completed experience), prints the summary so far and exits 130.
 """
 
 
@@ -89,7 +93,10 @@ def train(
     ] = None,
     checkpoint_every: Annotated[
         int | None,
-        typer.Option(help="--serial: also save --checkpoint every N windows learned (default 100)."),
+        typer.Option(
+            help="Also save --checkpoint every N samples learned (--serial: windows, default 100; --data: "
+            "default 0, only at the end)."
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Zoo model (default: the scenario's, cnn1d for --data and --serial).")
@@ -125,9 +132,13 @@ def train(
     checkpoint: Annotated[
         str | None,
         typer.Option(
-            help="Save the learner here (atomically) after each experience; --serial: see --checkpoint-every."
+            help="Save the learner here (atomically) after each experience, or at the end (see "
+            "--checkpoint-every); an existing one is resumed."
         ),
     ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start over instead of resuming --checkpoint (replaces it).")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for splits, stream order and buffers.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
@@ -150,12 +161,20 @@ def train(
         "--labels": labels,
         "--max-samples": max_samples,
         "--duration": duration_s,
-        "--checkpoint-every": checkpoint_every,
     }
     stray = [flag for flag, value in serial_only.items() if value is not None]
     if serial is None and stray:
         verb = "applies" if len(stray) == 1 else "apply"
         fail(f"{', '.join(stray)} {verb} only to --serial URL; remove them, or read a sensor with --serial")
+        return
+    if scenario is not None and checkpoint_every is not None:
+        fail(
+            "--checkpoint-every applies only to --data and --serial (a scenario saves --checkpoint after "
+            "each experience); remove it"
+        )
+        return
+    if checkpoint_every is not None and checkpoint_every < 0:
+        fail(f"--checkpoint-every must be >= 0 samples (0: only at the end), got {checkpoint_every}")
         return
     common: dict[str, Any] = {
         "model": model,
@@ -174,6 +193,9 @@ def train(
         "progress": not json_output,
     }
     try:
+        from ondevice.cli._resume import check_checkpoint
+
+        common["resume"] = check_checkpoint(checkpoint, fresh=fresh)
         if serial is not None:
             source = _SerialSource(
                 url=serial,
@@ -197,17 +219,32 @@ def train(
                 data=data,
                 batch_size=10 if batch_size is None else batch_size,
                 pretrain_epochs=pretrain_epochs,
+                checkpoint_every=0 if checkpoint_every is None else checkpoint_every,
                 **common,
             )
     except OnDeviceError as exc:
         fail(exc)
         return
+    except KeyboardInterrupt:  # before the learning loop (loading, pretraining) or a second Ctrl-C
+        console.print("interrupted; --checkpoint keeps what was last saved", markup=False, highlight=False)
+        raise typer.Exit(_INTERRUPTED) from None
     if json_output:
         print_json(payload)
     elif serial is not None:
         _print_serial_summary(payload)
     else:
         _print_summary(payload)
+    if payload.get("stopped_by") == "interrupted":
+        raise typer.Exit(_INTERRUPTED)
+
+
+_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def _say(text: str) -> None:
+    """A line for people on stderr; user-supplied text in it is never read as markup."""
+    console.print(text, markup=False, highlight=False)
 
 
 def _detector(name: str) -> Any:
@@ -249,110 +286,124 @@ def _learner_options(opts: dict[str, Any]) -> dict[str, Any]:
 def _run(**opts: Any) -> dict[str, Any]:
     import math
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     import ondevice
-    from ondevice.continual import create_learner, load_scenario, run_scenario
-    from ondevice.continual.scenarios import load_table
-    from ondevice.data import Stream
+    from ondevice.cli import _resume
+    from ondevice.continual import create_learner, load_scenario
 
     learner_options = _learner_options(opts)
+    path = opts["checkpoint"]
+    scenario = table = None
     if opts["scenario"] is not None:
         scenario = load_scenario(opts["scenario"], seed=opts["seed"])
-        if opts["model"] is not None and opts["model"] != scenario.model:
-            import dataclasses
-
-            scenario = dataclasses.replace(scenario, model=opts["model"])
-        backbone = scenario.backbone(epochs=opts["pretrain_epochs"], seed=opts["seed"])
+        model = opts["model"] or scenario.model
         scheme = opts["scheme"] or "last_layer"
-        total = sum(len(e.train) for e in scenario.experiences)
+        flags = _resume.learner_flags(
+            opts,
+            **{"--scenario": scenario.name, "--model": model, "--scheme": scheme},
+            **{"--pretrain-epochs": opts["pretrain_epochs"]},
+        )
         title = f"{scenario.name}: {scenario.description}"
     else:
-        table = load_table(opts["data"])
+        table = _resume.load_data(opts["data"])
         features = table.x[0].numel()
-        name = opts["model"] or "cnn1d"
+        model = opts["model"] or "cnn1d"
+        scheme = opts["scheme"] or "full"
+        flags = _resume.learner_flags(
+            opts, **{"--model": model, "--scheme": scheme, "feature columns of --data": features}
+        )
+        title = f"{opts['data']}: {len(table)} samples, {features} features, classes {list(table.classes)}"
+    record = _resume.read_record(path, flags) if opts["resume"] else None  # before any work
+    _resume.seed_everything(opts["seed"])
+    if scenario is not None:
+        if model != scenario.model:
+            import dataclasses
+
+            scenario = dataclasses.replace(scenario, model=model)
+        backbone = scenario.backbone(epochs=opts["pretrain_epochs"], seed=opts["seed"])
+    else:
+        assert table is not None
         side = math.isqrt(features)
-        if name == "cnn1d":
+        if model == "cnn1d":
             backbone = ondevice.create_model("cnn1d", num_classes=2, length=features)
         elif side * side == features:
-            backbone = ondevice.create_model(name, num_classes=2, resolution=side)
+            backbone = ondevice.create_model(model, num_classes=2, resolution=side)
             table = type(table)(table.x.reshape(-1, 1, side, side), table.y)
         else:
             raise ondevice.ConfigError(
-                f"model {name!r} needs square images but the file has {features} features; use --model cnn1d"
+                f"--model {model!r} needs square images but --data has {features} features; use --model cnn1d"
             )
-        scheme = opts["scheme"] or "full"
-        total = len(table)
-        title = f"{opts['data']}: {len(table)} samples, {features} features, classes {list(table.classes)}"
     prepared = ondevice.prepare(backbone, scheme)
     learner = create_learner(prepared, opts["strategy"], **learner_options)
+    resumed: dict[str, Any] | None = None
+    if record is not None:
+        _resume.load_checkpoint(learner, path)
+        resumed = {"checkpoint": path, **_resume.restored_counters(learner)}
     started = time.perf_counter()
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not opts["progress"],
-    )
-    with progress:
-        task = progress.add_task(f"{opts['strategy']}", total=total, loss="-")
-
-        def advance(result: Any) -> None:
-            loss = "-" if result.loss is None else f"{result.loss:.3f}"
-            progress.update(task, advance=result.samples, loss=loss)
-
-        def after_experience(index: int, row: list[float]) -> None:
-            if opts["checkpoint"]:
-                learner.save(opts["checkpoint"], extra={"experience": index})
-
-        if opts["scenario"] is not None:
-            result = run_scenario(
-                learner,
-                scenario,
-                batch_size=opts["batch_size"],
-                seed=opts["seed"],
-                on_result=advance,
-                on_experience=after_experience,
-            )
-            summary: dict[str, Any] = result.to_dict()
+    with _resume.stop_on_interrupt(lambda: None) as interrupted:
+        common = {"path": path, "flags": flags, "batch_size": opts["batch_size"], "stop": interrupted}
+        common.update({"track": _tracker(opts["strategy"], enabled=opts["progress"]), "say": _say})
+        if scenario is not None:
+            summary = _resume.run_scenario_from(learner, scenario, record, seed=opts["seed"], **common)
         else:
-            stream = Stream(table, batch_size=opts["batch_size"])
-            learner.learn(stream, on_result=advance, checkpoint=opts["checkpoint"])
-            summary = {
-                "samples": learner.state.trained_samples,
-                "seconds": learner.state.train_seconds,
-                "samples_per_second": learner.state.samples_per_second,
-                "prequential_accuracy": learner.state.prequential_accuracy,
-                "buffer_bytes": learner.buffer_bytes,
-                "drifts": learner.state.drifts,
-                "skipped_batches": learner.state.skipped_batches,
-            }
+            assert table is not None
+            summary = _resume.run_rows_from(
+                learner, table, record, name=opts["data"], save_every=opts["checkpoint_every"], **common
+            )
     summary.update(
         {
             "title": title,
             "strategy": opts["strategy"],
             "scheme": prepared.scheme.to_dict(),
             "classes": learner.num_classes,
+            "skipped_batches": learner.state.skipped_batches,
+            "resumed": resumed,
+            "stopped_by": "interrupted" if interrupted.is_set() else "finished",
             "total_seconds": time.perf_counter() - started,
         }
     )
     return summary
 
 
+def _tracker(description: str, *, enabled: bool) -> Callable[[int], contextlib.AbstractContextManager[Any]]:
+    """``track(total)``: a context yielding an ``on_result`` callback that moves a progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def track(total: int) -> Iterator[Callable[[Any], None]]:
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not enabled,
+        )
+        with progress:
+            task = progress.add_task(description, total=total, loss="-")
+
+            def advance(result: Any) -> None:
+                loss = "-" if result.loss is None else f"{result.loss:.3f}"
+                progress.update(task, advance=result.samples, loss=loss)
+
+            yield advance
+
+    return track
+
+
 def _print_summary(payload: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from memory import format_bytes
 
-    console.print(f"[bold]ondevice train[/] {payload['title']}")
+    console.print(f"[bold]ondevice train[/] {escape(payload['title'])}")
     matrix = payload.get("accuracy_matrix")
     if matrix:
         grid = Table(title="accuracy matrix R[i][j] (row: after experience i; column: test of experience j)")
         grid.add_column("after")
-        for j in range(len(matrix)):
+        for j in range(len(matrix[0])):
             grid.add_column(f"exp {j}", justify="right")
         for i, row in enumerate(matrix):
             grid.add_row(str(i), *(f"{v:.3f}" for v in row))
@@ -370,10 +421,17 @@ def _print_summary(payload: dict[str, Any]) -> None:
     for label, value in rows:
         if value is not None:
             table.add_row(label, f"{value:.4f}")
+    table.add_row("samples learned", f"{payload.get('samples', 0):,}")
+    if "experiences_completed" in payload:
+        done, total = payload["experiences_completed"], payload["experiences_total"]
+        table.add_row("experiences completed", f"{done} of {total}")
+    table.add_row("batches skipped (NaN/Inf)", f"{payload.get('skipped_batches', 0):,}")
     table.add_row("buffer", format_bytes(payload.get("buffer_bytes", 0)))
     table.add_row("samples/s", f"{payload.get('samples_per_second', 0.0):.1f}")
     table.add_row("classes (head rows)", str(payload["classes"]))
     table.add_row("drifts detected", str(payload.get("drifts", 0)))
+    table.add_row("stopped by", payload.get("stopped_by", "finished"))
+    table.add_row("checkpoint", escape(payload.get("checkpoint") or "-"))
     console.print(table)
 
 
@@ -475,31 +533,6 @@ def _open_port(source: _SerialSource) -> tuple[Any, Callable[[], Any]]:
         ) from None
 
 
-@contextlib.contextmanager
-def _stop_on_interrupt(stop: Callable[[], None]) -> Iterator[threading.Event]:
-    """While inside, Ctrl-C calls ``stop`` and sets the yielded event instead of raising; a second one raises.
-
-    Only the main thread can take SIGINT; elsewhere (an embedding application) nothing changes.
-    """
-    interrupted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    restore = previous if previous is not None else signal.default_int_handler
-
-    def handler(signum: int, frame: object) -> None:
-        interrupted.set()
-        signal.signal(signal.SIGINT, restore)
-        stop()
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, restore)
-
-
 class _WindowLearning:
     """One serial run's learning: builds the learner at the first labelled window, batches, checkpoints."""
 
@@ -512,7 +545,7 @@ class _WindowLearning:
         checkpoint_every: int,
         extra: Callable[[], dict[str, Any]],
     ) -> None:
-        self._build = build
+        self.build = build
         self.batch_size = batch_size
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
@@ -537,7 +570,7 @@ class _WindowLearning:
             return
         channels = int(x.shape[1])
         if self.learner is None:
-            self.learner = self._build(channels)
+            self.learner = self.build(channels)
             self.channels = channels
         elif channels != self.channels:
             if "channels" not in self.skipped:
@@ -626,6 +659,7 @@ def _run_serial(
     import ondevice
     from devices.lines import SampleStream, Windower
     from devices.ports import Backoff, ReconnectingPort
+    from ondevice.cli import _resume
     from ondevice.continual import create_learner
 
     if checkpoint_every < 0:
@@ -651,6 +685,12 @@ def _run_serial(
     probe = build(1)  # every learner option is checked before the port opens
     _check_window_fits(probe, source.window)
     scheme_dict = probe.model.scheme.to_dict()
+    flags = _resume.learner_flags(
+        opts,
+        **{"--model": "cnn1d", "--scheme": scheme, "--window": source.window, "--hop": source.step},
+        **{"--label-column": source.label_column, "--labels": list(source.labels) if source.labels else None},
+    )
+    record = _resume.read_record(opts["checkpoint"], flags) if opts["resume"] else None
     windower = Windower(source.window, source.hop, labels=source.labels)
     port, opener = _open_port(source)
     handed = [port]
@@ -683,6 +723,7 @@ def _run_serial(
             "model": "cnn1d",
             "model_kwargs": model_kwargs(learning.channels or 0),
             "windows": learning.windows,
+            _resume.RECORD_KEY: {"flags": flags, "windows": learning.windows},
         }
 
     learning = _WindowLearning(
@@ -692,6 +733,12 @@ def _run_serial(
         checkpoint_every=checkpoint_every,
         extra=extra,
     )
+    resumed = None
+    if record is not None:
+        resumed = _resume.resume_serial(
+            learning, windower, record, opts["checkpoint"], fixed=bool(source.labels)
+        )
+        resumed["checkpoint"] = learning.saved_to = opts["checkpoint"]
     samples = 0
     progress = Progress(
         SpinnerColumn(),
@@ -706,7 +753,7 @@ def _run_serial(
         disable=not opts["progress"],
     )
     started = time.perf_counter()
-    with stream, progress, _stop_on_interrupt(stream.close) as interrupted:
+    with stream, progress, _resume.stop_on_interrupt(stream.close) as interrupted:
         task = progress.add_task(
             f"{opts['strategy']} on {source.url}", total=source.max_samples, windows=0, accuracy="-", rate="-"
         )
@@ -758,6 +805,7 @@ def _run_serial(
         "drifts": state.drifts if state else 0,
         "skipped_batches": state.skipped_batches if state else 0,
         "stopped_by": stopped_by,
+        "resumed": resumed,
         "checkpoint": learning.saved_to,
         "strategy": opts["strategy"],
         "scheme": scheme_dict,
@@ -766,11 +814,12 @@ def _run_serial(
 
 
 def _print_serial_summary(payload: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from memory import format_bytes
 
-    console.print(f"[bold]ondevice train[/] {payload['title']}")
+    console.print(f"[bold]ondevice train[/] {escape(payload['title'])}")
     table = Table(title=f"summary ({payload['strategy']}, scheme {payload['scheme']['name']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -795,10 +844,11 @@ def _print_serial_summary(payload: dict[str, Any]) -> None:
         ("buffer", format_bytes(payload["buffer_bytes"])),
         ("samples/s", f"{payload['samples_per_second']:.1f}"),
         ("classes", ", ".join(payload["labels"]) or "-"),
+        ("batches skipped (NaN/Inf)", f"{payload['skipped_batches']:,}"),
         ("drifts detected", str(payload["drifts"])),
         ("stopped by", payload["stopped_by"].replace("_", " ")),
         ("checkpoint", payload["checkpoint"] or "-"),
     ]
     for label, value in rows:
-        table.add_row(label, value)
+        table.add_row(escape(label), escape(value))
     console.print(table)

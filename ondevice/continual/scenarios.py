@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ondevice.checkpoint import read_tensors, write_tensors
+from ondevice.checkpoint import KIND_PRETRAINED_BACKBONE, read_tensors, write_tensors
 from ondevice.continual.metrics import ContinualMetrics
 from ondevice.data import Experience, Stream, TensorData, domain_shift, load_digits
 from ondevice.data.splits import stratified_split
@@ -242,13 +242,15 @@ def pretrain_backbone(
         net = create_model(model, num_classes=len(classes), **model_kwargs)
         if path.exists():
             try:
-                tensors, _ = read_tensors(path)
+                tensors, _ = read_tensors(path, kind=KIND_PRETRAINED_BACKBONE)
                 net.load_state_dict(tensors, strict=True)
                 net.eval()
                 logger.info("loaded pretrained backbone %s from %s", model, path)
                 return net
             except (CheckpointError, RuntimeError) as exc:
+                # A damaged, outdated or foreign cache entry is a miss: drop it, retrain and rewrite it.
                 logger.warning("backbone cache entry %s is unusable, retraining: %s", path, exc)
+                _drop_cache_entry(path)
                 torch.manual_seed(seed)
                 net = create_model(model, num_classes=len(classes), **model_kwargs)
         started = time.perf_counter()
@@ -269,9 +271,19 @@ def pretrain_backbone(
                 schedule.step()
         net.eval()
     seconds = time.perf_counter() - started
-    write_tensors(path, net.state_dict(), {"spec": spec, "train_seconds": seconds})
+    write_tensors(
+        path, net.state_dict(), {"spec": spec, "train_seconds": seconds}, kind=KIND_PRETRAINED_BACKBONE
+    )
     logger.info("pretrained backbone %s on %d samples in %.1f s -> %s", model, len(data), seconds, path)
     return net
+
+
+def _drop_cache_entry(path: Path) -> None:
+    """Remove an unusable cache entry so that the retrained backbone can be written in its place."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # the write that follows then says what is in the way
+        logger.warning("could not remove the unusable cache entry %s: %s", path, exc)
 
 
 @dataclass(frozen=True)

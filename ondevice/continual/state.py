@@ -12,12 +12,14 @@ What one file holds (tensors by prefix, everything else as JSON metadata, never 
 
 The write goes through :func:`ondevice.checkpoint.write_tensors` (temporary file, fsync, atomic rename,
 fsync of the directory), so a crash or power loss at any moment leaves the previous complete checkpoint
-or the new one, never a mix; the digest catches later corruption.
+or the new one, never a mix. The file records its kind (``"learner"``, or ``"federated-device-state"``
+for a federated device) and a SHA-256 digest over tensors and metadata, so later corruption or a file of
+another kind is refused on load; a load validates everything before it changes the learner.
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -27,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ondevice.checkpoint import read_tensors, write_tensors
+from ondevice.checkpoint import (
+    KIND_FEDERATED_DEVICE_STATE,
+    KIND_LEARNER,
+    read_tensors,
+    tensor_digest,
+    write_tensors,
+)
 from ondevice.continual.buffer import buffer_from_config
 from ondevice.continual.drift import detector_from_dict
 from ondevice.continual.regularizers import regularizer_from_dict
@@ -57,15 +65,17 @@ LEARNER_FORMAT = "ondevice.learner/1"
 _PREFIXES = ("delta/", "optim/", "buffer/", "reg/")
 
 
-def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (in sorted name order)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+_KINDS = (KIND_LEARNER, KIND_FEDERATED_DEVICE_STATE)
+"""The kinds of file that hold a learner's state: a learner checkpoint, or a federated device's state."""
+
+
+def _learner_kind(kind: str) -> str:
+    if kind not in _KINDS:
+        raise CheckpointError(
+            f"a learner's state is saved as kind {_KINDS[0]!r} or {_KINDS[1]!r}, got {kind!r}; pass one of "
+            f"ondevice.checkpoint.KIND_LEARNER or KIND_FEDERATED_DEVICE_STATE"
+        )
+    return kind
 
 
 def _collect(learner: Learner) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -115,28 +125,43 @@ def snapshot_learner(
     return tensors, metadata
 
 
-def write_snapshot(path: str | os.PathLike[str], snapshot: tuple[dict[str, Tensor], dict[str, Any]]) -> Path:
-    """Write a :func:`snapshot_learner` result to ``path`` atomically."""
+def write_snapshot(
+    path: str | os.PathLike[str],
+    snapshot: tuple[dict[str, Tensor], dict[str, Any]],
+    *,
+    kind: str = KIND_LEARNER,
+) -> Path:
+    """Write a :func:`snapshot_learner` result to ``path`` atomically, as a checkpoint of ``kind``.
+
+    Raises:
+        CheckpointError: ``path`` holds something other than a checkpoint of ``kind`` (left unchanged).
+    """
     tensors, metadata = snapshot
-    target = write_tensors(path, tensors, metadata)
+    target = write_tensors(path, tensors, metadata, kind=_learner_kind(kind))
     logger.debug("saved learner state (%d tensors) to %s", len(tensors), target)
     return target
 
 
 def save_learner(
-    learner: Learner, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None
+    learner: Learner,
+    path: str | os.PathLike[str],
+    *,
+    extra: Mapping[str, Any] | None = None,
+    kind: str = KIND_LEARNER,
 ) -> Path:
     """Write ``learner``'s state to ``path`` atomically (see the module docstring for the layout)."""
-    return write_snapshot(path, snapshot_learner(learner, extra=extra))
+    return write_snapshot(path, snapshot_learner(learner, extra=extra), kind=kind)
 
 
-def read_learner_state(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and check a learner checkpoint (format and digest); ``(tensors, metadata)``.
+def read_learner_state(
+    path: str | os.PathLike[str], *, kind: str = KIND_LEARNER
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and check a learner's state file (kind, file digest, format); ``(tensors, metadata)``.
 
     Raises:
-        CheckpointError: missing, truncated, corrupt, or not a learner checkpoint.
+        CheckpointError: missing, truncated, damaged, of another kind, or not a learner's state.
     """
-    tensors, metadata = read_tensors(path)
+    tensors, metadata = read_tensors(path, kind=_learner_kind(kind))
     source = f"checkpoint {str(path)!r}"
     if metadata.get("format") != LEARNER_FORMAT:
         raise CheckpointError(
@@ -146,8 +171,6 @@ def read_learner_state(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor],
     unknown = sorted(k for k in tensors if not k.startswith(_PREFIXES))
     if unknown:
         raise CheckpointError(f"{source} holds unexpected tensors {unknown[:5]}")
-    if metadata.get("digest") != tensor_digest(tensors):
-        raise CheckpointError(f"{source} fails its SHA-256 digest (corrupt or modified); use an older copy")
     return tensors, metadata
 
 
@@ -185,7 +208,35 @@ def _check_setup(learner: Learner, metadata: Mapping[str, Any], source: str) -> 
             )
 
 
+def _check_delta(learner: Learner, delta: Mapping[str, Tensor], num_classes: int, source: str) -> None:
+    """Check the saved trainable tensors against the learner's, allowing a head grown to ``num_classes``."""
+    own = learner.model.trainable_tensors()
+    unknown, missing = sorted(set(delta) - set(own)), sorted(set(own) - set(delta))
+    if unknown or missing:
+        raise CheckpointMismatchError(
+            f"{source} has trainable tensors that do not match this learner's model: unexpected "
+            f"{unknown[:5]}, missing {missing[:5]}; load it into a learner built from the same model and "
+            f"scheme"
+        )
+    grows = num_classes > learner.num_classes
+    for name, value in delta.items():
+        mine = tuple(own[name].shape)
+        theirs = tuple(value.shape)
+        grown_head = grows and mine and theirs[1:] == mine[1:] and mine[0] == learner.num_classes
+        if theirs != mine and not (grown_head and theirs[0] == num_classes):
+            raise CheckpointMismatchError(
+                f"{source}: tensor {name!r} has shape {theirs}, the model expects {mine}"
+            )
+        if value.is_floating_point() != own[name].is_floating_point():
+            raise CheckpointMismatchError(
+                f"{source}: tensor {name!r} has dtype {value.dtype}, expected {own[name].dtype}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointMismatchError(f"{source}: tensor {name!r} holds NaN or Inf; refusing to load it")
+
+
 def _apply(learner: Learner, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any], source: str) -> None:
+    """Validate the whole state against ``learner`` first, then copy it in; a failure changes nothing."""
     from ondevice.continual.learner import LearnerState
 
     _check_setup(learner, metadata, source)
@@ -195,59 +246,88 @@ def _apply(learner: Learner, tensors: Mapping[str, Tensor], metadata: Mapping[st
             f"{source} has a head of {num_classes} classes but this learner's has {learner.num_classes}; "
             f"load it into a learner built from the same prepared model, before it grew"
         )
-    if num_classes > learner.num_classes:
-        learner.grow_head(num_classes)
-    learner.model.load_trainable(_strip(tensors, "delta/"))
-    # Optimizer state by name, then the learning rate in force when saved.
+    delta = _strip(tensors, "delta/")
+    _check_delta(learner, delta, num_classes, source)
+    # Optimizer state by tensor name (names survive a grown head), shapes against the saved tensors.
     optim_meta = metadata.get("optimizer") or {}
-    state: dict[Any, dict[str, Any]] = {}
+    slots_by_name: dict[str, dict[str, Any]] = {}
     for key, value in _strip(tensors, "optim/").items():
         name, _, slot = key.rpartition("/")
-        param = learner._params.get(name)
-        if param is None:
+        if name not in learner._params or name not in delta:
             raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
-        state.setdefault(param, {})[slot] = value.clone()
-    for name, slots in (optim_meta.get("scalars") or {}).items():
-        param = learner._params.get(name)
-        if param is None:
-            raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
-        state.setdefault(param, {}).update(slots)
-    learner.optimizer.state.clear()
-    for param, slots in state.items():
-        learner.optimizer.state[param] = slots
-    for group in learner.optimizer.param_groups:
-        group["lr"] = float(optim_meta.get("lr", learner.optimizer_config.lr))
-    if learner.buffer is not None:
-        learner.buffer.load_state(_strip(tensors, "buffer/"), metadata["buffer"])
-    if learner.regularizer is not None:
-        learner.regularizer.load_state(_strip(tensors, "reg/"), metadata["regularizer"])
-    if learner.drift is not None:
-        restored = detector_from_dict(metadata["drift"])
-        if type(restored) is not type(learner.drift):
+        if value.numel() > 1 and tuple(value.shape) != tuple(delta[name].shape):
             raise CheckpointMismatchError(
-                f"{source} has a {restored.kind} drift detector, this learner a {learner.drift.kind}"
+                f"{source} has optimizer state {slot!r} of shape {tuple(value.shape)} for {name!r}, whose "
+                f"shape is {tuple(delta[name].shape)}"
             )
-        learner.drift = restored
-    fields = LearnerState.__dataclass_fields__
-    saved = {k: v for k, v in (metadata.get("state") or {}).items() if k in fields}
-    learner.state = LearnerState(**saved)
+        slots_by_name.setdefault(name, {})[slot] = value.clone()
+    for name, slots in (optim_meta.get("scalars") or {}).items():
+        if name not in learner._params or not isinstance(slots, dict):
+            raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
+        slots_by_name.setdefault(name, {}).update(slots)
+    try:
+        lr = float(optim_meta.get("lr", learner.optimizer_config.lr))
+        fields = LearnerState.__dataclass_fields__
+        state = LearnerState(**{k: v for k, v in (metadata.get("state") or {}).items() if k in fields})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source} has malformed learner counters: {exc}") from None
+    drift = None
+    if learner.drift is not None:
+        drift = detector_from_dict(metadata["drift"])
+        if type(drift) is not type(learner.drift):
+            raise CheckpointMismatchError(
+                f"{source} has a {drift.kind} drift detector, this learner a {learner.drift.kind}"
+            )
+    # Buffer and regulariser load into shallow copies (their load_state rebinds attributes, never writes
+    # into the live ones), so a refusal leaves the learner's own untouched.
+    trial_buffer = copy.copy(learner.buffer) if learner.buffer is not None else None
+    if trial_buffer is not None:
+        trial_buffer.load_state(_strip(tensors, "buffer/"), metadata["buffer"])
+    trial_reg = copy.copy(learner.regularizer) if learner.regularizer is not None else None
+    if trial_reg is not None:
+        trial_reg.load_state(_strip(tensors, "reg/"), metadata["regularizer"])
+    # Everything is valid: copy it in.
+    if num_classes > learner.num_classes:
+        learner.grow_head(num_classes)
+    learner.model.load_trainable(delta)
+    learner.optimizer.state.clear()
+    for name, slots in slots_by_name.items():
+        learner.optimizer.state[learner._params[name]] = slots
+    for group in learner.optimizer.param_groups:
+        group["lr"] = lr
+    if trial_buffer is not None and learner.buffer is not None:
+        vars(learner.buffer).update(vars(trial_buffer))
+    if trial_reg is not None and learner.regularizer is not None:
+        vars(learner.regularizer).update(vars(trial_reg))
+    if drift is not None:
+        learner.drift = drift
+    learner.state = state
     learner.optimizer.zero_grad(set_to_none=True)
 
 
-def load_learner(learner: Learner, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``path`` into ``learner`` after validating it; returns the checkpoint's ``extra`` dict."""
-    tensors, metadata = read_learner_state(path)
+def load_learner(
+    learner: Learner, path: str | os.PathLike[str], *, kind: str = KIND_LEARNER
+) -> dict[str, Any]:
+    """Load ``path`` into ``learner`` after validating it; returns the checkpoint's ``extra`` dict.
+
+    A file that fails validation leaves ``learner`` as it was.
+    """
+    tensors, metadata = read_learner_state(path, kind=kind)
     _apply(learner, tensors, metadata, f"checkpoint {str(path)!r}")
     return dict(metadata.get("extra") or {})
 
 
 def restore_learner(
-    path: str | os.PathLike[str], model: PreparedModel, *, on_drift: Sequence[DriftHook] = ()
+    path: str | os.PathLike[str],
+    model: PreparedModel,
+    *,
+    on_drift: Sequence[DriftHook] = (),
+    kind: str = KIND_LEARNER,
 ) -> Learner:
     """Rebuild a :class:`Learner` for ``model`` from a checkpoint (settings and state)."""
     from ondevice.continual.learner import Learner, LearnerConfig
 
-    tensors, metadata = read_learner_state(path)
+    tensors, metadata = read_learner_state(path, kind=kind)
     source = f"checkpoint {str(path)!r}"
     model.check_delta_metadata(metadata.get("delta") or {}, source=source)
     try:

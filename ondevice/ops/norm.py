@@ -50,16 +50,15 @@ def _stock_keeps_the_same(
     return not (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
-def empty_batch_norm_stats(like: Tensor) -> Tensor:
+def empty_batch_norm_stats(running_stat: Tensor) -> Tensor:
     """The empty ``save_mean``/``save_invstd`` an eval-mode ``native_batch_norm`` hands its backward.
 
     Stock autograd passes the forward's statistics outputs to ``native_batch_norm_backward``; in eval mode
     they are empty on CPU and the kernel reads the running statistics instead. CUDA's backward asserts
     they are *defined* (``save_mean->defined()``), so passing ``None`` works on CPU and crashes on CUDA.
-    Float16/bfloat16 statistics are kept in float32, as the kernels accumulate.
+    They take the dtype and device of the running statistics, which the CPU kernels require to match.
     """
-    dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
-    return like.new_empty(0, dtype=dtype)
+    return running_stat.new_empty(0)
 
 
 class _BatchNormEvalFn(torch.autograd.Function):
@@ -81,7 +80,7 @@ class _BatchNormEvalFn(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, running_mean, running_var = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        no_stats = empty_batch_norm_stats(grad_out)
+        no_stats = empty_batch_norm_stats(running_mean)
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward.default(
             grad_out, grad_out if x is None else x, weight, running_mean, running_var,
             no_stats, no_stats, False, ctx.eps, mask,

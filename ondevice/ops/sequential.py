@@ -147,7 +147,7 @@ class _ConvBatchNormFn(torch.autograd.Function):
         # Two distinct statistics buffers: in eval mode CUDA's kernel copies the running mean into
         # ``save_mean`` and writes the inverse std into ``save_invstd`` before normalising with both, so
         # one shared buffer would normalise with the inverse std as the mean. CPU leaves them empty.
-        save_mean, save_invstd = empty_batch_norm_stats(y), empty_batch_norm_stats(y)
+        save_mean, save_invstd = empty_batch_norm_stats(running_mean), empty_batch_norm_stats(running_mean)
         _BATCH_NORM_OUT(y, norm_weight, norm_bias, running_mean, running_var, False, 0.0, eps,
                         out=y, save_mean=save_mean, save_invstd=save_invstd)  # fmt: skip
         mask = None
@@ -166,7 +166,7 @@ class _ConvBatchNormFn(torch.autograd.Function):
         if ctx.act is not None:
             grad_out = masked_grad(grad_out, mask, ctx.shape, ctx.act[1])
         needs_x, needs_conv_bias, needs_norm_bias = (ctx.needs_input_grad[i] for i in (0, 2, 4))
-        no_stats = empty_batch_norm_stats(grad_out)
+        no_stats = empty_batch_norm_stats(running_mean)
         grad_norm_in, _, grad_norm_bias = _BATCH_NORM_BACKWARD(
             grad_out, grad_out, norm_weight, running_mean, running_var, no_stats, no_stats, False, ctx.eps,
             [needs_x or needs_conv_bias, False, needs_norm_bias],

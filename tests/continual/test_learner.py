@@ -263,7 +263,7 @@ def test_restore_validates_model_scheme_setup_and_integrity(
         Learner.restore(truncated, ondevice.prepare(tiny_cnn(), "last_layer"))
     delta = tmp_path / "delta.safetensors"
     learner.model.save_delta(delta)
-    with pytest.raises(CheckpointError, match="not a learner state"):
+    with pytest.raises(CheckpointError, match="is a delta checkpoint, expected learner"):
         Learner.restore(delta, ondevice.prepare(tiny_cnn(), "last_layer"))
 
 

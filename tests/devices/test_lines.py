@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import itertools
+import logging
 import threading
 import time
 
@@ -57,6 +57,20 @@ def test_windower_shapes_hop_and_labels() -> None:
     assert [int(y) for _, y in windows([Sample((1.0,))] * 4, 2)] == [-1, -1]
 
 
+def check_rate_matches_timestamps(stream: SampleStream, got: list[Sample], rate_window: int = 200) -> None:
+    """The rate estimate is lines per second over the last ``rate_window`` samples' own timestamps.
+
+    Lines that arrive in one read share a timestamp; should every line of the window have come in one read,
+    there is no rate to give yet.
+    """
+    recent = got[-rate_window:]
+    span_s = recent[-1].t_s - recent[0].t_s
+    if span_s > 0:
+        assert stream.stats.sampling_rate_hz == pytest.approx((len(recent) - 1) / span_s)
+    else:
+        assert stream.stats.sampling_rate_hz is None
+
+
 def make_stream(port, **kwargs) -> SampleStream:
     return SampleStream(port, backoff=Backoff(initial_s=0.01, max_s=0.1), **kwargs)
 
@@ -108,7 +122,7 @@ def test_loop_url_round_trip_with_garbage_and_partial_lines() -> None:
     assert stats.dropped_total == 4 and stats.dropped["undecodable"] == 1
     assert stats.dropped["column_count"] == 1 and stats.dropped["non_numeric"] == 1
     assert stats.dropped["empty"] == 1
-    assert stats.sampling_rate_hz is not None and stats.sampling_rate_hz > 0
+    check_rate_matches_timestamps(stream, got)
 
 
 @pytest.mark.integration
@@ -124,7 +138,7 @@ def test_pty_round_trip(pty_pair) -> None:
     # depends on how the pty split it). The 5th follows the 200th reading, where the stream stops: it is
     # read only if it arrived in the same chunk.
     assert sum(stream.stats.dropped.values()) in (4, 5) and stream.stats.partial_reads > 0
-    assert 100 < stream.stats.sampling_rate_hz < 10_000
+    check_rate_matches_timestamps(stream, got)
 
 
 def test_column_count_change_is_dropped_then_adopted() -> None:
@@ -156,25 +170,82 @@ class Flaky:
         self.closed = True
 
 
-def test_unplug_wrapper_reconnects_with_backoff() -> None:
+def test_unplug_wrapper_reconnects_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
     first = b"0,tail-of-a-line-cut-by-opening\n" + "".join(f"{i},{i}\n" for i in range(50)).encode()
     second = b"1,1,partial-line-cut-by-the-replug\n" + "".join(f"{i},{i}\n" for i in range(50, 80)).encode()
-    attempts: list[float] = []
     ports = [Flaky(first), None, None, Flaky(second)]
 
     def opener() -> Flaky:
-        attempts.append(time.monotonic())
         port = ports.pop(0)
         if port is None:
             raise serial.SerialException("[Errno 2] could not open port /dev/ttyACM0")
         return port
 
     stream = SampleStream(opener, backoff=Backoff(initial_s=0.02, max_s=1))
-    got = list(stream.samples(max_samples=80, duration_s=10))
+    with caplog.at_level(logging.INFO, logger="devices.ports"):
+        got = list(stream.samples(max_samples=80, duration_s=10))
     assert [s.values[0] for s in got] == [float(i) for i in range(80)]
     assert stream.stats.reconnects == 1 and stream.stats.dropped["resync"] == 2
-    gaps = [b - a for a, b in itertools.pairwise(attempts[1:])]
-    assert gaps[1] >= gaps[0] * 1.5  # exponential backoff between failed attempts
+    assert ports == [] and stream.port.failures == 1
+    # The port says what it waits before each new attempt: the backoff's delays, growing exponentially
+    # between the two failed attempts and starting over after the unplug.
+    waits = [r.args[1] for r in caplog.records if r.msg.startswith("cannot open serial port")]  # type: ignore[index]
+    assert waits == pytest.approx([0.02, 0.04])
+    stream.close()
+
+
+@pytest.mark.parametrize(
+    ("backoff", "delays"),
+    [
+        (Backoff(initial_s=0.02, max_s=1, max_attempts=4), [0.02, 0.04, 0.08, 0.16]),
+        (Backoff(initial_s=0.05, factor=3, max_s=0.5, max_attempts=5), [0.05, 0.15, 0.45, 0.5, 0.5]),
+        (Backoff(initial_s=0.1, factor=1, max_s=0.1, max_attempts=3), [0.1, 0.1, 0.1]),
+    ],
+)
+def test_backoff_delays_grow_by_the_factor_up_to_the_cap(backoff: Backoff, delays: list[float]) -> None:
+    assert list(backoff.delays()) == pytest.approx(delays)
+    endless = Backoff(initial_s=0.01, max_s=0.04).delays()
+    assert [next(endless) for _ in range(6)] == pytest.approx([0.01, 0.02, 0.04, 0.04, 0.04, 0.04])
+
+
+class Scripted:
+    """A port that serves one chunk per read and moves a test clock to the time that chunk arrives."""
+
+    def __init__(self, chunks: list[tuple[float, bytes]], clock: list[float]) -> None:
+        self.chunks = list(chunks)
+        self.clock = clock
+
+    def read(self, size: int = 1) -> bytes:
+        if not self.chunks:
+            return b""
+        self.clock[0], chunk = self.chunks.pop(0)
+        return chunk
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def test_sampling_rate_is_inferred_from_the_arrival_times_over_the_rate_window() -> None:
+    clock = [0.0]
+    # 30 lines at 100 Hz, then 30 at 25 Hz; four lines arrive together at the end (one timestamp).
+    times = [i * 0.01 for i in range(30)] + [0.29 + (i + 1) * 0.04 for i in range(30)]
+    chunks = [(t, f"{i},{i}\n".encode()) for i, t in enumerate(times)]
+    chunks.append((times[-1] + 0.10, b"".join(f"{60 + i},0\n".encode() for i in range(4))))
+    stream = SampleStream(
+        lambda: Scripted(chunks, clock), resync=False, rate_window=10, clock=lambda: clock[0]
+    )
+    rates = []
+    for sample in stream.samples(max_samples=64):
+        rates.append(stream.stats.sampling_rate_hz)
+        assert sample.t_s == clock[0]
+    assert rates[0] is None  # one line gives no rate
+    assert rates[1] == pytest.approx(100.0) and rates[29] == pytest.approx(100.0)
+    assert rates[59] == pytest.approx(25.0)  # the window holds only the slower lines by now
+    # After the burst the window holds the last 6 slow lines and the 4 that came together, 0.10 s later.
+    assert rates[63] == pytest.approx(9 / (5 * 0.04 + 0.10))
     stream.close()
 
 
