@@ -16,7 +16,7 @@ from federated.config import FederatedConfig
 from federated.device import DeviceLearner
 from federated.errors import FederatedError, PayloadError
 from federated.partition import Partition
-from federated.simulation import SimulationResult, prestart_engine, simulate
+from federated.simulation import SimulationInterrupted, SimulationResult, prestart_engine, simulate
 
 __all__ = [
     "Compression",
@@ -26,6 +26,7 @@ __all__ = [
     "Partition",
     "PayloadError",
     "RoundRecord",
+    "SimulationInterrupted",
     "SimulationResult",
     "make_client_app",
     "make_server_app",

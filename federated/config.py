@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,12 +21,22 @@ from federated.compression import Compression
 from federated.partition import Partition
 from ondevice._jsonable import fields_to_dict
 from ondevice.continual.learner import STRATEGIES, Strategy
-from ondevice.errors import ConfigError
+from ondevice.errors import ConfigError, UnknownNameError
 from ondevice.schemes import Scheme, resolve_scheme
 
 __all__ = ["CONFIG_VERSION", "FederatedConfig"]
 
 CONFIG_VERSION = 1
+
+
+def _field(owner: str, value: object, parse: Callable[[Any], Any]) -> Any:
+    """``parse(value)``; an invalid value's error names the field (``FederatedConfig.<owner>``)."""
+    try:
+        return parse(value)
+    except UnknownNameError:
+        raise  # says "unknown <kind> <name>" and lists the valid names
+    except ConfigError as exc:
+        raise ConfigError(f"FederatedConfig.{owner}={value!r} is invalid: {exc}") from None
 
 
 def _positive_int(owner: str, value: object) -> None:
@@ -38,7 +48,7 @@ def _number(
     owner: str, value: object, *, low: float, high: float | None = None, open_low: bool = True
 ) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok:
+    if ok and isinstance(value, int | float):
         ok = (value > low if open_low else value >= low) and (high is None or value <= high)
     if not ok:
         bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
@@ -48,6 +58,10 @@ def _number(
 @dataclass(frozen=True)
 class FederatedConfig:
     """A federated run: model, update scheme, learner settings, aggregation, compression, validation.
+
+    The defaults are the one source of defaults: ``FederatedConfig()``, ``federated.simulate()`` and
+    ``ondevice simulate`` without options all run the same federation (10 devices, 5 rounds, lite residual,
+    Dirichlet(0.3) split, 2 local epochs of Adam at lr 1e-2).
 
     Attributes:
         model: zoo model (pretrained on the digits by :func:`ondevice.pretrain`, cached).
@@ -82,14 +96,14 @@ class FederatedConfig:
     scheme: Any = field(default_factory=lambda: {"name": "lite_residual"})
     pretrain_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
     classes: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
-    partition: str = "iid"
+    partition: str = "dirichlet:0.3"
     num_clients: int = 10
     rounds: int = 5
     fraction_train: float = 1.0
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 16
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-3
+    lr: float = 1e-2
     strategy: Strategy = "naive"
     buffer_size: int = 200
     aggregation: Literal["fedavg", "fedprox"] = "fedavg"
@@ -107,7 +121,9 @@ class FederatedConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"FederatedConfig.model must be a zoo model name, got {self.model!r}")
-        object.__setattr__(self, "scheme", resolve_scheme(self.scheme).to_dict())
+        object.__setattr__(
+            self, "scheme", _field("scheme", self.scheme, lambda s: resolve_scheme(s).to_dict())
+        )
         for name in ("pretrain_classes", "classes"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -120,8 +136,14 @@ class FederatedConfig:
                 or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 9 for c in value)
             ):
                 raise ConfigError(f"FederatedConfig.{name} must be 2+ distinct digits 0-9, got {value!r}")
-        object.__setattr__(self, "partition", Partition.parse(self.partition).spec())
-        object.__setattr__(self, "compression", Compression.parse(self.compression).spec())
+        object.__setattr__(
+            self, "partition", _field("partition", self.partition, lambda p: Partition.parse(p).spec())
+        )
+        object.__setattr__(
+            self,
+            "compression",
+            _field("compression", self.compression, lambda c: Compression.parse(c).spec()),
+        )
         for name in ("num_clients", "rounds", "local_epochs", "batch_size", "min_replies", "buffer_size"):
             _positive_int(name, getattr(self, name))
         _number("fraction_train", self.fraction_train, low=0.0, high=1.0)
@@ -148,15 +170,19 @@ class FederatedConfig:
             )
         if self.aggregation == "fedprox" and self.proximal_mu <= 0:
             raise ConfigError(
-                "aggregation='fedprox' needs proximal_mu > 0 (e.g. 0.01); use 'fedavg' for mu=0"
+                f"aggregation='fedprox' needs proximal_mu > 0, got proximal_mu={self.proximal_mu!r}; "
+                "set proximal_mu=0.01 (for example), or use aggregation='fedavg' without it"
             )
         if self.aggregation == "fedprox" and self.strategy in ("lwf", "ewc"):
             raise ConfigError(
                 f"aggregation='fedprox' adds its own regulariser and cannot be combined with "
-                f"strategy={self.strategy!r}; use strategy 'naive' or 'replay' with fedprox"
+                f"strategy={self.strategy!r}; use strategy='naive' or strategy='replay' with fedprox"
             )
         if self.aggregation == "fedavg" and self.proximal_mu != 0:
-            raise ConfigError("proximal_mu only applies to aggregation='fedprox'; set it to 0 for fedavg")
+            raise ConfigError(
+                f"proximal_mu only applies to aggregation='fedprox', got proximal_mu={self.proximal_mu!r} "
+                "with aggregation='fedavg'; set proximal_mu=0, or use aggregation='fedprox'"
+            )
         if self.downlink not in ("fp32", "fp16"):
             raise ConfigError(f"FederatedConfig.downlink must be 'fp32' or 'fp16', got {self.downlink!r}")
         if not isinstance(self.personalised, bool):

@@ -13,6 +13,8 @@ The entry points::
 ``import ondevice`` never imports Flower, pyserial or asyncssh.
 """
 
+from importlib import metadata as _metadata
+
 from ondevice.continual import (
     ClassBalancedBuffer,
     ContinualMetrics,
@@ -52,7 +54,10 @@ from ondevice.schemes import (
 )
 from ondevice.trainer import EvalResult, FitResult, Trainer, evaluate
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("ondevice")  # one source of truth: pyproject.toml
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Bias",

@@ -31,6 +31,13 @@ def format_choices(choices: Iterable[object]) -> str:
     return ", ".join(repr(c) for c in sorted(choices, key=str))
 
 
+def _plural(noun: str) -> str:
+    """English plural of a registry's kind name: strategy -> strategies, scheme -> schemes."""
+    if noun.endswith("y") and noun[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return noun[:-1] + "ies"
+    return noun + "s"
+
+
 class OnDeviceError(Exception):
     """Base class of every error raised by ondevice on bad input or state."""
 
@@ -47,7 +54,7 @@ class UnknownNameError(OnDeviceError, ValueError):
         self.name = name
         self.choices = sorted(str(c) for c in choices)
         super().__init__(
-            f"unknown {kind} {name!r}; valid {kind}s are: {format_choices(self.choices)}. "
+            f"unknown {kind} {name!r}; valid {_plural(kind)} are: {format_choices(self.choices)}. "
             f"Pass one of these names (or register your own)."
         )
 

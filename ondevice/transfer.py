@@ -86,6 +86,18 @@ class TransferResult:
         return "\n".join(lines)
 
 
+def _resolve_schemes(schemes: Sequence[Scheme | str]) -> list[Scheme]:
+    """Every scheme resolved, or a :class:`ConfigError` / ``UnknownSchemeError`` before any training."""
+    if isinstance(schemes, str | Scheme):
+        schemes = [schemes]
+    resolved = [resolve_scheme(spec) for spec in schemes]
+    if not resolved:
+        raise ConfigError(
+            "run_transfer needs at least one scheme, got none; pass e.g. schemes=('full', 'lite_residual')"
+        )
+    return resolved
+
+
 def run_transfer(
     model: str = "cnn",
     *,
@@ -116,6 +128,7 @@ def run_transfer(
     from ondevice.pretrain import pretrain_with_report
 
     config = resolve_optimizer(optimizer, lr=lr)
+    resolved = _resolve_schemes(schemes)  # before any work: a typo must not cost a pretraining run
     pre = pretrain_with_report(
         model, classes=tuple(source_classes), seed=seed, progress=progress, **model_kwargs
     )
@@ -129,8 +142,7 @@ def run_transfer(
         data, source_classes=tuple(source_classes), target_classes=tuple(target_classes), seed=seed
     )
     outcomes: list[SchemeOutcome] = []
-    for spec in schemes:
-        scheme = resolve_scheme(spec)
+    for scheme in resolved:
         net = copy.deepcopy(backbone)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -278,4 +278,14 @@ def load_inventory(path: str | Path) -> Inventory:
         raise InventoryError(f"inventory file {str(file)!r} does not exist; pass --inventory PATH") from None
     except tomllib.TOMLDecodeError as error:
         raise InventoryError(f"inventory file {str(file)!r} is not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise InventoryError(
+            f"inventory file {str(file)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
+            "an inventory is a TOML file, see examples/fleet/inventory.toml"
+        ) from None
+    except OSError as error:
+        raise InventoryError(
+            f"inventory file {str(file)!r} cannot be read ({error.strerror or error}); "
+            "pass a readable TOML file with --inventory PATH"
+        ) from None
     return parse_inventory(data, base=file.resolve().parent, source=file)

@@ -192,6 +192,7 @@ def _federated_step(*, quick: bool, show: bool) -> dict[str, Any]:
         "scheme": FEDERATED_SCHEME,
         "partition": "dirichlet:0.5",
         "lr": 1e-2,
+        "local_epochs": 1,
         "compression": "fp16",
         "downlink": "fp16",
         "seed": SEED,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ondevice.cli._app import app, configure_logging, console, print_json
+from ondevice.cli._app import app, configure_logging, console, print_json, say
 
 
 def _mib(n: int | None) -> str:
@@ -36,11 +36,21 @@ def devices_command(
     if json_output:
         print_json([p.to_dict() for p in profiles])
         return
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="detected device" if detect else "device profiles")
-    for column in ("name", "kind", "cores", "clock", "memory", "flash", "runtime", "training budget"):
-        table.add_column(column, justify="left" if column in ("name", "kind") else "right")
+    table = Table(
+        title="detected device" if detect else "device profiles",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    # The names are what --device takes: never cut; the other columns wrap on a narrow terminal.
+    name_width = max([len("name"), *(len(p.name) for p in profiles)])
+    table.add_column("name", no_wrap=True, min_width=name_width)
+    table.add_column("kind", overflow="fold")
+    for column in ("cores", "clock", "memory", "flash", "runtime", "training budget"):
+        table.add_column(column, justify="right", overflow="fold")
     for p in profiles:
         table.add_row(
             p.name,
@@ -54,4 +64,4 @@ def devices_command(
         )
     console.print(table)
     if detect:
-        console.print(profiles[0].description)
+        say(profiles[0].description)

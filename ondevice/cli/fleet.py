@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ondevice.cli._app import app, configure_logging, console, fail, print_json
+from ondevice.cli._app import app, configure_logging, console, fail, interrupted, plain, print_json, say
 
 fleet_app = typer.Typer(
     name="fleet",
@@ -49,12 +49,19 @@ def _run(
 
     for host in selected:
         if host.insecure_ignore_host_keys:
-            console.print(
-                f"[bold red]WARNING:[/] {host.name}: host key verification is OFF "
-                "(insecure_ignore_host_keys = true); anyone on the network can impersonate it"
+            say(
+                plain("WARNING: ", "bold red"),
+                f"{host.name}: host key verification is OFF "
+                "(insecure_ignore_host_keys = true); anyone on the network can impersonate it",
             )
-    with console.status(f"{action} on {len(selected)} host(s)...", spinner="dots"):
-        results = run_fleet(selected, action, concurrency=concurrency, **options)
+    try:
+        with console.status(plain(f"{action} on {len(selected)} host(s)..."), spinner="dots"):
+            results = run_fleet(selected, action, concurrency=concurrency, **options)
+    except KeyboardInterrupt:
+        interrupted(
+            f"fleet {action} stopped on {len(selected)} host(s); hosts may be part-way through it: "
+            f"run 'ondevice fleet status' to see where each one is"
+        )
     if json_output:
         print_json([r.to_dict() for r in results])
     else:
@@ -65,12 +72,15 @@ def _run(
             table.add_column(column, overflow="fold")
         for r in results:
             color = "green" if r.ok else ("yellow" if r.outcome.value == "skipped" else "red")
-            table.add_row(r.host, f"[{color}]{r.outcome.value}[/]", r.detail, f"{r.duration_s:.2f}")
+            # Host names and details come from the inventory and the hosts: shown as written, never markup.
+            table.add_row(
+                plain(r.host), plain(r.outcome.value, color), plain(r.detail), f"{r.duration_s:.2f}"
+            )
         console.print(table)
         if action == "logs":
             for r in results:
                 if r.ok:
-                    console.rule(r.host)
+                    console.rule(plain(r.host))
                     console.print(r.stdout.rstrip(), markup=False, highlight=False)
     failed = [r.host for r in results if not r.ok]
     if failed:

@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ondevice.cli._app import app, configure_logging, console, fail, print_json
+from ondevice.cli._app import (
+    INTERRUPTED_EXIT_CODE,
+    app,
+    configure_logging,
+    console,
+    fail,
+    plain,
+    print_json,
+    say,
+)
 from ondevice.errors import OnDeviceError
+
+if TYPE_CHECKING:
+    from ondevice.transfer import SchemeOutcome
+
+_DEFAULT_SCHEMES = "full,last_layer,bias,lite_residual,sparse"
+
+
+def _scheme_names(schemes: str) -> list[str]:
+    """The ``--schemes`` list, checked before any work: non-empty, registered names, each once."""
+    from ondevice.schemes import list_schemes, resolve_scheme
+
+    names = [s.strip() for s in schemes.split(",") if s.strip()]
+    if not names:
+        known = ", ".join(list_schemes())
+        fail(f"--schemes is empty (got {schemes!r}); pass comma-separated scheme names from: {known}")
+    for name in names:
+        try:
+            resolve_scheme(name)
+        except OnDeviceError as exc:
+            fail(f"--schemes: {exc}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        fail(f"--schemes {schemes!r} names {', '.join(repeated)} more than once; list each scheme once")
+    return names
 
 
 @app.command()
@@ -16,7 +51,7 @@ def transfer(
     model: Annotated[str, typer.Option(help="Zoo model to pretrain and adapt.")] = "cnn",
     schemes: Annotated[
         str, typer.Option(help="Comma-separated update schemes to compare.")
-    ] = "full,last_layer,bias,lite_residual,sparse",
+    ] = _DEFAULT_SCHEMES,
     epochs: Annotated[int, typer.Option(min=1, help="Adaptation epochs per scheme.")] = 10,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed for data splits, initialisation and shuffling.")] = 0,
@@ -28,42 +63,56 @@ def transfer(
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
 ) -> None:
-    """Pretrain a backbone on digits 0-4, adapt it to digits 5-9 under each scheme, and compare."""
-    from rich.table import Table
+    """Pretrain a backbone on digits 0-4, adapt it to digits 5-9 under each scheme, and compare.
 
-    from memory import format_bytes
-    from ondevice.transfer import SchemeOutcome, run_transfer
+    Ctrl-C stops it, prints the schemes finished so far and exits with status 130.
+    """
+    from ondevice.transfer import run_transfer
 
     configure_logging(verbose)
     if compress not in ("none", "int8"):
         fail(f"--compress must be 'none' or 'int8', got {compress!r}")
-        return
-    names = [s.strip() for s in schemes.split(",") if s.strip()]
+    names = _scheme_names(schemes)
     if quick:
         epochs = min(epochs, 2)
     started = time.perf_counter()
+    finished: list[SchemeOutcome] = []
 
     def announce(outcome: SchemeOutcome) -> None:
+        finished.append(outcome)
         if not json_output:
             state = f"skipped ({outcome.skipped})" if outcome.skipped else f"accuracy {outcome.accuracy:.4f}"
-            console.print(f"  [bold]{outcome.scheme}[/]: {state} in {outcome.train_seconds:.1f} s")
+            say("  ", plain(outcome.scheme, "bold"), f": {state} in {outcome.train_seconds:.1f} s")
 
+    if not json_output:
+        say(plain("transfer", "bold"), f": {model}, pretrained on digits 0-4, adapted to 5-9")
     try:
-        if not json_output:
-            console.print(f"[bold]transfer[/]: {model}, pretrained on digits 0-4, adapted to 5-9")
-        result = run_transfer(
-            model,
-            schemes=names,
-            epochs=epochs,
-            lr=lr,
-            seed=seed,
-            progress=not json_output,
-            on_outcome=announce,
-            compress=None if compress == "none" else compress,
+        # stdout holds only --json output: progress bars drawn by the library go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_transfer(
+                model,
+                schemes=names,
+                epochs=epochs,
+                lr=lr,
+                seed=seed,
+                progress=not json_output,
+                on_outcome=announce,
+                compress=None if compress == "none" else compress,
+            )
+    except KeyboardInterrupt:
+        done = ", ".join(o.scheme for o in finished) or "none"
+        spent_s = time.perf_counter() - started
+        say(
+            plain("interrupted: ", "bold yellow"),
+            f"{len(finished)} of {len(names)} schemes finished ({done}) in {spent_s:.1f} s",
         )
+        if json_output:
+            print_json({"interrupted": True, "outcomes": [_outcome_dict(o) for o in finished]})
+        elif finished:
+            _table(finished, f"Transfer digits 0-4 -> 5-9 ({model}, {epochs} epochs), interrupted")
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
     except OnDeviceError as exc:
         fail(exc)
-        return
     total_s = time.perf_counter() - started
     if json_output:
         payload = result.to_dict()
@@ -71,10 +120,25 @@ def transfer(
         print_json(payload)
         return
     packed = ", activations int8" if result.compress else ""
-    table = Table(title=f"Transfer digits 0-4 -> 5-9 ({model}, {epochs} epochs, Adam lr {lr:g}{packed})")
+    _table(result.outcomes, f"Transfer digits 0-4 -> 5-9 ({model}, {epochs} epochs, Adam lr {lr:g}{packed})")
+    say(f"source accuracy of the pretrained backbone: {result.source_accuracy:.4f}; total {total_s:.1f} s")
+
+
+def _outcome_dict(outcome: SchemeOutcome) -> dict[str, object]:
+    from dataclasses import asdict
+
+    return asdict(outcome)
+
+
+def _table(outcomes: list[SchemeOutcome] | tuple[SchemeOutcome, ...], title: str) -> None:
+    from rich.table import Table
+
+    from memory import format_bytes
+
+    table = Table(title=plain(title))
     for column in ("scheme", "accuracy", "trainable params", "share", "kept for backward", "train time (s)"):
         table.add_column(column, justify="left" if column == "scheme" else "right")
-    for o in result.outcomes:
+    for o in outcomes:
         if o.skipped:
             table.add_row(o.scheme, "skipped", "-", "-", "-", "-")
             continue
@@ -89,6 +153,3 @@ def transfer(
             f"{o.train_seconds:.1f}",
         )
     console.print(table)
-    console.print(
-        f"source accuracy of the pretrained backbone: {result.source_accuracy:.4f}; total {total_s:.1f} s"
-    )

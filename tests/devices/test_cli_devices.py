@@ -39,3 +39,18 @@ def test_import_ondevice_and_devices_stay_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_devices_table_never_cuts_the_names_device_takes_at_80_columns() -> None:
+    """``--device`` takes these names: a narrow terminal wraps other columns, never the names."""
+    import os
+    from pathlib import Path
+
+    import devices
+
+    exe = Path(sys.executable).parent / "ondevice"
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run([str(exe), "devices"], capture_output=True, text=True, env=env, check=True)
+    assert "…" not in done.stderr
+    names = {line.split()[0] for line in done.stderr.splitlines() if line.strip()}
+    assert {p.name for p in devices.list_profiles()} <= names

@@ -217,3 +217,22 @@ def test_render_unit_quotes_and_flags() -> None:
     nasty = Host(name="pi-y", address="h", remote_dir="/tmp/x'; rm -rf / #")
     script = provision_script(nasty)
     assert shlex.quote("/tmp/x'; rm -rf / #/venv") in script
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (bytes(range(128, 256)), "is not UTF-8 text"),  # a binary file: no UnicodeDecodeError
+        (None, "cannot be read"),  # a directory: no IsADirectoryError
+    ],
+)
+def test_inventory_that_is_not_a_text_file_is_an_inventory_error(
+    tmp_path: Path, content: bytes | None, match: str
+) -> None:
+    path = tmp_path / "fleet.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InventoryError, match=match):
+        load_inventory(path)

@@ -81,7 +81,11 @@ def test_cli_simulate_json(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     payload = json.loads(done.stdout)
     config = FederatedConfig.from_dict(payload["config"])
-    assert config.num_clients == 3 and config.rounds == 1 and config.scheme["expand"] == 0.125
+    # The CLI's defaults are the API's: the same options give the same federation (lr, epochs, ...).
+    assert config == FederatedConfig(
+        num_clients=3, rounds=1, local_epochs=1, partition="iid", scheme=SMALL_LR
+    )
+    assert payload["interrupted"] is False
     (record,) = payload["rounds"]
     assert record["round"] == 1 and record["accepted"] == 3
     assert 0.0 <= record["accuracy"] <= 1.0 and payload["final_accuracy"] == record["accuracy"]
