@@ -231,10 +231,9 @@ def _progress(enabled: bool, total: int, description: str) -> Iterator[Any]:
     if not enabled:
         yield lambda: None
         return
-    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True, console=Console(stderr=True)) as bar:  # stdout is for --json
+    with Progress(transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
 

@@ -399,7 +399,6 @@ class _RichBar:
     """A rich progress bar over batches showing the running loss."""
 
     def __init__(self, description: str, total: int | None) -> None:
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
@@ -408,7 +407,6 @@ class _RichBar:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),  # stdout is for --json
             transient=True,
         )
         self._task = self._progress.add_task(description, total=total, loss="-")

@@ -93,7 +93,9 @@ def test_ctrl_c_stops_transfer_and_prints_the_schemes_so_far(tmp_path: Path) -> 
     text = "".join(lines)
     assert rc == 130, text
     assert out == ""
-    finished = [line.split(":")[0].strip() for line in lines if ": accuracy" in line]
+    # dict.fromkeys: a line announced while the progress bar is live can be echoed again when Ctrl-C tears
+    # the bar down (cosmetic, see the stop 11 note); what counts is which schemes finished.
+    finished = list(dict.fromkeys(line.split(":")[0].strip() for line in lines if ": accuracy" in line))
     assert finished[0] == "full" and len(finished) < 5, text
     assert f"interrupted: {len(finished)} of 5 schemes finished (full" in text
     assert "Traceback" not in text
