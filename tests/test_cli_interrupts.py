@@ -35,6 +35,15 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default disposition, even when this test runs with SIGINT ignored.
+
+    A shell starts background jobs with SIGINT ignored and children inherit that, so the command would never
+    see the signal; a terminal user's command has the default disposition, which this restores.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_after(args: list[str], ready: str, tmp_path: Path) -> tuple[int, str, list[str]]:
     """Run ``ondevice ARGS``; Ctrl-C it once a stderr line holds ``ready``. Returns rc, stdout, stderr."""
     proc = subprocess.Popen(
@@ -45,6 +54,7 @@ def _interrupt_after(args: list[str], ready: str, tmp_path: Path) -> tuple[int, 
         env=_env(tmp_path),
         cwd=tmp_path,
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     lines: list[str] = []
     sent = False
@@ -113,7 +123,7 @@ def test_ctrl_c_stops_a_fleet_command_waiting_on_a_host(tmp_path: Path) -> None:
         (tmp_path / "known_hosts").write_text("")
         (tmp_path / "fleet.toml").write_text(
             f'[fleet]\nknown_hosts = "known_hosts"\nkey = "id_ed25519"\n\n[[hosts]]\nname = "pi-silent"\n'
-            f'address = "127.0.0.1"\nport = {port}\n'
+            f'address = "127.0.0.1"\nport = {port}\nconnect_timeout_s = 600\n'  # only Ctrl-C ends the wait
         )
         proc = subprocess.Popen(
             [str(EXE), "fleet", "check", "--inventory", "fleet.toml"],
@@ -123,6 +133,7 @@ def test_ctrl_c_stops_a_fleet_command_waiting_on_a_host(tmp_path: Path) -> None:
             env=_env(tmp_path),
             cwd=tmp_path,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
         try:
             while not select.select([server], [], [], 1.0)[0]:  # until the command connects
