@@ -12,14 +12,21 @@ ReLU masks) and ``byte`` (``prepare(..., mask="byte")``). For each it reports
   (so machine load hits them alike), median over the rounds, with ``torch.set_num_threads(--threads)``;
   the ratio is the median of the per-round ratios of process CPU time (wall time is shown as well).
 
-and the ratios ondevice / stock. Models: MobileNetV2-w0.35 at 128 px, batch 8 (schemes full, last_layer,
-bias, lite_residual, sparse) and the zoo ViT at 32 px, 3 channels, 4x4 patches, dim 128, depth 6, 4 heads,
+and the ratios ondevice / stock. With ``--device cuda`` the models train on the GPU: the RSS columns give
+way to the CUDA caching allocator's exact figures from ``memory.measure`` (how much the forward grows
+``torch.cuda.memory_allocated()``, and ``max_memory_allocated()`` over the step, each variant alone on the
+device after a warm-up step), and step time is wall time with the device synchronised around each step
+(its ratio is the median of per-round wall-time ratios).
+
+Models: MobileNetV2-w0.35 at 128 px, batch 8 (schemes full, last_layer, bias, lite_residual, sparse) and
+the zoo ViT at 32 px, 3 channels, 4x4 patches, dim 128, depth 6, 4 heads,
 batch 8 (schemes full, last_layer, bias, sparse, lora).
 
     python bench/memory.py                       # table
     python bench/memory.py --json                # machine-readable
     python bench/memory.py --quick               # smoke test: small inputs, 2 rounds
     python bench/memory.py --models mobilenetv2 --schemes bias,sparse --threads 2 --reps 30
+    python bench/memory.py --device cuda         # on a GPU: the allocator's figures side by side
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from torch.nn import functional as F
 
 VARIANTS = ("stock", "bit", "byte")
 MIB = 1 << 20
+CUDA_KEYS = ("cuda_activation_bytes", "cuda_peak_bytes", "cuda_reserved_bytes")
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,11 @@ def build(spec: ModelSpec, scheme: str, variant: str, *, batch: int, seed: int =
     x = torch.randn(batch, *spec.input_shape, generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
     return model, (x, y)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def training_step(model: nn.Module, batch: Any) -> Callable[[], None]:
@@ -173,13 +186,16 @@ def rss_in_subprocess(
 
 
 def time_steps(
-    steps: dict[str, Callable[[], None]], *, reps: int, warmup: int = 2
+    steps: dict[str, Callable[[], None]], *, reps: int, warmup: int = 2, device: torch.device | None = None
 ) -> dict[str, dict[str, float]]:
     """Interleaved timing: every round runs each variant once.
 
     Per variant: the median wall and CPU milliseconds, and the medians over rounds of its CPU-time and
-    wall-time ratios to ``stock`` in the same round (so load that comes and goes hits both alike).
+    wall-time ratios to ``stock`` in the same round (so load that comes and goes hits both alike). On a
+    CUDA ``device`` each step is synchronised before and after, and ``time_ratio`` is the wall-time ratio
+    (the host's CPU time says little about the GPU's work).
     """
+    where = device if device is not None else torch.device("cpu")
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -187,57 +203,86 @@ def time_steps(
     cpu: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(reps):
         for name, step in steps.items():
+            _synchronize(where)
             w0, c0 = time.perf_counter(), time.process_time()
             step()
+            _synchronize(where)
             cpu[name].append(time.process_time() - c0)
             wall[name].append(time.perf_counter() - w0)
     out: dict[str, dict[str, float]] = {}
     for name in steps:
+        wall_ratio = statistics.median(a / b for a, b in zip(wall[name], wall["stock"], strict=True))
         out[name] = {
             "step_wall_ms": statistics.median(wall[name]) * 1e3,
             "step_cpu_ms": statistics.median(cpu[name]) * 1e3,
-            "time_ratio": statistics.median(a / b for a, b in zip(cpu[name], cpu["stock"], strict=True)),
-            "wall_ratio": statistics.median(a / b for a, b in zip(wall[name], wall["stock"], strict=True)),
+            "time_ratio": wall_ratio if where.type == "cuda" else statistics.median(
+                a / b for a, b in zip(cpu[name], cpu["stock"], strict=True)
+            ),
+            "wall_ratio": wall_ratio,
         }
     return out
 
 
+def _on_device(model: nn.Module, batch: Any, device: torch.device) -> tuple[nn.Module, Any]:
+    return model.to(device), tuple(t.to(device) for t in batch)
+
+
 def run_model_scheme(spec: ModelSpec, scheme: str, *, batch: int, reps: int, threads: int,
-                     rss: dict[str, dict[str, int]]) -> dict[str, Any]:  # fmt: skip
-    """All figures of one model and scheme: per variant, and ratios of bit/byte to stock."""
+                     rss: dict[str, dict[str, int]] | None,
+                     device: torch.device | None = None) -> dict[str, Any]:  # fmt: skip
+    """All figures of one model and scheme: per variant, and ratios of bit/byte to stock.
+
+    On a CUDA ``device`` (``rss`` is then None) each variant is measured alone on the device after one
+    warm-up step, and the allocator's figures replace the RSS ones.
+    """
     from memory import measure
 
+    where = device if device is not None else torch.device("cpu")
+    cuda = where.type == "cuda"
     built = {v: build(spec, scheme, v, batch=batch) for v in VARIANTS}
     variants: dict[str, dict[str, Any]] = {}
-    for name, (model, (x, y)) in built.items():
+    for name, (model, data) in built.items():
+        model, (x, y) = _on_device(model, data, where)
+        if cuda:
+            training_step(model, (x, y))()  # library workspaces are allocated by the first step
+            model.zero_grad(set_to_none=True)
+            gc.collect()
         report = measure(model, x, target=y)
-        variants[name] = {
-            "saved_bytes": report.activation_bytes,
-            "peak_bytes": report.peak_bytes,
-            **rss[name],
-        }
-    steps = {name: training_step(m, data) for name, (m, data) in built.items()}
-    timing = time_steps(steps, reps=reps, warmup=1 if reps < 5 else 2)
+        variants[name] = {"saved_bytes": report.activation_bytes, "peak_bytes": report.peak_bytes}
+        if cuda:
+            variants[name].update({key: getattr(report, key) for key in CUDA_KEYS})
+            model.to("cpu")
+        else:
+            variants[name].update(rss[name] if rss is not None else {})
+    on_device = {name: _on_device(m, data, where) for name, (m, data) in built.items()}
+    steps = {name: training_step(m, data) for name, (m, data) in on_device.items()}
+    timing = time_steps(steps, reps=reps, warmup=1 if reps < 5 else 2, device=where)
     for name in VARIANTS:
         variants[name].update(timing[name])
     stock = variants["stock"]
+    figures = ("cuda_activation_bytes", "cuda_peak_bytes") if cuda else ("rss_delta_bytes",)
     ratios = {
         name: {
             "saved": variants[name]["saved_bytes"] / max(stock["saved_bytes"], 1),
             "peak": variants[name]["peak_bytes"] / max(stock["peak_bytes"], 1),
-            "rss_delta": variants[name]["rss_delta_bytes"] / max(stock["rss_delta_bytes"], 1),
+            **{key.removesuffix("_bytes"): variants[name][key] / max(stock[key], 1) for key in figures},
             "time": variants[name]["time_ratio"],
             "wall": variants[name]["wall_ratio"],
         }
         for name in ("bit", "byte")
     }
+    if cuda:
+        for model, _ in on_device.values():
+            model.to("cpu")
+        torch.cuda.empty_cache()
     return {"model": spec.name, "scheme": scheme, "variants": variants, "ratios": ratios}
 
 
 def run(models: list[str], schemes: list[str] | None, *, quick: bool, reps: int, threads: int,
-        batch: int) -> dict[str, Any]:  # fmt: skip
+        batch: int, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     """The whole benchmark as a JSON-ready dict."""
     torch.set_num_threads(threads)
+    where = torch.device(device)
     specs = model_specs(quick=quick)
     unknown = [m for m in models if m not in specs]
     if unknown:
@@ -245,14 +290,15 @@ def run(models: list[str], schemes: list[str] | None, *, quick: bool, reps: int,
     plan = [(specs[m], s) for m in models for s in specs[m].schemes if schemes is None or s in schemes]
     if not plan:
         raise SystemExit(f"no scheme of {models} matches --schemes {schemes}")
-    jobs = [(spec.name, scheme, v) for spec, scheme in plan for v in VARIANTS]
+    jobs = [(spec.name, scheme, v) for spec, scheme in plan for v in VARIANTS] if where.type == "cpu" else []
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         found = pool.map(lambda job: rss_in_subprocess(*job, quick=quick, batch=batch, threads=threads), jobs)
         rss_of = dict(zip(jobs, found, strict=True))
     cases = []
     for spec, scheme in plan:
-        rss = {v: rss_of[(spec.name, scheme, v)] for v in VARIANTS}
-        cases.append(run_model_scheme(spec, scheme, batch=batch, reps=reps, threads=threads, rss=rss))
+        rss = {v: rss_of[(spec.name, scheme, v)] for v in VARIANTS} if rss_of else None
+        cases.append(run_model_scheme(spec, scheme, batch=batch, reps=reps, threads=threads, rss=rss,
+                                      device=where))  # fmt: skip
     config = {
         "models": {spec.name: spec.describe(batch) for spec in {s.name: s for s, _ in plan}.values()},
         "batch": batch,
@@ -261,7 +307,11 @@ def run(models: list[str], schemes: list[str] | None, *, quick: bool, reps: int,
         "quick": quick,
         "torch": torch.__version__,
         "time_ratio": "median over interleaved rounds of (variant CPU time / stock CPU time)",
+        "device": str(where),
     }
+    if where.type == "cuda":
+        config["gpu"] = torch.cuda.get_device_name(where)
+        config["time_ratio"] = "median over interleaved rounds of (variant wall time / stock wall time)"
     return {"config": config, "cases": cases}
 
 
@@ -271,21 +321,34 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     config = result["config"]
+    cuda = config.get("device", "cpu").startswith("cuda")
+    where = (f"on {config['device']} ({config.get('gpu', '')}), wall time synchronised" if cuda
+             else f"torch.set_num_threads({config['threads']})")  # fmt: skip
     table = Table(
         title=(f"Training-step memory and time, stock PyTorch vs ondevice (batch {config['batch']}, "
-               f"torch.set_num_threads({config['threads']}), {config['reps']} interleaved rounds)"),
-        caption="x = ondevice / stock; time ratio = median over rounds of CPU-time ratios",
+               f"{where}, {config['reps']} interleaved rounds)"),
+        caption=("x = ondevice / stock; CUDA act = growth of the allocator's memory_allocated() over the "
+                 "forward, CUDA peak = its max_memory_allocated() over the step; time ratio = median over "
+                 "rounds of wall-time ratios") if cuda else
+                "x = ondevice / stock; time ratio = median over rounds of CPU-time ratios",
     )  # fmt: skip
-    for column in ("model", "scheme", "variant", "saved MiB", "peak MiB", "RSS delta MiB", "step ms",
-                   "x saved", "x peak", "x RSS", "x time"):  # fmt: skip
+    memory_columns = ("CUDA act MiB", "CUDA peak MiB") if cuda else ("RSS delta MiB",)
+    ratio_columns = ("x CUDA act", "x CUDA peak") if cuda else ("x RSS",)
+    for column in ("model", "scheme", "variant", "saved MiB", "peak MiB", *memory_columns, "step ms",
+                   "x saved", "x peak", *ratio_columns, "x time"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("model", "scheme", "variant") else "right")
     for case in result["cases"]:
         for name in VARIANTS:
             v = case["variants"][name]
             r = case["ratios"].get(name)
+            keys = ("cuda_activation", "cuda_peak") if cuda else ("rss_delta",)
             ratio_cells = (
-                [f"{r['saved']:.3f}", f"{r['peak']:.3f}", f"{r['rss_delta']:.3f}", f"{r['time']:.2f}"]
-                if r else ["", "", "", ""]
+                [f"{r['saved']:.3f}", f"{r['peak']:.3f}", *(f"{r[k]:.3f}" for k in keys), f"{r['time']:.2f}"]
+                if r else [""] * (3 + len(keys))
+            )  # fmt: skip
+            memory_cells = (
+                [f"{v['cuda_activation_bytes'] / MIB:.3f}", f"{v['cuda_peak_bytes'] / MIB:.2f}"] if cuda
+                else [f"{v['rss_delta_bytes'] / MIB:.1f}"]
             )  # fmt: skip
             table.add_row(
                 case["model"] if name == "stock" else "",
@@ -293,7 +356,7 @@ def print_table(result: dict[str, Any]) -> None:
                 name,
                 f"{v['saved_bytes'] / MIB:.3f}",
                 f"{v['peak_bytes'] / MIB:.2f}",
-                f"{v['rss_delta_bytes'] / MIB:.1f}",
+                *memory_cells,
                 f"{v['step_wall_ms']:.1f}",
                 *ratio_cells,
                 end_section=name == "byte",
@@ -314,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small inputs and 2 rounds, for a smoke test")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--_case", nargs=3, metavar=("MODEL", "SCHEME", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._case:
@@ -321,10 +385,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         spec = model_specs(quick=args.quick)[model]
         print(json.dumps(run_case(spec, scheme, variant, batch=args.batch, threads=args.threads)))
         return None
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); "
+                     f"use --device cpu")  # fmt: skip
     reps = args.reps if args.reps is not None else (2 if args.quick else 15)
     schemes = args.schemes.split(",") if args.schemes else None
     result = run(args.models.split(","), schemes, quick=args.quick, reps=reps, threads=args.threads,
-                 batch=args.batch)  # fmt: skip
+                 batch=args.batch, device=args.device)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -19,6 +19,13 @@ values, so they work unchanged on fake or meta tensors (``memory.estimate`` reus
   internally for itself (e.g. an im2col or oneDNN workspace) and
   allocator overhead are not tensors and are not counted. ``torch.profiler``'s memory events would see
   those but cannot run on fake tensors.
+
+On a CUDA device ``measure`` also reads the caching allocator, which counts everything, workspaces and
+block rounding included: ``torch.cuda.memory_allocated()`` before the step and after the forward (the
+growth is what the forward holds, as the allocator sees it), ``torch.cuda.max_memory_allocated()`` over the
+step (its peak statistics are reset first) and ``torch.cuda.memory_reserved()`` after it, synchronising
+the device before each reading. The first CUDA step of a process also allocates library workspaces
+(cuBLAS, cuDNN), which then count as growth: measure after one warm-up step for steady-state figures.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from torch.utils._pytree import tree_leaves
 
 from memory.report import MemoryReport
 from ondevice.errors import ConfigError
+from ondevice.ops.convert import unsupported_leaves
 from ondevice.ops.placeholder import allocating_placeholder
 
 __all__ = [
@@ -47,6 +55,7 @@ __all__ = [
     "distinct_storage_bytes",
     "frozen_bytes",
     "measure",
+    "stock_autograd_modules",
     "storage_key",
     "training_step_report",
 ]
@@ -240,6 +249,45 @@ def frozen_bytes(params: Iterable[Tensor], bits: int) -> int:
     return sum(seen.values())
 
 
+def stock_autograd_modules(model: nn.Module, modules: dict[str, int]) -> dict[str, int]:
+    """The entries of a per-module breakdown of ``model`` that belong to layers on stock autograd.
+
+    Those are the layers :func:`ondevice.ops.unsupported_leaves` lists (with parameter-free ones that may
+    keep tensors): no memory-saving op covers them. ``modules`` is named as ``model.named_modules()``
+    names them (a ``PreparedModel``'s layers as ``model.<name>``), and so is the result.
+    """
+    stock = unsupported_leaves(model, include_parameterless=True)
+    return {name: nbytes for name, nbytes in modules.items() if name in stock}
+
+
+class _AllocatorReading:
+    """The caching allocator's figures over one step on ``device`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self.allocated_bytes = int(torch.cuda.memory_allocated(device))
+        self.activation_bytes = 0
+        self.peak_bytes = self.allocated_bytes
+        self.reserved_bytes = 0
+
+    def after_forward(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.activation_bytes = max(0, int(torch.cuda.memory_allocated(self.device)) - self.allocated_bytes)
+
+    def after_step(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        self.reserved_bytes = int(torch.cuda.memory_reserved(self.device))
+
+
+def _cuda_device(model: nn.Module, inputs: tuple[Any, ...]) -> torch.device | None:
+    """The CUDA device the step runs on (its first input's, else its first parameter's), or None."""
+    first = next(iter([*_tensors(inputs), *model.parameters()]), None)
+    return first.device if first is not None and first.device.type == "cuda" else None
+
+
 def training_step_report(
     model: nn.Module,
     inputs: tuple[Any, ...],
@@ -249,12 +297,14 @@ def training_step_report(
     loss_fn: LossFn | None = None,
     source: Literal["measured", "estimated"] = "measured",
     frozen_param_bits: int = 32,
+    read_allocator: bool = False,
 ) -> MemoryReport:
     """Run forward, loss, backward and optimizer step once and report the memory (the shared core).
 
     ``measure`` calls it on real tensors; ``memory.estimate`` on fake ones, inside a ``FakeTensorMode``.
     The model's gradients must be ``None`` on entry; gradients, optimizer state and buffers are left as
-    the step leaves them (the callers put them back or throw the model away).
+    the step leaves them (the callers put them back or throw the model away). With ``read_allocator``
+    and a step on a CUDA device, the caching allocator's figures are read too (real tensors only).
     """
     params = list(model.parameters())
     trainable = check_trainable(model)
@@ -266,9 +316,13 @@ def training_step_report(
     saved = SavedTensorTracker(exclude=[*params, *buffers])
     live = LiveTensorTracker(known)
     loss = loss_fn if loss_fn is not None else default_loss
+    cuda = _cuda_device(model, inputs) if read_allocator else None
+    allocator = _AllocatorReading(cuda) if cuda is not None else None
     with live:
         with saved.track(model):
             output = model(*inputs)
+        if allocator is not None:
+            allocator.after_forward()
         activation_bytes = saved.saved_bytes
         modules = saved.by_module()
         loss(output, target).backward()
@@ -276,6 +330,8 @@ def training_step_report(
         gradient_bytes = distinct_storage_bytes(p.grad for p in trainable)
         opt.step()
         optimizer_state_bytes = distinct_storage_bytes(_tensors(list(opt.state.values())))
+        if allocator is not None:
+            allocator.after_step()
     return MemoryReport(
         activation_bytes=activation_bytes,
         peak_bytes=baseline_bytes + live.peak_bytes,
@@ -287,6 +343,11 @@ def training_step_report(
         source=source,
         frozen_param_bytes=frozen_bytes(params, frozen_param_bits),
         frozen_param_bits=frozen_param_bits,
+        stock_modules=stock_autograd_modules(model, modules),
+        cuda_allocated_bytes=None if allocator is None else allocator.allocated_bytes,
+        cuda_activation_bytes=None if allocator is None else allocator.activation_bytes,
+        cuda_peak_bytes=None if allocator is None else allocator.peak_bytes,
+        cuda_reserved_bytes=None if allocator is None else allocator.reserved_bytes,
     )
 
 
@@ -311,6 +372,9 @@ def measure(
     for real. Gradients and buffers (e.g. BatchNorm running statistics updated in train mode) are put
     back afterwards.
 
+    On a CUDA device the report also carries the caching allocator's figures (``cuda_*`` fields; see
+    the module docstring); this resets the device's peak-memory statistics.
+
     Args:
         model: the model, prepared as it will train (frozen parameters have ``requires_grad=False``).
         example_input: one batch, or a tuple of positional inputs.
@@ -331,7 +395,8 @@ def measure(
         p.grad = None
     try:
         report = training_step_report(
-            model, inputs, target=target, optimizer=optimizer, loss_fn=loss_fn, source="measured"
+            model, inputs, target=target, optimizer=optimizer, loss_fn=loss_fn, source="measured",
+            read_allocator=True,
         )
     finally:
         with torch.no_grad():

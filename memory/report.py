@@ -35,6 +35,12 @@ _BYTE_FIELDS = (
     "gradient_bytes",
     "optimizer_state_bytes",
 )
+_CUDA_FIELDS = (
+    "cuda_allocated_bytes",
+    "cuda_activation_bytes",
+    "cuda_peak_bytes",
+    "cuda_reserved_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,19 @@ class MemoryReport:
             (``None`` on construction means their own storage, ``param_bytes - trainable_param_bytes``).
         frozen_param_bits: storage width the frozen parameters are counted at (8 for int8 MCU
             deployment as in TinyTL and tiny-training, 32 for float).
+        stock_modules: the part of ``modules`` kept by layers that have no memory-saving op and run on
+            stock autograd (``ondevice.ops.unsupported_leaves(model, include_parameterless=True)``), same
+            names; empty when every layer has an op.
+        cuda_allocated_bytes: on CUDA (``memory.measure`` only; ``None`` elsewhere), the caching
+            allocator's ``torch.cuda.memory_allocated()`` before the step: everything held on the device,
+            the model and the input included, and any other tensor living there.
+        cuda_activation_bytes: on CUDA, how much ``memory_allocated()`` grew over the forward: what the
+            forward holds for backward as the allocator sees it (with the output and the allocator's
+            rounding of each block to 512 bytes).
+        cuda_peak_bytes: on CUDA, ``torch.cuda.max_memory_allocated()`` over the step (its statistics
+            reset just before): the device's peak, counted from zero like ``cuda_allocated_bytes``.
+        cuda_reserved_bytes: on CUDA, ``torch.cuda.memory_reserved()`` after the step: what the caching
+            allocator holds from the driver (allocated blocks plus its cache).
     """
 
     activation_bytes: int
@@ -70,6 +89,11 @@ class MemoryReport:
     source: Literal["measured", "estimated"] = "measured"
     frozen_param_bytes: int | None = None
     frozen_param_bits: int = 32
+    stock_modules: dict[str, int] = field(default_factory=dict)
+    cuda_allocated_bytes: int | None = None
+    cuda_activation_bytes: int | None = None
+    cuda_peak_bytes: int | None = None
+    cuda_reserved_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.frozen_param_bytes is None:
@@ -84,9 +108,28 @@ class MemoryReport:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"MemoryReport.{name} must be an int >= 0, got {value!r}")
+        for name in _CUDA_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"MemoryReport.{name} must be None or an int >= 0, got {value!r}")
         if self.source not in ("measured", "estimated"):
             raise ConfigError(f"MemoryReport.source must be 'measured' or 'estimated', got {self.source!r}")
         object.__setattr__(self, "modules", {str(k): int(v) for k, v in self.modules.items()})
+        object.__setattr__(self, "stock_modules", {str(k): int(v) for k, v in self.stock_modules.items()})
+        if any(v < 0 for v in self.stock_modules.values()):
+            raise ConfigError(
+                f"MemoryReport.stock_modules must map layer names to bytes >= 0, got {self.stock_modules!r}"
+            )
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the caching allocator's figures were read (a step measured on a CUDA device)."""
+        return self.cuda_peak_bytes is not None
+
+    @property
+    def stock_bytes(self) -> int:
+        """Activation bytes kept by layers on stock autograd (the sum of ``stock_modules``)."""
+        return sum(self.stock_modules.values())
 
     @property
     def training_state_bytes(self) -> int:
@@ -125,6 +168,13 @@ class MemoryReport:
             ("optimizer state", self.optimizer_state_bytes),
             (f"frozen parameters at {self.frozen_param_bits} bit", int(self.frozen_param_bytes or 0)),
         ]
+        allocator = [
+            ("CUDA allocator: allocated before the step", self.cuda_allocated_bytes),
+            ("CUDA allocator: growth over the forward", self.cuda_activation_bytes),
+            ("CUDA allocator: peak of the step", self.cuda_peak_bytes),
+            ("CUDA allocator: reserved after the step", self.cuda_reserved_bytes),
+        ]
+        rows += [(what, value) for what, value in allocator if value is not None]
         lines = [f"Memory of one training step ({self.source})", "", "| what | bytes | size |"]
         lines.append("|---|---:|---:|")
         lines += [f"| {what} | {value} | {format_bytes(value)} |" for what, value in rows]
@@ -134,6 +184,15 @@ class MemoryReport:
             "(+ frozen parameters when it counts them), not with the peak, which adds this eager step's "
             "transient tensors and every parameter.",
         ]
+        if self.stock_modules:
+            names = [name or "<root>" for name in self.stock_modules]
+            listed = ", ".join(names[:5]) + (f", ... {len(names) - 5} more" if len(names) > 5 else "")
+            lines += [
+                "",
+                f"layers on stock autograd (no memory-saving op): {self.stock_bytes} bytes in "
+                f"{len(names)} layer{'s' if len(names) != 1 else ''} "
+                f"({format_bytes(self.stock_bytes)}; {listed})",
+            ]
         keeping = sorted(((n, b) for n, b in self.modules.items() if b > 0), key=lambda nb: -nb[1])
         if keeping:
             shown = keeping if top is None else keeping[:top]

@@ -33,13 +33,14 @@ from ondevice.errors import (
     InputShapeError,
     NonFiniteBatchError,
     OnDeviceError,
+    StockAutogradWarning,
     UnknownModelError,
     UnknownSchemeError,
     UnsupportedModuleError,
 )
 from ondevice.models import ClassifierModel, create_model, list_models, register_model
 from ondevice.optim import OptimizerConfig
-from ondevice.prepared import PreparedModel, PrepareReport, prepare
+from ondevice.prepared import PreparedModel, PrepareReport, StockLayer, prepare
 from ondevice.pretrain import pretrain, pretrain_with_report
 from ondevice.schemes import (
     Bias,
@@ -86,6 +87,8 @@ __all__ = [
     "ReservoirBuffer",
     "Scheme",
     "Sparse",
+    "StockAutogradWarning",
+    "StockLayer",
     "Stream",
     "TensorData",
     "Trainer",

@@ -18,6 +18,7 @@ __all__ = [
     "InputShapeError",
     "NonFiniteBatchError",
     "OnDeviceError",
+    "StockAutogradWarning",
     "UnknownModelError",
     "UnknownNameError",
     "UnknownSchemeError",
@@ -74,16 +75,22 @@ class UnknownModelError(UnknownNameError):
 
 
 class UnsupportedModuleError(OnDeviceError, TypeError):
-    """The model contains modules that ondevice cannot prepare; every offending module is named."""
+    """``prepare(..., strict=True)`` met layers without a memory-saving op; every one is named."""
 
     def __init__(self, offenders: dict[str, str], supported: Iterable[str]) -> None:
         self.offenders = dict(offenders)
         listing = "; ".join(f"{name or '<root>'} ({kind})" for name, kind in self.offenders.items())
+        count = len(self.offenders)
         super().__init__(
-            f"{len(self.offenders)} unsupported module(s): {listing}. Supported leaf layers are: "
-            f"{', '.join(sorted(supported))}. Replace these modules with supported layers, or register a "
-            f"memory-saving op for their type with ondevice.ops.register_op."
+            f"{count} {'layer' if count == 1 else 'layers'} without a memory-saving op: {listing}. With "
+            f"strict=True prepare refuses them; without it they run on stock autograd (keeping what stock "
+            f"PyTorch keeps). Layers with an op: {', '.join(sorted(supported))}. Register an op for these "
+            f"types with ondevice.ops.register_op, or call prepare without strict=True."
         )
+
+
+class StockAutogradWarning(UserWarning):
+    """Some layers of a prepared model have no memory-saving op and run on stock autograd."""
 
 
 class InputShapeError(OnDeviceError, ValueError):

@@ -13,7 +13,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,12 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from ondevice._apply import BATCH_NORM_TYPES, COMPUTE_TYPES, ApplyContext, apply_scheme, leaves
+from ondevice._example import ExampleSpec, example_spec
+from ondevice._kept import kept_bytes
+from ondevice.adapters import LiteResidualPlan, lite_residual_plan
 from ondevice.checkpoint import KIND_DELTA, read_tensors, write_tensors
 from ondevice.errors import (
     CheckpointMismatchError,
     ConfigError,
     InputDtypeError,
     InputShapeError,
+    StockAutogradWarning,
     UnsupportedModuleError,
 )
 from ondevice.schemes import Scheme, resolve_scheme
@@ -37,9 +42,11 @@ __all__ = [
     "InputSpec",
     "PrepareReport",
     "PreparedModel",
+    "StockLayer",
     "find_head",
     "model_fingerprint",
     "prepare",
+    "stock_autograd_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,12 +88,14 @@ def model_fingerprint(model: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a batch must look like: ``ndim`` dims, ``channels`` at dim 1 (or ``features`` in the last dim)."""
+    """What a batch must look like: ``ndim`` dims, ``channels`` at dim 1 (or ``features`` in the last dim),
+    or integer token ids (``token_ids``) for a model whose first layer is an embedding."""
 
     ndim: int | None
     channels: int | None = None
     features: int | None = None
     flat_features: int | None = None
+    token_ids: bool = False
 
     @staticmethod
     def infer(model: nn.Module) -> InputSpec:
@@ -100,6 +109,8 @@ class InputSpec:
             )
         ordered = list(leaves(model))
         for index, (_, module) in enumerate(ordered):
+            if isinstance(module, nn.Embedding):
+                return InputSpec(ndim=None, token_ids=True)
             if isinstance(module, nn.Conv1d | nn.Conv2d):
                 return InputSpec(ndim=3 if isinstance(module, nn.Conv1d) else 4, channels=module.in_channels)
             if isinstance(module, nn.Linear):
@@ -113,6 +124,13 @@ class InputSpec:
         """Raise InputShapeError/InputDtypeError, naming what was given and what is expected."""
         if not isinstance(x, Tensor):
             raise InputDtypeError(f"the model input must be a torch.Tensor, got {type(x).__name__}")
+        if self.token_ids:
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise InputDtypeError(
+                    f"the model's first layer is an embedding, so its input must be integer token ids, got "
+                    f"{x.dtype}; tokenize the text, or convert indices with x.long()"
+                )
+            return
         if not x.is_floating_point():
             raise InputDtypeError(
                 f"the model input must be floating point ({dtype}), got {x.dtype}; convert with x.to({dtype})"
@@ -149,7 +167,12 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class PrepareReport:
-    """What prepare did: the scheme, parameter counts and the names of the trainable tensors."""
+    """What prepare did: the scheme, parameter counts, the names of the trainable tensors.
+
+    ``stock_layers`` lists the layers without a memory-saving op (they run on stock autograd) with the
+    bytes each keeps for backward on the batch ``example`` describes (batch 1). ``lite_residual`` says
+    where a lite residual scheme placed its branches, how wide, and their share of the model's parameters.
+    """
 
     scheme: dict[str, Any]
     total_params: int
@@ -157,6 +180,9 @@ class PrepareReport:
     added_params: int
     trainable_names: tuple[str, ...]
     memory_saving: bool
+    stock_layers: tuple[StockLayer, ...] = ()
+    example: str | None = None
+    lite_residual: LiteResidualPlan | None = None
 
     @property
     def trainable_fraction(self) -> float:
@@ -165,27 +191,88 @@ class PrepareReport:
     def to_dict(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["trainable_names"] = list(self.trainable_names)
+        payload["stock_layers"] = [asdict(layer) for layer in self.stock_layers]
+        payload["lite_residual"] = None if self.lite_residual is None else self.lite_residual.to_dict()
         payload["trainable_fraction"] = self.trainable_fraction
         return payload
 
 
-def _validate(model: nn.Module) -> None:
-    """Every leaf layer holding parameters must have a memory-saving op.
+def stock_autograd_layers(model: nn.Module) -> dict[str, str]:
+    """Layers of ``model`` that hold parameters but have no memory-saving op: qualified name -> type name.
 
-    Container modules with a custom ``forward`` may hold parameters of their own (a ViT's class token and
-    position embedding): stock autograd handles them and schemes treat them like any other parameter.
+    They run on stock autograd. Layers are leaves, or variants of a layer type that has an op (a
+    subclass with a ``forward`` of its own, which may hold children such as timm's ``BatchNormAct2d``).
+    Containers with a ``forward`` of their own that hold a parameter or two (a ViT's class token and
+    position embedding) are not layers: their few ops run on stock autograd like any model code.
     """
-    from ondevice.ops import unsupported_leaves
+    from ondevice.ops import supported_types, unsupported_leaves
 
-    offenders = {
+    layer_types = supported_types()
+    return {
         name: kind
         for name, kind in unsupported_leaves(model).items()
         if next(model.get_submodule(name).children(), None) is None
+        or isinstance(model.get_submodule(name), layer_types)
     }
-    if offenders:
-        from ondevice.ops import supported_types
 
-        raise UnsupportedModuleError(offenders, [t.__name__ for t in supported_types()])
+
+@dataclass(frozen=True)
+class StockLayer:
+    """A layer without a memory-saving op, which runs on stock autograd.
+
+    Attributes:
+        name: qualified name inside the prepared model's ``model``.
+        type_name: its class.
+        kept_bytes: bytes its forward keeps for backward on the report's example batch, or None when the
+            model could not be traced (see ``PrepareReport.example``).
+        trains: whether any of its own parameters train.
+    """
+
+    name: str
+    type_name: str
+    kept_bytes: int | None
+    trains: bool
+
+
+def _stock_layers(model: nn.Module, example: ExampleSpec | None) -> tuple[tuple[StockLayer, ...], str | None]:
+    """The layers of a converted model that run on stock autograd, with what they keep on ``example``."""
+    found = stock_autograd_layers(model)
+    if not found:
+        return (), None
+    kept: dict[str, int] | None = None
+    described = None
+    if example is not None:
+        described = example.describe()
+        try:
+            kept = kept_bytes(model, list(found), example)
+        except Exception as error:
+            logger.info("could not trace %s on %s to count what stock layers keep: %s",
+                        type(model).__name__, described, error)  # fmt: skip
+            described = f"{described}; not traced: {type(error).__name__}: {error}"
+    layers = tuple(
+        StockLayer(
+            name=name,
+            type_name=kind,
+            kept_bytes=None if kept is None else kept[name],
+            trains=any(p.requires_grad for p in model.get_submodule(name).parameters(recurse=False)),
+        )
+        for name, kind in found.items()
+    )
+    return layers, described
+
+
+def _warn_stock(layers: tuple[StockLayer, ...], example: str | None) -> None:
+    kinds = sorted({layer.type_name for layer in layers})
+    counted = [layer.kept_bytes for layer in layers if layer.kept_bytes is not None]
+    cost = f"; together they keep {sum(counted):,} bytes on a {example} batch" if counted else ""
+    warnings.warn(
+        f"{len(layers)} {'layer' if len(layers) == 1 else 'layers'} without a memory-saving op "
+        f"({', '.join(kinds)}) run on stock autograd and keep what stock PyTorch keeps{cost}. "
+        f"PreparedModel.report.stock_layers lists them; register an op with ondevice.ops.register_op, or "
+        f"pass strict=True to refuse such models",
+        StockAutogradWarning,
+        stacklevel=3,
+    )
 
 
 class PreparedModel(nn.Module):
@@ -212,6 +299,8 @@ class PreparedModel(nn.Module):
         added_params: int,
         mask: Literal["bit", "byte"] = "bit",
         compress: Literal["int8"] | None = None,
+        stock_layers: tuple[StockLayer, ...] = (),
+        example: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -224,12 +313,15 @@ class PreparedModel(nn.Module):
         self.compress = compress
         self._frozen_norms = frozen_norms
         self._added_params = added_params
+        self._stock_layers = stock_layers
+        self._example = example
         self.train()
 
     # -- forward and modes -------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The model's output for batch ``x`` (further arguments go to the model as they are)."""
         self.input_spec.check(x, dtype=self.dtype)
-        return self.model(x)
+        return self.model(x, *args, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -328,6 +420,9 @@ class PreparedModel(nn.Module):
             added_params=self._added_params,
             trainable_names=tuple(trainable),
             memory_saving=self.memory_saving,
+            stock_layers=self._stock_layers,
+            example=self._example,
+            lite_residual=lite_residual_plan(self.model),
         )
 
     def extra_repr(self) -> str:
@@ -411,11 +506,16 @@ def prepare(
     mask: Literal["bit", "byte"] = "bit",
     compress: Literal["int8"] | None = None,
     copy_model: bool = True,
+    example_input: Tensor | Sequence[int] | None = None,
+    strict: bool = False,
 ) -> PreparedModel:
     """Prepare ``model`` for on-device training under ``scheme``.
 
     Args:
-        model: any ``nn.Module`` built from supported layers (see ``ondevice.ops.supported_types()``).
+        model: any ``nn.Module``. Layers with a memory-saving op (``ondevice.ops.supported_types()``, and
+            subclasses that keep their parent's ``forward``) get it; other layers run on stock autograd,
+            with a :class:`~ondevice.errors.StockAutogradWarning` and a line each in
+            ``report.stock_layers``.
         scheme: a scheme object, its name (``"bias"``, ``"lite_residual"``, ...) or its dict form.
         head: qualified name of the classifier head (found automatically when omitted, see
             :func:`find_head`).
@@ -426,12 +526,16 @@ def prepare(
         compress: ``"int8"`` keeps what smooth activations (SiLU, GELU, Hardswish, Sigmoid, Tanh) must
             save in 8 bits with a per-group scale (lossy; off by default; ReLU-family masks are exact).
         copy_model: work on a deep copy (default) so the caller's model is untouched.
+        example_input: a batch (or its shape, e.g. ``(1, 3, 224, 224)``) the model can be traced with, to
+            place lite residual branches and count what layers keep. Default: what the model states (zoo
+            ``input_shape``, a transformers ``config``, a timm ``pretrained_cfg``) or its first layer.
+        strict: refuse a model with layers that have no memory-saving op instead of running them stock.
 
     Returns:
         A :class:`PreparedModel` whose output equals the original's until it trains.
 
     Raises:
-        UnsupportedModuleError: the model holds layers ondevice cannot handle (every one is named).
+        UnsupportedModuleError: ``strict`` is set and layers have no memory-saving op (all are named).
         UnknownSchemeError / ConfigError: a bad scheme or scheme field.
     """
     if not isinstance(model, nn.Module):
@@ -443,7 +547,13 @@ def prepare(
         raise ConfigError(f"mask must be 'bit' or 'byte', got {mask!r}")
     if compress not in (None, "int8"):
         raise ConfigError(f"compress must be None or 'int8', got {compress!r}")
-    _validate(model)
+    if strict and memory_saving:
+        refused = stock_autograd_layers(model)
+        if refused:
+            from ondevice.ops import supported_types
+
+            raise UnsupportedModuleError(refused, [t.__name__ for t in supported_types()])
+    example = example_spec(model, example_input)
     fingerprint = model_fingerprint(model)
     input_spec = InputSpec.infer(model)
     work = copy.deepcopy(model) if copy_model else model
@@ -452,7 +562,7 @@ def prepare(
     norms_before = {id(m) for m in work.modules() if isinstance(m, BATCH_NORM_TYPES)}
     for param in work.parameters():
         param.requires_grad_(False)
-    apply_scheme(work, resolved, ApplyContext(head=head_name))
+    apply_scheme(work, resolved, ApplyContext(head=head_name, example=example))
     added = sum(p.numel() for p in work.parameters()) - original_count
     frozen_norms = (
         ()
@@ -463,6 +573,9 @@ def prepare(
         from ondevice.ops import convert
 
         convert(work, mask=mask, compress=compress)
+    stock, example_text = _stock_layers(work, example) if memory_saving else ((), None)
+    if stock:
+        _warn_stock(stock, example_text)
     prepared = PreparedModel(
         work,
         scheme=resolved,
@@ -474,6 +587,8 @@ def prepare(
         added_params=added,
         mask=mask,
         compress=compress,
+        stock_layers=stock,
+        example=example_text,
     )
     logger.info("prepared %s with %s", type(model).__name__, prepared.extra_repr())
     return prepared

@@ -32,7 +32,7 @@ from ondevice.errors import (
 from ondevice.optim import OptimizerConfig, build_optimizer, resolve_optimizer
 from ondevice.prepared import PreparedModel
 
-__all__ = ["EvalResult", "FitResult", "StepResult", "Trainer", "TrainerState"]
+__all__ = ["EvalResult", "FitResult", "StepResult", "Trainer", "TrainerState", "logits_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Trainer:
         self._check_labels(x, y)
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             return self._skip("nonfinite_input", x)
-        logits = self.model(_as_model_dtype(x, self.model))
+        logits = logits_of(self.model(_as_model_dtype(x, self.model)))
         self._check_label_range(y, logits)
         loss = self.loss_fn(_loss_precision(logits), y)
         if not bool(torch.isfinite(loss)):
@@ -439,7 +439,7 @@ def evaluate(
     loss_sum = 0.0
     try:
         for x, y in as_stream(data, batch_size=batch_size, shuffle=False):
-            logits = model(_as_model_dtype(x, model))
+            logits = logits_of(model(_as_model_dtype(x, model)))
             Trainer._check_label_range(y, logits)
             loss_sum += float(loss_fn(_loss_precision(logits), y)) * int(y.shape[0])
             correct += int((logits.argmax(dim=-1) == y).sum())
@@ -477,6 +477,27 @@ def _as_model_dtype(x: Tensor, model: nn.Module) -> Tensor:
     expected = x.dtype == torch.float32 and dtype in _HALF
     widening = x.dtype in _WIDTH and dtype in _WIDTH and _WIDTH[x.dtype] < _WIDTH[dtype]
     return x.to(dtype) if expected or widening else x
+
+
+def logits_of(output: Any) -> Tensor:
+    """The class scores in a model's output: a tensor, a ``.logits`` tensor (a transformers
+    ``ModelOutput``), or the first tensor of a tuple.
+
+    Raises:
+        ConfigError: none of these; the message names the output's type.
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise ConfigError(
+        f"the model returned a {type(output).__name__}; the trainer needs class scores: a tensor, an "
+        f"output with a .logits tensor (transformers) or a tuple starting with one. Wrap the model so it "
+        f"returns them"
+    )
 
 
 def _loss_precision(logits: Tensor) -> Tensor:

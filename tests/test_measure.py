@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import memory
+import ondevice
 from memory.measure import LiveTensorTracker, SavedTensorTracker, distinct_storage_bytes
 from ondevice import ops
 from ondevice.errors import ConfigError
@@ -224,3 +225,88 @@ def test_mobilenetv2_bias_only_stock_versus_ondevice() -> None:
     ours = memory.measure(ops.convert(model), x)
     assert bound <= ours.activation_bytes <= 1.05 * bound
     assert stock.activation_bytes > 50 * ours.activation_bytes
+
+
+class _Scale(nn.Module):
+    """A parametrised layer with its own forward and no memory-saving op: it runs on stock autograd."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+class _Gate(nn.Module):
+    """A container with a parameter of its own (allowed by prepare), multiplying its child's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.scale = nn.Parameter(torch.ones(32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) * self.scale
+
+
+def test_layers_without_an_op_are_reported_as_stock_autograd() -> None:
+    torch.manual_seed(0)
+    model = ops.convert(nn.Sequential(nn.Linear(16, 32), _Scale(32), nn.ReLU(), nn.Linear(32, 10)))
+    report = memory.measure(model, torch.randn(4, 16))
+    # The stock multiply keeps its 4x32 float input for the weight's gradient; the layers with ops are
+    # not listed, however much they keep.
+    assert report.stock_modules == {"1": 4 * 32 * 4}
+    assert report.stock_bytes == 512 and report.modules["1"] == 512
+    text = report.to_markdown()
+    assert "layers on stock autograd (no memory-saving op): 512 bytes in 1 layer " in text
+    assert memory.MemoryReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    assert "stock autograd" not in memory.measure(_mlp(), torch.randn(4, 16)).to_markdown()
+
+
+def test_stock_autograd_names_follow_the_prepared_model_in_measure_and_estimate() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), _Gate(), nn.ReLU(), nn.Linear(32, 10))
+    prepared = ondevice.prepare(net, "full")
+    measured = memory.measure(prepared, torch.randn(4, 16))
+    assert measured.stock_modules == {"model.1": 4 * 32 * 4}  # fc's output, kept by the stock multiply
+    assert set(measured.stock_modules) <= set(measured.modules)
+    estimated = memory.estimate(prepared, input_shape=(16,), batch_size=4)
+    assert estimated.stock_modules == measured.stock_modules
+    bare = memory.measure(prepared.model, torch.randn(4, 16))
+    assert bare.stock_modules == {"1": 512}
+
+
+def test_allocator_figures_are_absent_off_cuda_and_validated() -> None:
+    report = memory.measure(_mlp(), torch.randn(4, 16))
+    assert report.cuda_allocated_bytes is None and report.cuda_activation_bytes is None
+    assert report.cuda_peak_bytes is None and report.cuda_reserved_bytes is None
+    assert not report.on_cuda and "CUDA allocator" not in report.to_markdown()
+    on_gpu = memory.MemoryReport(
+        1, 2, 3, 3, 0, 0, cuda_allocated_bytes=4096, cuda_activation_bytes=1024, cuda_peak_bytes=8192,
+        cuda_reserved_bytes=2 << 20,
+    )  # fmt: skip
+    assert on_gpu.on_cuda
+    assert memory.MemoryReport.from_dict(json.loads(json.dumps(on_gpu.to_dict()))) == on_gpu
+    assert "| CUDA allocator: peak of the step | 8192 |" in on_gpu.to_markdown()
+    old = {k: v for k, v in report.to_dict().items() if not k.startswith("cuda_") and k != "stock_modules"}
+    assert memory.MemoryReport.from_dict(old) == report  # reports written before these fields still load
+    with pytest.raises(ConfigError, match="cuda_peak_bytes must be None or an int >= 0"):
+        memory.MemoryReport(0, 0, 0, 0, 0, 0, cuda_peak_bytes=-1)
+    with pytest.raises(ConfigError, match="stock_modules must map layer names to bytes >= 0"):
+        memory.MemoryReport(0, 0, 0, 0, 0, 0, stock_modules={"a": -1})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_allocator_figures_on_cuda() -> None:
+    model = _mlp().cuda()
+    x = torch.randn(64, 16, device="cuda")
+    memory.measure(model, x)  # warm-up: library workspaces
+    report = memory.measure(model, x)
+    assert report.on_cuda
+    # The allocator sees what the forward allocates; the input it keeps was allocated before.
+    grown = report.cuda_activation_bytes
+    assert grown is not None and grown >= report.activation_bytes - x.numel() * x.element_size()
+    assert report.cuda_peak_bytes is not None and report.cuda_allocated_bytes is not None
+    assert report.cuda_peak_bytes >= report.cuda_allocated_bytes + report.cuda_activation_bytes
+    assert report.cuda_reserved_bytes is not None and report.cuda_reserved_bytes >= report.cuda_peak_bytes

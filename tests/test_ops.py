@@ -630,21 +630,52 @@ def test_unsupported_leaves_lists_modules_with_parameters_and_optionally_paramet
             self.alpha = nn.Parameter(torch.zeros(1))
             self.fc = nn.Linear(2, 2)
 
-    class MyConv(nn.Conv2d):  # a subclass may override forward: not replaced silently
-        pass
+    class MyConv(nn.Conv2d):  # keeps Conv2d's forward: gets Conv2d's op
+        def describe(self) -> str:
+            return "mine"
+
+    class OwnConv(nn.Conv2d):  # its own forward may compute something else: never replaced silently
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 2
 
     model = nn.Sequential(
         nn.Embedding(5, 2), Gate(), MyConv(1, 1, 1), nn.Softmax(-1), nn.Flatten(), nn.Identity(),
-        PartialChannelUpdate(nn.Linear(3, 3), torch.tensor([0])),
+        PartialChannelUpdate(nn.Linear(3, 3), torch.tensor([0])), OwnConv(1, 1, 1),
     )  # fmt: skip
-    assert ops.unsupported_leaves(model) == {"0": "Embedding", "1": "Gate", "2": "MyConv"}
+    assert ops.unsupported_leaves(model) == {"1": "Gate", "7": "OwnConv"}
     assert ops.unsupported_leaves(model, include_parameterless=True) == {
-        "0": "Embedding", "1": "Gate", "2": "MyConv", "3": "Softmax",
+        "1": "Gate", "3": "Softmax", "7": "OwnConv",
     }  # fmt: skip
+    assert "own" in ops.op_support(model[7]).reason and "OwnConv.forward" in ops.op_support(model[7]).reason
+    assert ops.op_support(model[2]).supported and "Conv2d" in ops.op_support(model[2]).reason
     ops.convert(model)
-    assert type(model[2]) is MyConv
-    assert isinstance(model[6], ops.partial.MemorySavingPartialChannelUpdate)
-    assert type(model[6].base) is nn.Linear  # the partial op owns its frozen base layer
+    assert type(model[7]) is OwnConv
+    assert isinstance(model[2], ops.conv.MemorySavingConv2d) and isinstance(model[2], MyConv)
+    assert model[2].describe() == "mine"
+    assert type(ops.restore(model)[2]) is MyConv
+    assert isinstance(model[6], PartialChannelUpdate) and type(model[6].base) is nn.Linear
+
+
+def test_a_subclass_keeping_the_parent_forward_gets_the_parent_op_and_stays_its_class() -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    class OwnConvForward(nn.Conv2d):  # overrides a method the conv op mirrors
+        def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            return super()._conv_forward(x, weight * 2, bias)
+
+    layer = MyConv(2, 3, 3, padding=1)
+    keys = list(layer.state_dict())
+    new = ops.convert(layer)
+    assert isinstance(new, MyConv) and isinstance(new, ops.conv.MemorySavingConv2d)
+    assert type(new).__name__ == "MemorySavingMyConv" and list(new.state_dict()) == keys
+    assert type(ops.convert(MyConv(1, 1, 1))) is type(new)  # one twin class per layer class
+    assert type(ops.restore(new)) is MyConv
+    layer.weight.requires_grad_(False)
+    _assert_same_grads(layer, new, torch.randn(2, 2, 5, 5, requires_grad=True))
+    assert not ops.op_support(OwnConvForward).supported
+    with pytest.raises(ConfigError, match=r"overrides OwnConvForward\._conv_forward"):
+        ops.conv.MemorySavingConv2d.from_module(OwnConvForward(1, 1, 1), ops.OpOptions())
 
 
 def test_ops_run_on_fake_tensors() -> None:

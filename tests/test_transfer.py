@@ -40,7 +40,7 @@ def test_lite_residual_plus_bias_is_close_to_full_fine_tuning_and_beats_last_lay
 def test_inapplicable_schemes_are_reported_not_crashed() -> None:
     result = run_transfer("cnn", schemes=("lora", "last_layer"), epochs=1, seed=0)
     lora = result.outcome("lora")
-    assert lora.skipped and "no Linear layer" in lora.skipped and math.isnan(lora.accuracy)
+    assert lora.skipped and "no linear layer" in lora.skipped and math.isnan(lora.accuracy)
     assert 0.0 < result.outcome("last_layer").accuracy <= 1.0
     assert result.to_dict()["outcomes"][0]["scheme"] == "lora"
 

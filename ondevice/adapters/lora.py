@@ -8,33 +8,57 @@ from torch import Tensor, nn
 
 from ondevice.errors import ConfigError
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "linear_features"]
+
+_CONV1D = "transformers.pytorch_utils.Conv1D"
+"""GPT-2's projection: ``x @ weight + bias`` with ``weight`` stored as (in_features, out_features)."""
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer that applies a linear map to the last dim, else None.
+
+    ``nn.Linear`` (and subclasses, e.g. timm's), and transformers' ``Conv1D`` (GPT-2), recognised by its
+    qualified name so that ondevice never imports transformers.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if any(f"{cls.__module__}.{cls.__qualname__}" == _CONV1D for cls in type(module).__mro__):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.dim() == 2:
+            return int(weight.shape[0]), int(weight.shape[1])
+    return None
 
 
 class LoRALinear(nn.Module):
-    """``base(x) + (alpha / rank) * lora_B(lora_A(x))`` around a frozen ``nn.Linear``.
+    """``base(x) + (alpha / rank) * lora_B(lora_A(x))`` around a frozen linear layer.
+
+    ``base`` is an ``nn.Linear`` or another layer :func:`linear_features` recognises (GPT-2's ``Conv1D``).
 
     ``lora_A`` and ``lora_B`` are plain bias-free ``nn.Linear`` layers, so the memory-saving ops for Linear
     cover them: ``lora_A`` keeps the layer input (its weight trains), ``lora_B`` keeps the rank-r hidden.
     ``lora_B`` starts at zero (Sec. 4.1 of the paper), so the wrapped layer first computes exactly ``base``.
     """
 
-    def __init__(self, base: nn.Linear, *, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Module, *, rank: int, alpha: float) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ConfigError(f"LoRA adapts nn.Linear layers, got {type(base).__name__}")
-        if rank > min(base.in_features, base.out_features):
+        features = linear_features(base)
+        if features is None:
             raise ConfigError(
-                f"LoRA rank {rank} exceeds min(in_features={base.in_features}, "
-                f"out_features={base.out_features})"
-                f"; choose rank <= {min(base.in_features, base.out_features)}"
+                f"LoRA adapts linear layers (nn.Linear, transformers' Conv1D), got {type(base).__name__}"
+            )
+        in_features, out_features = features
+        if rank > min(in_features, out_features):
+            raise ConfigError(
+                f"LoRA rank {rank} exceeds min(in_features={in_features}, out_features={out_features}); "
+                f"choose rank <= {min(in_features, out_features)}"
             )
         self.base = base
         self.rank = rank
         self.scaling = float(alpha) / rank
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        weight = next(base.parameters())
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Linear(in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 

@@ -5,15 +5,32 @@ Freezing a layer's weight removes the need to keep its input for backward, and a
 activations anyway. :func:`convert` swaps every supported layer for a subclass that computes the same
 outputs and gradients with custom ``torch.autograd.Function``\\ s that keep only what the gradients of the
 tensors that actually require grad need, decided at forward time. One module per op family; each
-registers itself in :mod:`ondevice.ops.registry` by module type.
+registers itself in :mod:`ondevice.ops.registry`, by module type or, for the layers timm and transformers
+models are built from, by qualified name (so importing ondevice imports neither). Subclasses that keep
+their parent's ``forward`` get the parent's op; :func:`op_support` says which op applies to a layer, or
+why none does.
 """
 
-from ondevice.ops import activation, conv, dropout, linear, norm, partial, pooling, sequential
+from ondevice.ops import (
+    activation,
+    attention,
+    conv,
+    dropout,
+    embedding,
+    linear,
+    norm,
+    partial,
+    pooling,
+    sequential,
+)
 from ondevice.ops.convert import SAVES_NOTHING, convert, restore, unsupported_leaves
 from ondevice.ops.registry import (
     MemorySavingModule,
     OpOptions,
+    OpSupport,
     find_op,
+    library_layers,
+    op_support,
     register_op,
     supported_types,
 )
@@ -24,13 +41,18 @@ __all__ = [
     "MemorySavingModule",
     "MemorySavingSequential",
     "OpOptions",
+    "OpSupport",
     "activation",
+    "attention",
     "conv",
     "convert",
     "dropout",
+    "embedding",
     "find_op",
+    "library_layers",
     "linear",
     "norm",
+    "op_support",
     "partial",
     "pooling",
     "register_op",

@@ -18,6 +18,12 @@ three cheap passes on top of stock's forward and its backward one pass, like sto
 ``nn.Sequential`` the activation after a convolution, linear layer or norm runs in place on that layer's
 output (:meth:`_MaskedMixin.forward_inplace`, called by ``sequential.MemorySavingSequential``), which
 saves the allocation and the write of a new output, about what the mask costs.
+
+The activation layers of transformers (``ACT2FN``: ``GELUActivation``, ``NewGELUActivation``, ...) and
+timm (``GELU``, ``GELUTanh``) get ops too: those whose forward is one fused ATen op (``F.gelu``,
+``F.silu``, ``F.mish``) use the smooth op above; those written as an expression of several ops (GPT-2's
+``NewGELUActivation``, ``QuickGELUActivation``, ...) keep only their input, where stock keeps every
+intermediate, and backward differentiates the layer's own forward again (:class:`_DerivedFn`).
 """
 
 from __future__ import annotations
@@ -299,6 +305,148 @@ class MemorySavingTanh(_SmoothMixin, nn.Tanh):
         return _TANH
 
 
+# ------------------------------------------------------------------------------- library activations
+
+
+class _DerivedFn(torch.autograd.Function):
+    """An elementwise activation keeping only its input; backward differentiates the layer's own forward.
+
+    Forward runs ``fn`` (the library layer's forward) without building a graph and keeps its input
+    (optionally 8-bit compressed). Backward evaluates ``fn`` once more on the kept input with autograd
+    and takes its vector-Jacobian product: the very kernels, in the same order, that stock autograd runs
+    over the graph it kept, so gradients are stock's. Stock keeps every intermediate of the expression
+    (GPT-2's ``NewGELUActivation`` keeps five tensors the size of its input); this keeps one.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], compress: bool) -> Tensor:  # type: ignore[override]
+        with torch.no_grad():
+            y = fn(x)
+        ctx.fn, ctx.compress = fn, compress
+        if compress:
+            ctx.shape, ctx.dtype = x.shape, x.dtype
+            ctx.save_for_backward(*compress_int8(x))
+        else:
+            ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.compress:
+            x = decompress_int8(Compressed(*ctx.saved_tensors), ctx.shape, ctx.dtype)
+        else:
+            (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            (grad_x,) = torch.autograd.grad(ctx.fn(x), x, grad_out)
+        return grad_x, None, None
+
+
+_MISH = _Smooth(F.mish, torch.ops.aten.mish_backward, keeps_output=False)
+
+
+class _LibraryActivationOp(MemorySavingModule):
+    """A library's activation layer: a fused ATen op where its forward is one, else :class:`_DerivedFn`."""
+
+    shown_options = ("compress",)
+
+    def _spec(self) -> _Smooth | None:
+        """The fused op this layer's forward calls, or ``None`` (an expression of several ops)."""
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        library_forward = super().forward  # type: ignore[misc]
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return library_forward(x)
+        compress = self.op_options.compress == "int8"
+        spec = self._spec()
+        if spec is None:
+            return _DerivedFn.apply(x, library_forward, compress)
+        return _SmoothFn.apply(x, spec, compress)
+
+
+def _calls(act: object, fn: Callable[..., Tensor], **keywords: object) -> bool:
+    """Whether ``act`` is ``fn`` itself, or ``functools.partial(fn, **keywords)``."""
+    if not keywords:
+        return act is fn
+    return isinstance(act, partial) and act.func is fn and not act.args and act.keywords == keywords
+
+
+class _HFGELUOp(_LibraryActivationOp):
+    library_layer = "transformers.activations.GELUActivation"
+
+    def _spec(self) -> _Smooth | None:
+        return _GELU["none"] if _calls(getattr(self, "act", None), F.gelu) else None
+
+
+class _HFGELUTanhOp(_LibraryActivationOp):
+    library_layer = "transformers.activations.GELUTanh"
+
+    def _spec(self) -> _Smooth | None:
+        return _GELU["tanh"] if _calls(getattr(self, "act", None), F.gelu, approximate="tanh") else None
+
+
+class _HFSiLUOp(_LibraryActivationOp):
+    library_layer = "transformers.activations.SiLUActivation"
+
+    def _spec(self) -> _Smooth | None:
+        return _SILU
+
+
+class _HFMishOp(_LibraryActivationOp):
+    library_layer = "transformers.activations.MishActivation"
+
+    def _spec(self) -> _Smooth | None:
+        return _MISH if _calls(getattr(self, "act", None), F.mish) else None
+
+
+class _HFLinearOp(MemorySavingModule):
+    """transformers ``LinearActivation`` (the identity: keeps nothing) running its own forward."""
+
+    library_layer = "transformers.activations.LinearActivation"
+
+
+class _TimmGELUOp(_LibraryActivationOp):
+    library_layer = "timm.layers.activations.GELU"
+
+    def _spec(self) -> _Smooth | None:
+        return _GELU["none"]
+
+
+class _TimmGELUTanhOp(_LibraryActivationOp):
+    library_layer = "timm.layers.activations.GELUTanh"
+
+    def _spec(self) -> _Smooth | None:
+        return _GELU["tanh"]
+
+
+def _derived(path: str) -> type[_LibraryActivationOp]:
+    """An op for the library activation ``path`` whose forward is an elementwise expression of ATen ops."""
+    name = path.rsplit(".", 1)[1]
+    return type(f"_{name}Op", (_LibraryActivationOp,), {"library_layer": path, "__module__": __name__})
+
+
+_TRANSFORMERS = "transformers 5.25.0"
+# Fingerprints of the library source each op mirrors (see registry.source_fingerprint); a test checks them.
+_LIBRARY_ACTIVATIONS: tuple[tuple[type[MemorySavingModule], str, str], ...] = (
+    (_HFGELUOp, "3528c860738e7d27", _TRANSFORMERS),
+    (_HFGELUTanhOp, "3528c860738e7d27", _TRANSFORMERS),
+    (_HFSiLUOp, "b85459ec4f3f4ec8", _TRANSFORMERS),
+    (_HFMishOp, "3528c860738e7d27", _TRANSFORMERS),
+    (_derived("transformers.activations.NewGELUActivation"), "e6e5d7f710148701", _TRANSFORMERS),
+    (_derived("transformers.activations.FastGELUActivation"), "e4d9066444c86da9", _TRANSFORMERS),
+    (_derived("transformers.activations.QuickGELUActivation"), "d626f6578d947ed6", _TRANSFORMERS),
+    (_derived("transformers.activations.ClippedGELUActivation"), "8bc1962bb5ba2894", _TRANSFORMERS),
+    (_derived("transformers.activations.AccurateGELUActivation"), "914f922922d52bc5", _TRANSFORMERS),
+    (_derived("transformers.activations.LaplaceActivation"), "568748c14380d34f", _TRANSFORMERS),
+    (_derived("transformers.activations.ReLUSquaredActivation"), "af786f78dc2bb1fe", _TRANSFORMERS),
+    (_derived("transformers.activations.SqrtSoftplusActivation"), "9f79beb9bc42bf49", _TRANSFORMERS),
+    (_HFLinearOp, "f8307c13c74090c4", _TRANSFORMERS),
+    (_TimmGELUOp, "1e20d2c4ece48b46", "timm 1.0.31"),
+    (_TimmGELUTanhOp, "60d82bcf630e5276", "timm 1.0.31"),
+)
+
+
 for _cls in (
     MemorySavingReLU,
     MemorySavingReLU6,
@@ -310,3 +458,5 @@ for _cls in (
     MemorySavingTanh,
 ):
     register_op(_cls.stock_type, _cls.from_module)
+for _op, _fingerprint, _written_for in _LIBRARY_ACTIVATIONS:
+    register_op(_op.library_layer, _op.from_module, fingerprint=_fingerprint, written_for=_written_for)

@@ -10,10 +10,16 @@ when only its shape is needed (see ``placeholder``), so gradients are bit-identi
 Where this op would keep what stock keeps anyway (the weight trains, so the input must be kept) or nothing
 needs a gradient at all, the layer runs stock ``F.conv*d`` and skips the Python autograd Function, whose
 per-call overhead is the price of the saving.
+
+Subclasses that keep ``forward`` and ``_conv_forward`` (transformers' ``EfficientNetDepthwiseConv2d``) get
+these ops; timm's ``Conv2dSame`` (TensorFlow ``'SAME'`` padding computed per input, then a convolution
+without padding) has its own.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,7 +29,7 @@ from torch.nn import functional as F
 from ondevice.ops.placeholder import shape_placeholder
 from ondevice.ops.registry import MemorySavingModule, register_op
 
-__all__ = ["MemorySavingConv1d", "MemorySavingConv2d", "MemorySavingConv3d", "conv_forward"]
+__all__ = ["MemorySavingConv1d", "MemorySavingConv2d", "MemorySavingConv3d", "conv_forward", "pad_same"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
@@ -92,6 +98,8 @@ def conv_forward(conv: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias:
 
 
 class _ConvMixin(MemorySavingModule):
+    relies_on = ("forward", "_conv_forward")
+
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)  # type: ignore[safe-super]
@@ -116,5 +124,44 @@ class MemorySavingConv3d(_ConvMixin, nn.Conv3d):
     stock_type = nn.Conv3d
 
 
+def pad_same(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """TensorFlow's ``'SAME'`` padding of ``x`` for a 2d convolution, as timm's ``pad_same`` computes it."""
+    ih, iw = x.size()[-2:]
+    pad_h = max((math.ceil(ih / stride[0]) - 1) * stride[0] + (kernel_size[0] - 1) * dilation[0] + 1 - ih, 0)
+    pad_w = max((math.ceil(iw / stride[1]) - 1) * stride[1] + (kernel_size[1] - 1) * dilation[1] + 1 - iw, 0)
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0)
+
+
+class _Conv2dSameOp(MemorySavingModule):
+    """timm ``Conv2dSame``: dynamic ``'SAME'`` padding (which keeps nothing), then the conv op, no padding."""
+
+    library_layer = "timm.layers.conv2d_same.Conv2dSame"
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv: Any = self
+        weight, bias = conv.weight, conv.bias
+        if (
+            not torch.is_grad_enabled()
+            or weight.requires_grad
+            or not (x.requires_grad or (bias is not None and bias.requires_grad))
+        ):
+            return super().forward(x)  # type: ignore[safe-super]
+        x = pad_same(x, weight.shape[-2:], conv.stride, conv.dilation)
+        return _ConvFn.apply(x, weight, bias, (conv.stride, (0, 0), conv.dilation, conv.groups))
+
+
 for _cls in (MemorySavingConv1d, MemorySavingConv2d, MemorySavingConv3d):
-    register_op(_cls.stock_type, _cls.from_module)
+    register_op(_cls.stock_type, _cls.from_module, relies_on=_cls.relies_on)
+
+# Fingerprints of the library source the op mirrors (see registry.source_fingerprint); a test checks it.
+register_op(
+    _Conv2dSameOp.library_layer,
+    _Conv2dSameOp.from_module,
+    fingerprint="bc5e964f01ab9436",
+    also=(
+        "timm.layers.conv2d_same.conv2d_same",
+        "timm.layers.padding.pad_same",
+        "timm.layers.padding.get_same_padding",
+    ),
+    written_for="timm 1.0.31",
+)

@@ -20,8 +20,15 @@ from typing import Literal
 
 from torch import nn
 
-from ondevice.ops.registry import MemorySavingModule, OpOptions, clone_module_as, find_op, supported_types
-from ondevice.ops.sequential import MemorySavingSequential, fusable_runs, inplace_pairs
+from ondevice.ops.registry import (
+    MemorySavingModule,
+    OpOptions,
+    clone_module_as,
+    find_op,
+    op_support,
+    twin_class,
+)
+from ondevice.ops.sequential import MemorySavingSequential, fusable_runs, inplace_pairs, sequential_applies
 
 __all__ = ["SAVES_NOTHING", "convert", "restore", "unsupported_leaves"]
 
@@ -42,16 +49,31 @@ SAVES_NOTHING: tuple[type[nn.Module], ...] = (
 """Parameter-free layers that keep no tensor for backward under stock autograd (only shapes)."""
 
 
-def _registered(module_type: type[nn.Module]) -> bool:
-    return module_type in supported_types()
-
-
 def _swap(module: nn.Module, options: OpOptions) -> nn.Module | None:
-    """The memory-saving replacement of ``module``, or ``None`` when its type has no op."""
+    """The memory-saving replacement of ``module``, or ``None`` when no op applies to its type."""
     stock = module.to_stock() if isinstance(module, MemorySavingModule) else module
-    if not _registered(type(stock)):
+    if not op_support(stock).supported:
         return None
     return find_op(type(stock))(stock, options)
+
+
+def _convert_children(parent: nn.Module, options: OpOptions, done: dict[int, nn.Module]) -> int:
+    """Replace the children of ``parent`` (and theirs), each shared module once; return how many."""
+    replaced = 0
+    for name, child in list(parent.named_children()):
+        if id(child) in done:  # a module shared by several parents: one replacement for all
+            if done[id(child)] is not child:
+                setattr(parent, name, done[id(child)])
+            continue
+        new = _swap(child, options)
+        done[id(child)] = child if new is None else new
+        if new is not None:
+            setattr(parent, name, new)
+            replaced += 1
+        current = child if new is None else new
+        if not (isinstance(current, MemorySavingModule) and not current.converts_children):
+            replaced += _convert_children(current, options, done)
+    return replaced
 
 
 def convert(
@@ -63,9 +85,12 @@ def convert(
     """Replace every supported layer of ``module`` by a memory-saving equivalent; return the result.
 
     Children are replaced in place through their parents; the returned module is ``module`` itself unless
-    ``module`` is a supported layer (then its replacement is returned). Layers converted earlier are
-    converted again with the new options. Plain ``nn.Sequential`` children in which a ReLU-family
-    activation follows a convolution, linear layer or norm, or a BatchNorm follows a convolution, become
+    ``module`` is a supported layer (then its replacement is returned). A layer is supported when its type
+    or a base class it inherits ``forward`` from has an op (see :func:`ondevice.ops.op_support`); the
+    converted layer is still an instance of its original class. Layers converted earlier are converted
+    again with the new options. ``nn.Sequential`` children (and subclasses that keep Sequential's
+    ``forward``, e.g. torchvision's ``Conv2dNormActivation``) in which a ReLU-family activation follows a
+    convolution, linear layer or norm, or a BatchNorm follows a convolution, become
     :class:`MemorySavingSequential`, which runs frozen conv-BatchNorm(-ReLU) runs as one op and
     activations in place. Gradients are unchanged (exactly, for the lossless default).
 
@@ -79,44 +104,38 @@ def convert(
     """
     options = OpOptions(mask=mask, compress=compress)
     root = _swap(module, options)
+    done: dict[int, nn.Module] = {id(module): module if root is None else root}
     if root is not None:
-        return root
-    replaced = 0
-    for parent in list(module.modules()):
-        if isinstance(parent, MemorySavingModule):
-            continue
-        for name, child in list(parent.named_children()):
-            new = _swap(child, options)
-            if new is not None:
-                setattr(parent, name, new)
-                replaced += 1
+        module = root
+        if not module.converts_children:  # type: ignore[attr-defined]
+            return module
+    replaced = _convert_children(module, options, done) + (root is not None)
     # Inner Sequentials before outer ones, so an outer one's (copied) child dict holds the replaced inner.
     for parent in reversed(list(module.modules())):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Sequential and (inplace_pairs(child) or fusable_runs(child)):
-                setattr(parent, name, clone_module_as(child, MemorySavingSequential))
+            if sequential_applies(child) and (inplace_pairs(child) or fusable_runs(child)):
+                setattr(parent, name, clone_module_as(child, twin_class(MemorySavingSequential, type(child))))
     logger.debug("converted %d layer(s) to memory-saving ops (%s)", replaced, options)
     return module
 
 
 def restore(module: nn.Module) -> nn.Module:
-    """Turn every memory-saving layer and Sequential back into its stock one (same Parameters); return it."""
-    if isinstance(module, MemorySavingModule):
-        return module.to_stock()
-    if isinstance(module, MemorySavingSequential):
-        module = module.to_stock()
-    # Children before parents, so a replaced Sequential's (copied) child dict holds the restored layers.
+    """Turn every memory-saving layer and Sequential back into its original one (same Parameters)."""
+    # Children before parents, so a replaced parent's (copied) child dict holds the restored layers.
     for parent in reversed(list(module.modules())):
         for name, child in list(parent.named_children()):
             if isinstance(child, MemorySavingModule | MemorySavingSequential):
                 setattr(parent, name, child.to_stock())
+    if isinstance(module, MemorySavingModule | MemorySavingSequential):
+        return module.to_stock()
     return module
 
 
 def unsupported_leaves(model: nn.Module, *, include_parameterless: bool = False) -> dict[str, str]:
     """Modules that hold parameters of their own but have no memory-saving op: qualified name -> type name.
 
-    Modules with an op (converted or not) and everything inside them are skipped. With
+    Modules with an op (converted or not) are skipped, and so is everything inside those whose op owns
+    its children (see :attr:`OpSupport.children_converted`). With
     ``include_parameterless``, parameter-free leaves without an op that may keep tensors for backward
     (i.e. not in :data:`SAVES_NOTHING`) are listed too.
     """
@@ -125,8 +144,10 @@ def unsupported_leaves(model: nn.Module, *, include_parameterless: bool = False)
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in skip):
             continue
-        if isinstance(module, MemorySavingModule) or _registered(type(module)):
-            skip.append(name)
+        support = op_support(module)
+        if support.supported:
+            if not support.children_converted:
+                skip.append(name)
             continue
         has_own_params = any(True for _ in module.parameters(recurse=False))
         is_leaf = not any(True for _ in module.children())

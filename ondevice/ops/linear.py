@@ -9,6 +9,9 @@ autograd's generated code saves an operand only if the other one requires grad).
 accounts for Linear layers. :func:`linear_backward` computes the products in the order stock autograd's
 ``AddmmBackward0`` uses (``mm_mat1_backward``/``mm_mat2_backward``), for ops built on a linear map
 (``partial``), so their gradients match stock PyTorch bit for bit.
+
+timm's ``Linear`` (``F.linear`` in eager mode) and transformers' ``Conv1D`` (``addmm`` with the weight
+transposed, for which stock autograd saves the same way) are supported the same way.
 """
 
 from __future__ import annotations
@@ -54,4 +57,34 @@ class MemorySavingLinear(MemorySavingModule, nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class _TimmLinearOp(MemorySavingLinear):
+    """timm ``Linear``: in eager mode (not TorchScript) its forward is ``F.linear``, as this layer's."""
+
+    library_layer = "timm.layers.linear.Linear"
+
+
+class _Conv1DOp(MemorySavingModule):
+    """transformers ``Conv1D`` (GPT-2's linear layer with a transposed weight) running its own forward.
+
+    Its forward is ``addmm(bias, x2d, weight)``, for which stock autograd keeps ``x2d`` only when the
+    weight trains (and the weight, a parameter, only when the input needs a gradient): already what the
+    gradients need, so this op keeps the library's forward, and exists so that the layer is supported.
+    """
+
+    library_layer = "transformers.pytorch_utils.Conv1D"
+
+
 register_op(nn.Linear, MemorySavingLinear.from_module)
+# Fingerprints of the library source each op mirrors (see registry.source_fingerprint); a test checks them.
+register_op(
+    _TimmLinearOp.library_layer,
+    _TimmLinearOp.from_module,
+    fingerprint="013eab517bd7cd26",
+    written_for="timm 1.0.31",
+)
+register_op(
+    _Conv1DOp.library_layer,
+    _Conv1DOp.from_module,
+    fingerprint="15571302abfb15cd",
+    written_for="transformers 5.25.0",
+)

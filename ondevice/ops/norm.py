@@ -17,6 +17,10 @@ requested ones are bit-identical to stock PyTorch's.
 
 Where the op would keep what stock keeps (the scale trains, or for GroupNorm/LayerNorm the input needs a
 gradient) or nothing needs a gradient, the layer runs stock and skips the Python autograd Function.
+
+The library layers built on these norms get the same ops: timm's ``BatchNormAct2d`` (BatchNorm2d followed
+by its own ``drop`` and ``act`` children), timm's ``LayerNorm``/``LayerNorm2d`` and transformers'
+``ConvNextLayerNorm`` (channels-first LayerNorm as permute, LayerNorm, permute).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ondevice.ops.registry import MemorySavingModule, register_op
 
@@ -34,6 +39,7 @@ __all__ = [
     "MemorySavingBatchNorm3d",
     "MemorySavingGroupNorm",
     "MemorySavingLayerNorm",
+    "layer_norm",
 ]
 
 
@@ -188,15 +194,88 @@ class _LayerNormFn(torch.autograd.Function):
                 None, None)  # fmt: skip
 
 
+def layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """``nn.LayerNorm.forward`` (``F.layer_norm`` with ``norm``'s tensors) through the memory-saving op.
+
+    Runs stock ``F.layer_norm`` where the op would keep what stock keeps, or nothing needs a gradient.
+    """
+    if not torch.is_grad_enabled() or _stock_keeps_the_same(x, norm.weight, norm.bias, input_needed=True):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return _LayerNormFn.apply(x, norm.weight, norm.bias, list(norm.normalized_shape), norm.eps)
+
+
 class MemorySavingLayerNorm(MemorySavingModule, nn.LayerNorm):
     """``nn.LayerNorm`` that keeps nothing for backward when neither its input nor its scale needs a grad."""
 
     stock_type = nn.LayerNorm
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() or _stock_keeps_the_same(x, self.weight, self.bias, input_needed=True):
-            return super().forward(x)
-        return _LayerNormFn.apply(x, self.weight, self.bias, list(self.normalized_shape), self.eps)
+        return layer_norm(self, x)
+
+
+# ------------------------------------------------------------------ library layers built on these norms
+
+
+class _BatchNormAct2dOp(MemorySavingModule):
+    """timm ``BatchNormAct2d`` (BatchNorm2d, then its ``drop`` and ``act`` children) with the eval op.
+
+    In eval mode with running statistics and a frozen scale the norm keeps nothing (as
+    :class:`MemorySavingBatchNorm2d`); ``drop`` and ``act`` are children, converted by ``convert`` (a ReLU
+    then keeps a 1-bit mask, a SiLU its input). Everything else runs timm's own ``forward``, whose eval
+    branch is ``F.batch_norm`` with the running statistics, i.e. the very kernel the op calls.
+    """
+
+    library_layer = "timm.layers.norm_act.BatchNormAct2d"
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn: Any = self
+        if (
+            bn.training
+            or bn.running_mean is None
+            or bn.running_var is None
+            or x.ndim != 4
+            or not torch.is_grad_enabled()
+            or _stock_keeps_the_same(x, bn.weight, bn.bias, input_needed=False)
+        ):
+            return super().forward(x)  # type: ignore[safe-super]
+        x = _BatchNormEvalFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        return bn.act(bn.drop(x))
+
+
+class _TimmLayerNormOp(MemorySavingModule):
+    """timm ``LayerNorm``: ``F.layer_norm`` through the op, or timm's own forward for its fast-norm path."""
+
+    library_layer = "timm.layers.norm.LayerNorm"
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm: Any = self
+        if norm._fast_norm:
+            return super().forward(x)  # type: ignore[safe-super]
+        return layer_norm(norm, x)
+
+
+class _TimmLayerNorm2dOp(MemorySavingModule):
+    """timm ``LayerNorm2d``: channels-first LayerNorm as ``permute``, ``F.layer_norm``, ``permute``."""
+
+    library_layer = "timm.layers.norm.LayerNorm2d"
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm: Any = self
+        if norm._fast_norm:
+            return super().forward(x)  # type: ignore[safe-super]
+        return layer_norm(norm, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _ConvNextLayerNormOp(MemorySavingModule):
+    """transformers ``ConvNextLayerNorm``: ``nn.LayerNorm`` over channels-last or permuted channels-first."""
+
+    library_layer = "transformers.models.convnext.modeling_convnext.ConvNextLayerNorm"
+
+    def forward(self, features: Tensor) -> Tensor:
+        norm: Any = self
+        if norm.data_format == "channels_first":
+            return layer_norm(norm, features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return layer_norm(norm, features)
 
 
 for _cls in (
@@ -207,3 +286,12 @@ for _cls in (
     MemorySavingLayerNorm,
 ):
     register_op(_cls.stock_type, _cls.from_module)
+
+# Fingerprints of the library source each op mirrors (see registry.source_fingerprint); a test checks them.
+for _op, _fingerprint, _written_for in (
+    (_BatchNormAct2dOp, "c53eb5516b3c252a", "timm 1.0.31"),
+    (_TimmLayerNormOp, "fa4b228852552a23", "timm 1.0.31"),
+    (_TimmLayerNorm2dOp, "365777cf1e3bd40d", "timm 1.0.31"),
+    (_ConvNextLayerNormOp, "ebfd27228e203ca4", "transformers 5.25.0"),
+):
+    register_op(_op.library_layer, _op.from_module, fingerprint=_fingerprint, written_for=_written_for)

@@ -95,6 +95,7 @@ class MemorySavingPartialChannelUpdate(MemorySavingModule, PartialChannelUpdate)
     """:class:`PartialChannelUpdate` that keeps only the trained input channels for backward."""
 
     stock_type = PartialChannelUpdate
+    converts_children = False  # owns its frozen base layer, whose tensors the op uses directly
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base

@@ -19,14 +19,14 @@ layers then run exactly as in ``nn.Sequential``. ``memory.measure`` and ``memory
 memory with forward hooks on every module, so they see the separate layers: their peak is an upper bound
 of the fused one, and what is kept for backward is the same either way.
 
-:func:`ondevice.ops.convert` replaces every plain ``nn.Sequential`` child (not a subclass, and not the root
-it is given) that has such layers; :func:`ondevice.ops.restore` turns it back.
+:func:`ondevice.ops.convert` replaces every ``nn.Sequential`` child (or subclass keeping Sequential's
+``forward``; not the root it is given) that has such layers; :func:`ondevice.ops.restore` turns it back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +60,7 @@ from ondevice.ops.norm import (
 from ondevice.ops.placeholder import shape_placeholder
 from ondevice.ops.registry import MaskMode, clone_module_as
 
-__all__ = ["MemorySavingSequential", "fusable_runs", "inplace_pairs"]
+__all__ = ["MemorySavingSequential", "fusable_runs", "inplace_pairs", "sequential_applies"]
 
 # Layers whose autograd nodes (stock or memory-saving) never keep their output, which is a new tensor.
 _PRODUCERS: tuple[type[nn.Module], ...] = (
@@ -86,8 +86,11 @@ _ACTIVATIONS: tuple[type[nn.Module], ...] = (MemorySavingReLU, MemorySavingReLU6
 
 
 def _in_place_pair(producer: nn.Module, activation: nn.Module) -> bool:
-    """Whether ``activation`` may overwrite the output of ``producer`` (by exact type; hooks aside)."""
-    return type(producer) in _PRODUCERS and type(activation) in _ACTIVATIONS
+    """Whether ``activation`` may overwrite the output of ``producer`` (by op class; hooks aside).
+
+    Twins of subclasses (:func:`~ondevice.ops.registry.twin_class`) run their op class's ``forward``.
+    """
+    return isinstance(producer, _PRODUCERS) and isinstance(activation, _ACTIVATIONS)
 
 
 def inplace_pairs(sequential: Iterable[nn.Module]) -> tuple[int, ...]:
@@ -99,7 +102,11 @@ def inplace_pairs(sequential: Iterable[nn.Module]) -> tuple[int, ...]:
 def fusable_runs(sequential: Iterable[nn.Module]) -> tuple[int, ...]:
     """Indices of the convolutions of ``sequential`` followed by a BatchNorm they may run fused with."""
     layers = list(sequential)
-    return tuple(i for i in range(len(layers) - 1) if _FUSED_NORM.get(type(layers[i])) is type(layers[i + 1]))
+    return tuple(i for i in range(len(layers) - 1) if _fused_pair(layers[i], layers[i + 1]))
+
+
+def _fused_pair(conv: nn.Module, norm: nn.Module) -> bool:
+    return any(isinstance(conv, c) and isinstance(norm, n) for c, n in _FUSED_NORM.items())
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -201,7 +208,7 @@ def _fusable(layers: Sequence[nn.Module], i: int, x: Tensor) -> int:
     if not any(trains) or not x.is_contiguous() or _hooked(conv) or _hooked(norm):
         return 0
     act = layers[i + 2] if i + 2 < len(layers) else None
-    return 3 if type(act) in _FUSED_ACTIVATIONS and not _hooked(act) else 2  # type: ignore[arg-type]
+    return 3 if isinstance(act, _FUSED_ACTIVATIONS) and not _hooked(act) else 2
 
 
 _FUSE_CANDIDATE, _IN_PLACE_CANDIDATE = 1, 2
@@ -233,12 +240,31 @@ def _run_fused(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
     )  # fmt: skip
 
 
+def sequential_applies(module: nn.Module) -> TypeGuard[nn.Sequential]:
+    """Whether ``module`` is an ``nn.Sequential`` (or a subclass keeping its ``forward``) not yet converted.
+
+    torchvision's ``Conv2dNormActivation`` and ``MLPBlock`` are such subclasses; one that defines
+    ``forward`` or ``__iter__`` of its own may run its layers differently and is left alone.
+    """
+    if not isinstance(module, nn.Sequential) or isinstance(module, MemorySavingSequential):
+        return False
+    for cls in type(module).__mro__:
+        if cls is nn.Sequential:
+            return True
+        if "forward" in cls.__dict__ or "__iter__" in cls.__dict__:
+            return False
+    return False
+
+
 class MemorySavingSequential(nn.Sequential):
     """``nn.Sequential`` fusing frozen conv-BatchNorm(-ReLU) runs and running activations in place.
 
     See the module docstring for when. Same children, names and ``state_dict`` as the ``nn.Sequential``
-    it replaces.
+    it replaces; for a subclass of ``nn.Sequential``, :func:`~ondevice.ops.registry.twin_class` mixes this
+    class into it, so the result is still an instance of the subclass.
     """
+
+    stock_type: ClassVar[type[nn.Sequential]] = nn.Sequential
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Sequential's parameter name
         if _global_hooks():
@@ -267,5 +293,7 @@ class MemorySavingSequential(nn.Sequential):
         return input
 
     def to_stock(self) -> nn.Sequential:
-        """A plain ``nn.Sequential`` with the same children."""
-        return clone_module_as(self, nn.Sequential)
+        """The ``nn.Sequential`` (or subclass) this one replaced, with the same children."""
+        stock = clone_module_as(self, self.stock_type)
+        stock.__dict__.pop("_plan", None)
+        return stock

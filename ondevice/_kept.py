@@ -1,0 +1,82 @@
+"""What given layers keep for backward on one batch, counted on fake tensors (no data, no compute).
+
+prepare uses it to say what the layers that run on stock autograd cost. The count is the one
+``memory.measure`` makes (every storage autograd saves while the layer's own forward runs, each storage
+once, parameters and buffers excluded), on a fake copy of the batch that ``ondevice._example`` describes,
+so the model's own tensors are never touched: parameters and buffers are swapped for fake ones for the
+call (``torch.func.functional_call``), which also keeps train-mode norm statistics unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ondevice._example import ExampleSpec
+
+__all__ = ["kept_bytes"]
+
+
+def _storage_key(t: Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage()._cdata)
+    except (RuntimeError, NotImplementedError):  # storage-less layouts
+        return None
+
+
+def kept_bytes(model: nn.Module, names: Sequence[str], example: ExampleSpec) -> dict[str, int]:
+    """Bytes each named module's own forward keeps for backward on a batch shaped like ``example``.
+
+    A module nested in another named one counts towards the inner one only.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    state: dict[str, Tensor] = {}
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        fake = mode.from_tensor(tensor.detach())
+        state[name] = fake.requires_grad_(tensor.requires_grad) if tensor.is_floating_point() else fake
+    excluded = {key for key in (_storage_key(t) for t in state.values()) if key is not None}
+    saved: dict[int, tuple[int, str]] = {}
+    stack = [""]
+
+    def pack(t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key is not None and key not in excluded and key not in saved:
+            saved[key] = (t.untyped_storage().nbytes(), stack[-1])
+        return t.detach()
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            stack.append(name)
+
+        return hook
+
+    def leave(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if stack[-1] == name:
+                stack.pop()
+
+        return hook
+
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave(name), always_call=True))
+    device = next((t.device for t in state.values()), torch.device("cpu"))
+    try:
+        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            batch = example.empty(device=device)
+            torch.func.functional_call(model, state, (batch,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals = dict.fromkeys(names, 0)
+    for nbytes, owner in saved.values():
+        if owner in totals:
+            totals[owner] += nbytes
+    return totals
