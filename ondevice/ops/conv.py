@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ondevice.ops.placeholder import shape_placeholder
+from ondevice.ops.placeholder import memory_format_of, shape_placeholder
 from ondevice.ops.registry import MemorySavingModule, register_op
 
 __all__ = ["MemorySavingConv1d", "MemorySavingConv2d", "MemorySavingConv3d", "conv_forward", "pad_same"]
@@ -44,7 +44,7 @@ class _ConvFn(torch.autograd.Function):
         bias: Tensor | None,
         conv_args: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int],
     ) -> Tensor:
-        ctx.conv_args, ctx.x_shape = conv_args, x.shape
+        ctx.conv_args, ctx.x_shape, ctx.x_format = conv_args, x.shape, memory_format_of(x)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         return _CONV[x.dim() - 2](x, weight, bias, *conv_args)
@@ -53,7 +53,7 @@ class _ConvFn(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         if x is None:
-            x = shape_placeholder(ctx.x_shape, grad_out)
+            x = shape_placeholder(ctx.x_shape, grad_out, ctx.x_format)
         stride, padding, dilation, groups = ctx.conv_args
         grad_x, grad_w, grad_b = _CONVOLUTION_BACKWARD(
             grad_out, x, weight, ctx.bias_shape, stride, padding, dilation, False,

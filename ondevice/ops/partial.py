@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ondevice.adapters.partial import PartialChannelUpdate
 from ondevice.ops.conv import _CONV, resolve_padding
 from ondevice.ops.linear import linear_backward
-from ondevice.ops.placeholder import shape_placeholder
+from ondevice.ops.placeholder import memory_format_of, shape_placeholder
 from ondevice.ops.registry import MemorySavingModule, register_op
 
 __all__ = ["MemorySavingPartialChannelUpdate"]
@@ -50,6 +50,7 @@ class _PartialFn(torch.autograd.Function):
         else:
             kept = None
         ctx.conv_args, ctx.x_shape, ctx.dim = conv_args, x.shape, dim
+        ctx.x_format = memory_format_of(x)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(kept, base_weight, weight_update, index)
         if conv_args is None:
@@ -72,8 +73,9 @@ class _PartialFn(torch.autograd.Function):
         else:
             stride, padding, dilation, groups = ctx.conv_args
             n = len(stride)
+            stand_in = shape_placeholder(ctx.x_shape, grad_out, ctx.x_format)
             grad_x, _, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, shape_placeholder(ctx.x_shape, grad_out), weight, ctx.bias_shape, stride, padding,
+                grad_out, stand_in, weight, ctx.bias_shape, stride, padding,
                 dilation, False, [0] * n, groups, [needs_x, False, needs_b],
             )  # fmt: skip
             if needs_base or needs_update:

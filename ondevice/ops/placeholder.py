@@ -2,8 +2,11 @@
 
 ATen's backward kernels take the forward input even when they only need its shape (the input gradient
 of a convolution or a pooling layer), and they make it contiguous first, so a zero-stride ``expand`` would
-be copied in full. A placeholder is an *uninitialised* contiguous tensor instead: its pages are never
-written or read, so it occupies address space but no physical memory. ``memory``'s live-tensor tracker
+be copied in full. A placeholder is an *uninitialised* dense tensor instead: its pages are never
+written or read, so it occupies address space but no physical memory. It takes the memory format of the
+input it stands for (:func:`memory_format_of`): the kernels choose their algorithm and the layout of the
+gradient they return from it (cuDNN in particular), so a channels_last input must get a channels_last
+stand-in, as stock autograd hands them the input itself. ``memory``'s live-tensor tracker
 asks :func:`allocating_placeholder` and does not count it.
 """
 
@@ -12,9 +15,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-__all__ = ["allocating_placeholder", "shape_placeholder"]
+__all__ = ["allocating_placeholder", "memory_format_of", "shape_placeholder"]
 
 _state = threading.local()
 
@@ -24,10 +28,25 @@ def allocating_placeholder() -> bool:
     return getattr(_state, "active", False)
 
 
-def shape_placeholder(shape: Sequence[int], like: Tensor) -> Tensor:
-    """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device."""
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """``channels_last`` (``channels_last_3d``) for an input dense in that format only, else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def shape_placeholder(
+    shape: Sequence[int], like: Tensor, memory_format: torch.memory_format = torch.contiguous_format
+) -> Tensor:
+    """An uninitialised tensor of ``shape`` in ``memory_format``, with ``like``'s dtype and device."""
     _state.active = True
     try:
-        return like.new_empty(tuple(shape))
+        return torch.empty(
+            tuple(shape), dtype=like.dtype, device=like.device, memory_format=memory_format
+        )
     finally:
         _state.active = False

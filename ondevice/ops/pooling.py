@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from ondevice.ops.placeholder import shape_placeholder
+from ondevice.ops.placeholder import memory_format_of, shape_placeholder
 from ondevice.ops.registry import MemorySavingModule, register_op
 
 __all__ = [
@@ -33,12 +33,12 @@ __all__ = [
 class _AvgPool2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, args: tuple[Any, ...]) -> Tensor:  # type: ignore[override]
-        ctx.x_shape, ctx.args = x.shape, args
+        ctx.x_shape, ctx.x_format, ctx.args = x.shape, memory_format_of(x), args
         return F.avg_pool2d(x, *args)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x = shape_placeholder(ctx.x_shape, grad_out)
+        x = shape_placeholder(ctx.x_shape, grad_out, ctx.x_format)
         kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.args
         grad_x = torch.ops.aten.avg_pool2d_backward(
             grad_out, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor
@@ -50,7 +50,7 @@ class _MaxPool2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, args: tuple[Any, ...]) -> Tensor:  # type: ignore[override]
         out, indices = torch.ops.aten.max_pool2d_with_indices(x, *args)
-        ctx.x_shape, ctx.args = x.shape, args
+        ctx.x_shape, ctx.x_format, ctx.args = x.shape, memory_format_of(x), args
         if ctx.needs_input_grad[0]:
             plane = x.shape[-1] * x.shape[-2]
             ctx.save_for_backward(indices.to(torch.int32) if plane < 2**31 else indices)
@@ -59,7 +59,7 @@ class _MaxPool2dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (indices,) = ctx.saved_tensors
-        x = shape_placeholder(ctx.x_shape, grad_out)
+        x = shape_placeholder(ctx.x_shape, grad_out, ctx.x_format)
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *ctx.args, indices.long())
         return grad_x, None
 
@@ -67,12 +67,12 @@ class _MaxPool2dFn(torch.autograd.Function):
 class _AdaptiveAvgPool2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, output_size: tuple[int, int]) -> Tensor:  # type: ignore[override]
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.x_format = x.shape, memory_format_of(x)
         return torch.ops.aten._adaptive_avg_pool2d(x, output_size)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x = shape_placeholder(ctx.x_shape, grad_out)
+        x = shape_placeholder(ctx.x_shape, grad_out, ctx.x_format)
         return torch.ops.aten._adaptive_avg_pool2d_backward(grad_out, x), None
 
 
