@@ -403,18 +403,21 @@ def compute_layers(model: nn.Module, head: str | None) -> list[tuple[str, nn.Mod
 
 
 def layer_bias(model: nn.Module, name: str) -> nn.Parameter | None:
-    """A layer's bias, or the shift of the norm leaf right after it when it has none (BN folding)."""
+    """A layer's bias, or the shift of the norm right after it when it has none (BN folding).
+
+    "Right after" is the next module in registration order outside the layer, so a norm with children of
+    its own (timm's ``BatchNormAct2d`` holds its activation) counts as well as a leaf one.
+    """
     layer = model.get_submodule(name)
     own_bias = getattr(layer, "bias", None)
     if isinstance(own_bias, nn.Parameter):
         return own_bias
-    ordered = list(leaves(model))
+    ordered = list(model.named_modules())
     index = next(i for i, (n, _) in enumerate(ordered) if n == name)
-    if index + 1 < len(ordered):
-        follower = ordered[index + 1][1]
-        shift = getattr(follower, "bias", None)
-        if isinstance(follower, NORM_TYPES) and isinstance(shift, nn.Parameter):
-            return shift
+    follower = next((m for n, m in ordered[index + 1 :] if not n.startswith(name + ".")), None)
+    shift = getattr(follower, "bias", None)
+    if isinstance(follower, NORM_TYPES) and isinstance(shift, nn.Parameter):
+        return shift
     return None
 
 

@@ -115,3 +115,15 @@ def test_the_trainer_fits_a_transformers_model_through_its_model_output(name: st
     assert first is not None and last is not None
     # The head and biases learn through the ModelOutput (a random-init CNN learns the class prior at least).
     assert last < 0.8 * first
+
+
+def test_sparse_finds_the_norm_shift_after_a_bias_free_conv_in_every_library() -> None:
+    # timm's BatchNormAct2d holds its activation as a child: it is still the norm right after the conv.
+    counts = {}
+    for name in ("timm/mobilenetv2_100", "torchvision/mobilenet_v2", "transformers/mobilenetv2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare(LIBRARY_MODELS[name].build(), "sparse")
+        names = prepared.report.trainable_names
+        counts[name] = sum(1 for n in names if n.endswith(".bias"))
+    assert len(set(counts.values())) == 1 and counts["timm/mobilenetv2_100"] > 20, counts
