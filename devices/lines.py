@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,7 +40,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SEPARATORS = re.compile(r"[,\t ]+")
-DROP_REASONS = ("column_count", "empty", "non_numeric", "overlong", "resync", "undecodable")
+DROP_REASONS = ("column_count", "empty", "non_numeric", "overflow", "overlong", "resync", "undecodable")
 
 
 class LineError(OnDeviceError, ValueError):
@@ -132,6 +133,14 @@ class SampleStream:
             opening a port in the middle of a line would otherwise yield a cut reading. Turn it off only
             when the device starts writing after the port is open.
         clock: monotonic clock for timestamps (injectable for tests).
+        queue_size: ``None`` reads in the consumer's thread, between the samples it takes (a consumer
+            that learns between reads leaves the sensor's bytes in the OS buffer, which a fast sensor
+            overruns). A positive number reads in a thread of its own, started by the first
+            :meth:`samples` (or :meth:`start`), which parses readings into a queue of at most this many;
+            when the consumer falls that far behind, the oldest queued reading is dropped and counted as
+            ``overflow`` in ``stats.dropped`` (with a warning at the 1st, 10th, 100th... one), so the
+            consumer always resumes at the freshest readings. Each reading keeps the time its line
+            arrived (``t_s``), and ``stats`` is updated by the reader thread as lines arrive.
     """
 
     def __init__(
@@ -147,9 +156,20 @@ class SampleStream:
         rate_window: int = 200,
         resync: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        queue_size: int | None = None,
     ) -> None:
         if max_line_bytes < 8 or adopt_after < 1 or rate_window < 2:
             raise ConfigError("SampleStream needs max_line_bytes >= 8, adopt_after >= 1 and rate_window >= 2")
+        if queue_size is not None and (isinstance(queue_size, bool) or queue_size < 1):
+            raise ConfigError(
+                f"SampleStream queue_size must be None (read inline) or a positive number of readings, "
+                f"got {queue_size!r}"
+            )
+        self.queue_size = queue_size
+        self._queue: deque[Sample] = deque()
+        self._ready = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self._reader_done = False
         self.port = (
             port
             if isinstance(port, ReconnectingPort)
@@ -234,25 +254,93 @@ class SampleStream:
             self.stats.partial_reads += 1
         return samples
 
+    def _read_chunk(self) -> list[Sample] | None:
+        """One read from the port, parsed; ``None`` once the port is closed or backoff gave up."""
+        reconnects = self.port.reconnects
+        chunk = self.port.read(4096)
+        if self.port.reconnects != reconnects:
+            self._buffer.clear()  # a line cut by the unplug is not a reading
+            self._skipping = False
+            self._resync_pending = self._resync
+        self.stats.reconnects = self.port.reconnects
+        if not chunk:
+            return None if self.port.gave_up or self.port.closed else []
+        return self._feed(chunk, self._clock())
+
+    def start(self) -> SampleStream:
+        """Start the reader thread (with ``queue_size``; idempotent, and a no-op when reading inline)."""
+        if self.queue_size is not None and self._reader is None:
+            self._reader = threading.Thread(target=self._read_loop, name="sample-stream-reader", daemon=True)
+            self._reader.start()
+        return self
+
+    def _read_loop(self) -> None:
+        assert self.queue_size is not None
+        try:
+            while not self.port.closed:
+                try:
+                    samples = self._read_chunk()
+                except Exception:  # never let the reader die on a bad line
+                    logger.exception("unexpected error in the serial reader; continuing")
+                    continue
+                if samples is None:
+                    return
+                if not samples:
+                    continue
+                with self._ready:
+                    for sample in samples:
+                        if len(self._queue) >= self.queue_size:
+                            self._queue.popleft()
+                            self._drop("overflow", "the consumer fell behind")
+                            overflow = self.stats.dropped["overflow"]
+                            if overflow == 10 ** int(math.log10(overflow)):
+                                logger.warning(
+                                    "%d reading(s) dropped so far: the consumer is slower than the sensor "
+                                    "(queue of %d full); the oldest queued readings go first",
+                                    overflow,
+                                    self.queue_size,
+                                )
+                        self._queue.append(sample)
+                    self._ready.notify_all()
+        finally:
+            with self._ready:
+                self._reader_done = True
+                self._ready.notify_all()
+
+    def _queued(self, deadline: float | None) -> Iterator[Sample]:
+        self.start()
+        while not self.port.closed:
+            with self._ready:
+                if not self._queue:
+                    if self._reader_done:
+                        return
+                    self._ready.wait(0.05)
+                batch = list(self._queue)
+                self._queue.clear()
+            yield from batch
+            if deadline is not None and self._clock() >= deadline:
+                return
+
     def samples(self, *, max_samples: int | None = None, duration_s: float | None = None) -> Iterator[Sample]:
         """Yield readings until ``max_samples``, ``duration_s``, :meth:`close`, or backoff gives up."""
         deadline = None if duration_s is None else self._clock() + duration_s
         produced = 0
+        if max_samples is not None and max_samples <= 0:
+            return
+        if self.queue_size is not None:
+            for sample in self._queued(deadline):
+                yield sample
+                produced += 1
+                if max_samples is not None and produced >= max_samples:
+                    return
+            return
         while not self.port.closed:
             if deadline is not None and self._clock() >= deadline:
                 return
-            reconnects = self.port.reconnects
-            chunk = self.port.read(4096)
-            if self.port.reconnects != reconnects:
-                self._buffer.clear()  # a line cut by the unplug is not a reading
-                self._skipping = False
-                self._resync_pending = self._resync
-            self.stats.reconnects = self.port.reconnects
-            if not chunk:
-                if self.port.gave_up:
-                    return
-                continue
-            for sample in self._feed(chunk, self._clock()):
+            chunk = self._read_chunk()
+            if chunk is None:
+                return
+            for sample in chunk:
                 yield sample
                 produced += 1
                 if max_samples is not None and produced >= max_samples:
@@ -262,8 +350,12 @@ class SampleStream:
         return self.samples()
 
     def close(self) -> None:
-        """Close the port; an iterating consumer stops within one read timeout."""
+        """Close the port; an iterating consumer stops within one read timeout (and the reader thread)."""
         self.port.close()
+        with self._ready:
+            self._ready.notify_all()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
 
     def __enter__(self) -> SampleStream:
         return self

@@ -19,13 +19,14 @@ where Flower sets them) and ``state-dir`` (default ``~/.cache/ondevice/federated
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,18 @@ from federated.payload import (
     to_record,
 )
 from federated.validation import METRICS_RECORD, NUM_EXAMPLES, validate_replies
+from ondevice.checkpoint import atomic_write_bytes
 from ondevice.errors import ConfigError
 from ondevice.trainer import evaluate
 
-__all__ = ["RoundRecord", "ServerOutcome", "make_client_app", "make_server_app", "run_server"]
+__all__ = [
+    "RoundRecord",
+    "ServerOutcome",
+    "make_client_app",
+    "make_server_app",
+    "run_server",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +191,10 @@ class RoundRecord:
         accuracy: the global model's accuracy on the server's test set (None in personalised mode).
         client_accuracy: sample-weighted mean of the accepted devices' local test accuracy after training.
         bytes_down / bytes_up: array bytes of the messages sent / replies received this round.
+        asked: the node IDs sampled (sent a train message) this round.
+        rejected: ``(node ID, reason)`` for every reply that was not aggregated, named by the node that
+            was asked (an error reply the SuperLink makes up for an unreachable node carries the
+            SuperLink's own ID as its source; it is named by the node it stands for).
     """
 
     round: int
@@ -195,11 +208,27 @@ class RoundRecord:
     bytes_down: int
     bytes_up: int
     seconds: float
+    asked: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["rejected"] = [list(r) for r in self.rejected]
+        payload["asked"] = list(self.asked)
         return payload
+
+    def summary(self, rounds: int | None = None) -> str:
+        """One log line: devices asked, answered, accepted, rejected (node ID: reason), accuracy, bytes."""
+        of = f"/{rounds}" if rounds else ""
+        rejected = "; ".join(f"node {node}: {reason}" for node, reason in self.rejected)
+        accuracy = "-" if self.accuracy is None else f"{self.accuracy:.4f}"
+        devices = "-" if self.client_accuracy is None else f"{self.client_accuracy:.4f}"
+        return (
+            f"round {self.round}{of}: {self.sampled} device(s) asked {list(self.asked)}, {self.replies} "
+            f"answered, {self.accepted} accepted, {len(self.rejected)} rejected"
+            + (f" [{rejected}]" if rejected else "")
+            + f"; accuracy {accuracy} (devices' own {devices}); {self.bytes_down} bytes down, "
+            f"{self.bytes_up} bytes up; {self.seconds:.1f} s"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,6 +247,14 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
             return nodes
         logger.info("waiting for devices: %d connected, %d wanted", len(nodes), wanted)
         time.sleep(_NODE_WAIT_S)
+
+
+def _asked_node(reply: Message, asked: dict[str, int], sampled: set[int]) -> int:
+    """The node a reply answers for: its source, or (for a reply the SuperLink made up) the node asked."""
+    source = int(reply.metadata.src_node_id)
+    if source in sampled:
+        return source
+    return asked.get(reply.metadata.reply_to_message_id, source)
 
 
 def _weighted_metric(values: list[tuple[float, float]]) -> float | None:
@@ -278,10 +315,27 @@ def run_server(
             for node in sampled
         ]
         bytes_down = sum(content_bytes(m.content) for m in messages)
+        logger.info(
+            "round %d/%d: asking %d of %d connected device(s): %s",
+            server_round,
+            config.rounds,
+            len(sampled),
+            len(nodes),
+            sampled,
+        )
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout_s))
         bytes_up = sum(content_bytes(r.content) for r in replies if r.has_content())
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        answered_by = {id(r): _asked_node(r, asked, set(sampled)) for r in replies}
+        # An error reply (the node is unreachable, its ClientApp failed) is named by the node asked: the
+        # SuperLink makes up the reply for an unreachable node with its own ID as the source.
+        failed = tuple(
+            (answered_by[id(r)], f"error reply: {r.error.reason}") for r in replies if r.has_error()
+        )
+        for node, reason in failed:
+            logger.warning("round %d: rejected the reply of node %s: %s", server_round, node, reason)
         report = validate_replies(
-            replies,
+            [r for r in replies if not r.has_error()],
             spec=spec,
             compression=compression,
             norm_factor=config.norm_factor,
@@ -289,6 +343,7 @@ def run_server(
             statistics=statistics,
         )
         accepted = report.accepted
+        silent = sorted(set(sampled) - set(answered_by.values()))
         if len(accepted) >= config.min_replies:
             mean = weighted_average([c.update for c in accepted], [c.num_examples for c in accepted])
             global_arrays = server_step.step(global_arrays, mean)
@@ -319,12 +374,17 @@ def run_server(
             sampled=len(sampled),
             replies=len(replies),
             accepted=len(accepted),
-            rejected=tuple((r.node_id, r.reason) for r in report.rejected),
+            rejected=(
+                failed
+                + tuple((r.node_id, r.reason) for r in report.rejected)
+                + tuple((node, "no reply") for node in silent)
+            ),
             bytes_down=bytes_down,
             bytes_up=bytes_up,
             seconds=time.perf_counter() - start,
+            asked=tuple(sampled),
         )
-        logger.info("round %d: %s", server_round, record)
+        logger.info("%s", record.summary(config.rounds))
         records.append(record)
         if on_round is not None:
             on_round(record)
@@ -348,8 +408,11 @@ def make_server_app(
         min_nodes: devices to wait for before each round (default: run config ``min-nodes``, else 1).
 
     The run config may also set ``node-wait-s``: how long to wait for ``min-nodes`` devices before each
-    round (default ``round-timeout-s``). If the run config has ``results-path``, the rounds are also
-    written there as JSON at the end.
+    round (default ``round-timeout-s``). If the run config has ``results-path``, the rounds so far are
+    written there as JSON after every round (atomically, see :func:`write_results`). Each round is logged
+    as it ends (devices asked, answered, accepted, rejected with node IDs and reasons, accuracy, bytes)
+    and, while the ServerApp runs, this package's log lines go to Flower's console, so ``flwr log`` shows
+    the run as it goes.
     """
     app = ServerApp()
 
@@ -372,18 +435,54 @@ def make_server_app(
             isinstance(node_wait, bool) or not isinstance(node_wait, int | float) or node_wait < 0
         ):
             raise ConfigError(f"node-wait-s must be a number >= 0, got {node_wait!r}")
-        records = run_server(
-            grid,
-            settings,
-            on_round=on_round,
-            min_nodes=wanted,
-            node_wait_s=None if node_wait is None else float(node_wait),
-        ).rounds
         target = context.run_config.get("results-path")
-        if isinstance(target, str) and target:
-            from ondevice.checkpoint import atomic_write_bytes
+        done: list[RoundRecord] = []
 
-            payload = {"config": settings.to_dict(), "rounds": [r.to_dict() for r in records]}
-            atomic_write_bytes(os.path.expanduser(target), json.dumps(payload, indent=2).encode())
+        def each_round(record: RoundRecord) -> None:
+            done.append(record)
+            if isinstance(target, str) and target:
+                write_results(target, settings, done)
+            if on_round is not None:
+                on_round(record)
+
+        with _shown_by_flower():
+            run_server(
+                grid,
+                settings,
+                on_round=each_round,
+                min_nodes=wanted,
+                node_wait_s=None if node_wait is None else float(node_wait),
+            )
 
     return app
+
+
+def write_results(path: str | os.PathLike[str], config: FederatedConfig, rounds: list[RoundRecord]) -> None:
+    """Write ``{"config": ..., "rounds": [...]}`` as JSON, atomically (a reader never sees half a file)."""
+    payload = {"config": config.to_dict(), "rounds": [r.to_dict() for r in rounds]}
+    atomic_write_bytes(os.path.expanduser(os.fspath(path)), json.dumps(payload, indent=2).encode())
+
+
+@contextlib.contextmanager
+def _shown_by_flower() -> Iterator[None]:
+    """While a ServerApp runs, this package's INFO lines also go to Flower's console handler.
+
+    The ServerApp is the top of its process, and Flower sends that process's console output to
+    ``flwr log``; without a handler, Python would drop INFO records. Only when nothing handles this
+    package's records already (a ServerApp process under Flower); records still propagate as usual.
+    """
+    from flwr.common.logger import console_handler
+
+    package = logging.getLogger("federated")
+    added = not package.hasHandlers()  # an application that configured logging (the CLI) keeps its own
+    level = package.level
+    if added:
+        package.addHandler(console_handler)
+        if package.level == logging.NOTSET or package.level > logging.INFO:
+            package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        if added:
+            package.removeHandler(console_handler)
+        package.setLevel(level)

@@ -3,7 +3,7 @@
 Example (``examples/fleet/inventory.toml`` has a commented one)::
 
     [fleet]                                   # defaults for every host; any key may be set per host
-    superlink = "192.168.1.10:9092"           # the SuperLink's Fleet API address
+    superlink = "192.168.1.10:8000"           # the SuperLink's address (Flower 1.41: one port, 8000)
     root_certificates = "/etc/flower/ca.crt"  # on each Pi: CA certificate that signed the SuperLink's
     user = "pi"
     key = "~/.ssh/id_ed25519"                 # local client key (relative paths: next to this file)
@@ -14,7 +14,11 @@ Example (``examples/fleet/inventory.toml`` has a commented one)::
     name = "pi-kitchen"
     address = "192.168.1.21"
     auth_key = "/etc/flower/supernode.key"    # on the Pi: the SuperNode's authentication private key
-    node = { partition_id = 0, num_partitions = 2, data_path = "/home/pi/data" }
+    node = { partition_id = 0, num_partitions = 2, state_dir = "/home/pi/ondevice/state" }
+
+``node`` holds exactly the node config keys the ClientApp reads (:mod:`federated.apps`): ``partition_id``,
+``num_partitions`` and ``state_dir`` (where the device keeps its learner state across restarts; default
+``<remote_dir>/state``, which the SSH user owns).
 
 Host keys are verified against ``known_hosts``. The only way around it is
 ``insecure_ignore_host_keys = true``, which the CLI reports loudly on every run.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,28 +46,19 @@ class InventoryError(ConfigError):
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """What a SuperNode passes to its ClientApp (``--node-config``)."""
+    """What a SuperNode passes to its ClientApp (``--node-config``): the keys :mod:`federated.apps` reads.
+
+    ``state_dir`` empty means the host's default, ``<remote_dir>/state`` (see :attr:`Host.node_config`).
+    """
 
     partition_id: int = 0
     num_partitions: int = 1
-    data_path: str = ""
-    extra: dict[str, str | int | float | bool] = field(default_factory=dict)
+    state_dir: str = ""
 
     def as_flower_string(self) -> str:
-        """The ``--node-config`` value: ``partition-id=0 num-partitions=2 data-path="/data"``."""
-        items: dict[str, Any] = {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
-        if self.data_path:
-            items["data-path"] = self.data_path
-        items.update(self.extra)
-        parts = []
-        for key, value in items.items():
-            if isinstance(value, bool):
-                parts.append(f"{key}={'true' if value else 'false'}")
-            elif isinstance(value, int | float):
-                parts.append(f"{key}={value}")
-            else:
-                parts.append(f'{key}="{value}"')
-        return " ".join(parts)
+        """The ``--node-config`` value: ``partition-id=0 num-partitions=2 state-dir="/home/pi/state"``."""
+        text = f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
+        return text + (f' state-dir="{self.state_dir}"' if self.state_dir else "")
 
 
 @dataclass(frozen=True)
@@ -81,7 +76,7 @@ class Host:
     node: NodeConfig = field(default_factory=NodeConfig)
     flower_version: str = "1.41.*"
     torch_spec: str = "torch>=2.2,<2.14"
-    superlink: str = "127.0.0.1:9092"
+    superlink: str = "127.0.0.1:8000"
     root_certificates: str = "/etc/flower/ca.crt"
     auth_key: str = ""
     remote_dir: str = "/home/{user}/ondevice"
@@ -96,6 +91,16 @@ class Host:
     def remote_root(self) -> str:
         """``remote_dir`` with ``{user}`` and ``{name}`` filled in."""
         return self.remote_dir.format(user=self.user, name=self.name)
+
+    @property
+    def state_dir(self) -> str:
+        """Where the device keeps its learner state: ``node.state_dir``, else ``<remote_dir>/state``."""
+        return self.node.state_dir or f"{self.remote_root}/state"
+
+    @property
+    def node_config(self) -> NodeConfig:
+        """The node config the SuperNode is started with (``state_dir`` always set)."""
+        return replace(self.node, state_dir=self.state_dir)
 
     @property
     def flower_requirement(self) -> str:
@@ -163,10 +168,13 @@ def _check_field(where: str, key: str, value: Any, base: Path) -> Any:
         if match is None:
             raise bad("a version such as '1.41.*' or '1.41.0'")
     if key == "superlink" and not re.match(r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$", value):
-        raise bad("HOST:PORT of the SuperLink's Fleet API")
+        raise bad("HOST:PORT of the SuperLink (Flower 1.41 serves every API on one port, 8000 by default)")
     if key in {"service"} and not re.match(r"^[A-Za-z0-9@._-]+$", value):
         raise bad("a systemd unit name (letters, digits, '@', '.', '_', '-')")
     return value
+
+
+_NODE_KEYS = ("num_partitions", "partition_id", "state_dir")
 
 
 def _node(where: str, value: Any) -> NodeConfig:
@@ -174,27 +182,38 @@ def _node(where: str, value: Any) -> NodeConfig:
         return value
     if not isinstance(value, dict):
         raise InventoryError(f"inventory {where}: field 'node' must be a table, got {value!r}")
-    known = {"partition_id", "num_partitions", "data_path"}
-    data = {k: v for k, v in value.items() if k in known}
-    extra = {k: v for k, v in value.items() if k not in known}
+    for key in value:
+        if key == "data_path":
+            raise InventoryError(
+                f"inventory {where}: field 'node.data_path' is not read by the ClientApp (it reads "
+                f"{', '.join(_NODE_KEYS)}); remove it, and set state_dir for where the device keeps its state"
+            )
+        if key not in _NODE_KEYS:
+            raise InventoryError(
+                f"inventory {where}: unknown field 'node.{key}'; the ClientApp reads {', '.join(_NODE_KEYS)}"
+            )
     for key in ("partition_id", "num_partitions"):
-        v = data.get(key, 0 if key == "partition_id" else 1)
+        v = value.get(key, 0 if key == "partition_id" else 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise InventoryError(f"inventory {where}: field 'node.{key}' must be an integer >= 0, got {v!r}")
+    state_dir = value.get("state_dir", "")
+    if "state_dir" in value and (
+        not isinstance(state_dir, str) or not state_dir.strip() or any(c in state_dir for c in '"\n\r')
+    ):
+        raise InventoryError(
+            f"inventory {where}: field 'node.state_dir' must be a non-empty path without double quotes "
+            f"or newlines, got {state_dir!r}"
+        )
     node = NodeConfig(
-        partition_id=data.get("partition_id", 0),
-        num_partitions=data.get("num_partitions", 1),
-        data_path=str(data.get("data_path", "")),
-        extra={str(k): v for k, v in extra.items()},
+        partition_id=value.get("partition_id", 0),
+        num_partitions=value.get("num_partitions", 1),
+        state_dir=state_dir,
     )
     if not 0 <= node.partition_id < node.num_partitions:
         raise InventoryError(
             f"inventory {where}: node.partition_id={node.partition_id} must be in "
             f"[0, num_partitions={node.num_partitions})"
         )
-    for key, v in node.extra.items():
-        if not isinstance(v, str | int | float | bool) or not re.match(r"^[A-Za-z0-9_-]+$", key):
-            raise InventoryError(f"inventory {where}: field 'node.{key}' must be a string, number or bool")
     return node
 
 

@@ -11,8 +11,12 @@ import shlex
 from devices.fleet.inventory import Host
 
 __all__ = [
+    "VERIFY_IMPORT",
+    "cache_dir",
     "check_script",
+    "dist_dir",
     "logs_script",
+    "prepare_script",
     "provision_script",
     "render_supernode_unit",
     "systemctl_script",
@@ -37,12 +41,30 @@ def unit_path(host: Host) -> str:
     return f"{host.unit_dir.rstrip('/')}/{host.service}.service"
 
 
+def dist_dir(host: Host) -> str:
+    """Where provisioning copies the ondevice wheel on the host."""
+    return f"{host.remote_root}/dist"
+
+
+def cache_dir(host: Host) -> str:
+    """The device's ``ONDEVICE_CACHE_DIR``: the shared pretrained backbone goes to ``<it>/pretrained/``."""
+    return f"{host.remote_root}/cache"
+
+
+RESTART_SEC = 10
+
+
 def render_supernode_unit(host: Host) -> str:
     """The systemd unit that runs ``flower-supernode`` for ``host`` (TLS, node auth, node config, dialout).
 
     The SuperNode connects to the SuperLink with TLS (``--root-certificates``), authenticates with its
     private key when ``auth_key`` is set (``flwr supernode register KEY.pub`` on the SuperLink side) and
-    runs as the SSH user with the ``dialout`` group, so the learner can open serial sensors.
+    runs as the SSH user with the ``dialout`` group, so the learner can open serial sensors. Its node
+    config is what the ClientApp reads (``partition-id``, ``num-partitions``, ``state-dir``). systemd
+    restarts it whatever the exit (``Restart=always``, ``RestartSec``), and never gives up
+    (``StartLimitIntervalSec=0``). ``PATH`` starts with the venv: the SuperNode starts
+    ``flower-superexec`` and ``flwr-clientapp`` by name. ``ONDEVICE_CACHE_DIR`` is where provisioning put
+    the shared pretrained backbone.
     """
     root = host.remote_root
     command = [
@@ -54,7 +76,7 @@ def render_supernode_unit(host: Host) -> str:
     ]
     if host.auth_key:
         command += ["--auth-supernode-private-key", host.auth_key]
-    command += ["--node-config", host.node.as_flower_string()]
+    command += ["--node-config", host.node_config.as_flower_string()]
     exec_start = " ".join(systemd_quote(part) for part in command)
     return "\n".join(
         [
@@ -63,19 +85,22 @@ def render_supernode_unit(host: Host) -> str:
             f"Description=Flower SuperNode (ondevice) on {host.name}",
             "After=network-online.target",
             "Wants=network-online.target",
+            "StartLimitIntervalSec=0",
             "",
             "[Service]",
             "Type=simple",
             f"User={host.user}",
             "SupplementaryGroups=dialout",
             f"WorkingDirectory={systemd_quote(root)}",
+            f"Environment={systemd_quote('PATH=' + root + '/venv/bin:/usr/local/bin:/usr/bin:/bin')}",
             "Environment=FLWR_TELEMETRY_ENABLED=0",
             "Environment=FLWR_DISABLE_UPDATE_CHECK=1",
             f"Environment={systemd_quote('FLWR_HOME=' + root + '/flwr-home')}",
+            f"Environment={systemd_quote('ONDEVICE_CACHE_DIR=' + cache_dir(host))}",
             f"Environment=ONDEVICE_PROFILE={systemd_quote(host.profile)}",
             f"ExecStart={exec_start}",
-            "Restart=on-failure",
-            "RestartSec=5",
+            "Restart=always",
+            f"RestartSec={RESTART_SEC}",
             "",
             "[Install]",
             "WantedBy=multi-user.target",
@@ -94,33 +119,50 @@ def check_script(host: Host) -> str:
     return f"uname -m && {shlex.quote(host.python)} -c {shlex.quote(version)}"
 
 
-def provision_script(host: Host) -> str:
-    """Create the venv, install pinned Flower and torch, install and enable the SuperNode unit."""
+def prepare_script(host: Host) -> str:
+    """Create the folders provisioning copies into (wheel, pretrained backbone, Flower home, state)."""
+    q = shlex.quote
+    root = host.remote_root
+    folders = [root, dist_dir(host), cache_dir(host) + "/pretrained", root + "/flwr-home"]
+    return f"mkdir -p {' '.join(q(f) for f in folders)}"
+
+
+VERIFY_IMPORT = "import ondevice, federated; print('ondevice', ondevice.__version__)"
+
+
+def provision_script(host: Host, wheel_name: str) -> str:
+    """After the wheel and backbone were copied: venv, install, verify, install the unit, (re)start it.
+
+    Installs pinned Flower and torch with the copied ondevice wheel, checks that the venv imports
+    ``ondevice`` and ``federated`` (printing ``ondevice <version>``), writes and enables the unit and
+    restarts it; the caller then reads the unit's real state.
+    """
     q = shlex.quote
     root = host.remote_root
     sudo = _sudo(host)
+    wheel = f"{dist_dir(host)}/{wheel_name}"
     steps = [
         "set -e",
-        f"mkdir -p {q(root)} {q(root + '/flwr-home')}",
         f"{q(host.python)} -m venv {q(root + '/venv')}",
-        f"{q(root + '/venv/bin/pip')} install --upgrade {q(host.flower_requirement)} {q(host.torch_spec)}",
+        f"{q(root + '/venv/bin/pip')} install --upgrade {q(host.flower_requirement)} {q(host.torch_spec)} "
+        f"{q(wheel)}",
+        f"{q(root + '/venv/bin/python')} -c {q(VERIFY_IMPORT)}",
         f"printf '%s' {q(render_supernode_unit(host))} | {sudo}tee {q(unit_path(host))} > /dev/null",
         f"{sudo}usermod -a -G dialout {q(host.user)}",
         f"{sudo}systemctl daemon-reload",
         f"{sudo}systemctl enable {q(host.service)}",
-        "echo provisioned",
+        f"{sudo}systemctl restart {q(host.service)}",
     ]
     return "\n".join(steps)
 
 
 def systemctl_script(host: Host, action: str) -> str:
-    """``start``/``stop``/``restart`` the unit (then print its state), or print it (``is-active``)."""
-    if action not in {"start", "stop", "restart", "is-active"}:
+    """``start``/``stop``/``restart`` the unit, or print its ``ActiveState``/``SubState`` (``show``)."""
+    if action not in {"start", "stop", "restart", "show"}:
         raise ValueError(f"unsupported systemctl action {action!r}")
-    state = f"systemctl is-active {shlex.quote(host.service)}"
-    if action == "is-active":
-        return state
-    return f"{_sudo(host)}systemctl {action} {shlex.quote(host.service)} && {{ {state} || true; }}"
+    if action == "show":
+        return f"systemctl show --property=ActiveState,SubState {shlex.quote(host.service)}"
+    return f"{_sudo(host)}systemctl {action} {shlex.quote(host.service)}"
 
 
 def logs_script(host: Host, lines: int) -> str:

@@ -3,10 +3,13 @@
 Each stand-in is an asyncssh server on ``127.0.0.1`` and a free port, with its own host key. It runs
 every command it is sent through ``/bin/sh`` in its own home directory, with fake ``uname``,
 ``python3``, ``sudo``, ``usermod``, ``systemctl`` and ``journalctl`` first on ``PATH`` (shell scripts
-that keep the unit's state in files), so provisioning and systemd control run for real but touch
-nothing outside that directory. :class:`StandInFleet` starts several in a background event loop,
-writes a client key, a ``known_hosts`` file and an inventory, and can add a host that is down (closed
-port), one that refuses the client key and one whose host key does not match ``known_hosts``.
+that keep the unit's state in files), and serves SFTP, so provisioning's copies and systemd control run
+for real but touch nothing outside that directory. The fake venv's ``pip`` only logs what it is asked
+to install and its ``python`` imports ``ondevice`` only once a wheel was "installed": nothing is really
+installed or started (a real-process fleet needs real Pis or containers). :class:`StandInFleet` starts
+several in a background event loop, writes a client key, a ``known_hosts`` file and an inventory, and
+can add a host that is down (closed port), one that refuses the client key, one whose host key does not
+match ``known_hosts`` and one that accepts TCP connections but never speaks (``silent``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
   mkdir -p "$3/bin"
   printf '#!/bin/sh\\necho "pip $*" >> "%s/pip.log"\\necho "Successfully installed"\\n' "$FAKE_STATE" \\
     > "$3/bin/pip"
-  chmod +x "$3/bin/pip"
+  cat > "$3/bin/python" <<'PY'
+#!/bin/sh
+if grep -q 'whl' "$FAKE_STATE/pip.log" 2>/dev/null; then echo "ondevice 0+standin"; exit 0; fi
+echo "ModuleNotFoundError: No module named 'ondevice'" >&2; exit 1
+PY
+  chmod +x "$3/bin/pip" "$3/bin/python"
   exit 0
 fi
 echo "stand-in python3: unsupported arguments: $*" >&2; exit 2
@@ -46,9 +54,11 @@ case "$cmd" in
     if [ -f "$FAKE_STATE/broken" ]; then echo failed > "$FAKE_STATE/$unit.state"
     else echo active > "$FAKE_STATE/$unit.state"; fi ;;
   stop) echo inactive > "$FAKE_STATE/$unit.state" ;;
-  is-active)
+  show)
+    unit="$2"
     state=$(cat "$FAKE_STATE/$unit.state" 2>/dev/null || echo inactive)
-    echo "$state"; [ "$state" = active ]; exit $? ;;
+    case "$state" in active) sub=running ;; failed) sub=failed ;; *) sub=dead ;; esac
+    printf 'ActiveState=%s\nSubState=%s\n' "$state" "$sub" ;;
   *) echo "stand-in systemctl: unknown command $cmd" >&2; exit 1 ;;
 esac
 """,
@@ -62,10 +72,10 @@ while [ "$i" -le "$n" ]; do echo "$FAKE_NAME flower-supernode[4242]: log line $i
 
 @dataclass(frozen=True)
 class StandInSpec:
-    """One stand-in host: ``mode`` makes it healthy, down, refuse the client key, or show a wrong host key."""
+    """One stand-in host: healthy, down, refusing the client key, showing a wrong host key, or silent."""
 
     name: str
-    mode: Literal["ok", "down", "refuse-key", "wrong-host-key"] = "ok"
+    mode: Literal["ok", "down", "refuse-key", "wrong-host-key", "silent"] = "ok"
     machine: str = "aarch64"
     python_version: str = "3.11.2"
 
@@ -139,6 +149,11 @@ class StandInFleet:
             if spec.mode == "down":
                 self.hosts[spec.name] = StandIn(spec, _free_port(), home)
                 continue
+            if spec.mode == "silent":  # accepts TCP, never sends an SSH greeting (a hung sshd, a wrong port)
+                silent = await asyncio.start_server(_hold_silently, "127.0.0.1", 0)
+                port = int(silent.sockets[0].getsockname()[1])
+                self.hosts[spec.name] = StandIn(spec, port, home, silent)
+                continue
             host_key = asyncssh.generate_private_key("ssh-ed25519")
             authorized = stranger if spec.mode == "refuse-key" else client
             env = {
@@ -158,6 +173,7 @@ class StandInFleet:
                     authorized.export_public_key().decode()
                 ),
                 process_factory=_process_factory(home, env),
+                sftp_factory=True,
                 reuse_address=True,
             )
             port = server.get_port()
@@ -176,7 +192,7 @@ class StandInFleet:
             'user = "pi"',
             f'key = "{self.client_key}"',
             f'known_hosts = "{self.known_hosts}"',
-            'superlink = "127.0.0.1:9092"',
+            'superlink = "127.0.0.1:8000"',
             'root_certificates = "/etc/flower/ca.crt"',
             'profile = "rpi-4b-4gb"',
             "connect_timeout_s = 5",
@@ -193,9 +209,10 @@ class StandInFleet:
                 f'remote_dir = "{standin.home}/ondevice"',
                 f'unit_dir = "{standin.home}/systemd"',
                 f'auth_key = "{standin.home}/supernode.key"',
-                f"node = {{ partition_id = {index}, num_partitions = {len(self.hosts)}, "
-                f'data_path = "{standin.home}/data" }}',
+                f"node = {{ partition_id = {index}, num_partitions = {len(self.hosts)} }}",
             ]
+            if standin.spec.mode == "silent":
+                lines.append("connect_timeout_s = 1")
         return "\n".join(lines) + "\n"
 
     def start(self) -> StandInFleet:
@@ -234,6 +251,14 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def _hold_silently(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read and discard until the client gives up; never write a byte."""
+    with contextlib.suppress(Exception):
+        while await reader.read(4096):
+            pass
+    writer.close()
 
 
 def _process_factory(home: Path, env: dict[str, str]) -> Any:

@@ -51,7 +51,14 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         console.print(f"inventory: {inventory}")
         healthy = "pi-kitchen,pi-garage"
         codes["check"] = ondevice("fleet", "check", "--inventory", inventory)
-        codes["provision"] = ondevice("fleet", "provision", "--inventory", inventory, "--hosts", healthy)
+        # Provisioning copies the ondevice wheel (built here from this checkout) and the server's pretrained
+        # backbone over SFTP. The stand-ins install nothing, so a placeholder backbone file does here; on
+        # real Pis leave out --backbone to copy this machine's ~/.cache/ondevice/pretrained/ files.
+        backbone = fleet.workdir / "cnn-placeholder.safetensors"
+        backbone.write_bytes(b"stand-in backbone")
+        codes["provision"] = ondevice(
+            "fleet", "provision", "--inventory", inventory, "--hosts", healthy, "--backbone", str(backbone)
+        )
         codes["start"] = ondevice("fleet", "start", "--inventory", inventory, "--hosts", healthy)
         codes["status"] = ondevice("fleet", "status", "--inventory", inventory)
         codes["logs"] = ondevice(

@@ -20,6 +20,17 @@ _HOSTS = typer.Option(None, "--hosts", help="Comma-separated host names (default
 _JSON = typer.Option(False, "--json", help="Print JSON on stdout.")
 _CONCURRENCY = typer.Option(8, "--concurrency", min=1, help="Hosts worked on at once.")
 _VERBOSE = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+_WHEEL = typer.Option(
+    None, "--wheel", help="ondevice wheel to install (default: built from this checkout).", dir_okay=False
+)
+_BACKBONE = typer.Option(
+    None,
+    "--backbone",
+    help="Pretrained backbone file to copy (repeatable; default: every file of the local cache's "
+    "pretrained/ folder).",
+    dir_okay=False,
+)
+_WAIT_S = typer.Option(60.0, "--wait-s", help="Seconds to wait for the unit to run, per host.")
 
 
 def _run(
@@ -37,6 +48,8 @@ def _run(
 
     try:
         selected = load_inventory(inventory).select(hosts)
+        if action == "provision":
+            options["bundle"] = _bundle(options.pop("wheel"), options.pop("backbone"))  # type: ignore[arg-type]
     except OnDeviceError as error:
         fail(error)
         return
@@ -45,7 +58,7 @@ def _run(
     except ImportError:
         fail("the fleet commands need asyncssh: pip install 'ondevice[fleet]'")
         return
-    from devices.fleet import run_fleet
+    from devices.fleet import run_fleet, summary
 
     for host in selected:
         if host.insecure_ignore_host_keys:
@@ -82,9 +95,22 @@ def _run(
                 if r.ok:
                     console.rule(plain(r.host))
                     console.print(r.stdout.rstrip(), markup=False, highlight=False)
-    failed = [r.host for r in results if not r.ok]
-    if failed:
+    say(plain(summary(results), "bold green" if all(r.ok for r in results) else "bold red"))
+    if not all(r.ok for r in results):
         raise typer.Exit(1)
+
+
+def _bundle(wheel: Path | None, backbones: list[Path] | None) -> object:
+    """The wheel (given, or built from this checkout) and the backbone files (given, or the local cache's)."""
+    import tempfile
+
+    from devices.fleet import Bundle, build_wheel, find_backbones
+
+    if wheel is None:
+        with console.status(plain("building the ondevice wheel (pip wheel --no-deps)..."), spinner="dots"):
+            wheel = build_wheel(Path(tempfile.mkdtemp(prefix="ondevice-wheel-")))
+        say(f"built {wheel}")
+    return Bundle(wheel=wheel, backbones=tuple(backbones) if backbones else find_backbones())
 
 
 @fleet_app.command("check")
@@ -105,10 +131,29 @@ def provision(
     hosts: str | None = _HOSTS,
     json_output: bool = _JSON,
     concurrency: int = _CONCURRENCY,
+    wheel: Path | None = _WHEEL,
+    backbone: list[Path] | None = _BACKBONE,
+    wait_s: float = _WAIT_S,
     verbose: bool = _VERBOSE,
 ) -> None:
-    """Create the venv (pinned flwr/torch) and install + enable the flower-supernode systemd unit."""
-    _run("provision", inventory, hosts, json_output, concurrency, verbose)
+    """Copy the ondevice wheel and the pretrained backbone, install them in a venv, install + start the unit.
+
+    Over SFTP: the wheel (built from this checkout unless --wheel) and the backbone files (this machine's
+    pretrained cache unless --backbone); then a venv with pinned flwr/torch and the wheel, a check that it
+    imports ondevice and federated, and the flower-supernode unit, enabled and started: a host whose unit
+    does not keep running fails.
+    """
+    _run(
+        "provision",
+        inventory,
+        hosts,
+        json_output,
+        concurrency,
+        verbose,
+        wheel=wheel,
+        backbone=backbone,
+        restart_wait_s=wait_s,
+    )
 
 
 @fleet_app.command("start")
@@ -117,10 +162,11 @@ def start(
     hosts: str | None = _HOSTS,
     json_output: bool = _JSON,
     concurrency: int = _CONCURRENCY,
+    wait_s: float = _WAIT_S,
     verbose: bool = _VERBOSE,
 ) -> None:
-    """Start the SuperNode unit on each Pi."""
-    _run("start", inventory, hosts, json_output, concurrency, verbose)
+    """Start the SuperNode unit on each Pi; a unit that does not keep running is a failed host."""
+    _run("start", inventory, hosts, json_output, concurrency, verbose, restart_wait_s=wait_s)
 
 
 @fleet_app.command("stop")
@@ -140,7 +186,7 @@ def restart(
     inventory: Path = _INVENTORY,
     hosts: str | None = _HOSTS,
     json_output: bool = _JSON,
-    wait_s: float = typer.Option(60.0, "--wait-s", help="Seconds to wait for 'active' per host."),
+    wait_s: float = _WAIT_S,
     verbose: bool = _VERBOSE,
 ) -> None:
     """Rolling restart: one Pi at a time, each 'active' again before the next; stops at a failure."""
@@ -155,7 +201,7 @@ def status(
     concurrency: int = _CONCURRENCY,
     verbose: bool = _VERBOSE,
 ) -> None:
-    """Show the SuperNode unit's state on each Pi (systemctl is-active)."""
+    """Show the SuperNode unit's state on each Pi; a unit that is not running is a failed host."""
     _run("status", inventory, hosts, json_output, concurrency, verbose)
 
 

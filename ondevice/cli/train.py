@@ -444,6 +444,8 @@ _MAX_DISCOVERED_LABELS = 100
 """More distinct labels than this, without --labels, means a sensor column is being read as the label."""
 
 _RECONNECT_ATTEMPTS = 10
+_SERIAL_QUEUE_READINGS = 8192
+
 """Reopening attempts after an unplug (about 10 s with the backoff below) before the run ends."""
 
 
@@ -701,6 +703,9 @@ def _run_serial(
     stream = SampleStream(
         ReconnectingPort(reopen, backoff=Backoff(max_s=2.0, max_attempts=_RECONNECT_ATTEMPTS)),
         label_column=source.label_column,
+        # Read in a thread of its own, so a sensor faster than learning never fills the OS buffer; when
+        # learning falls this far behind, the oldest readings go and the summary counts them (overflow).
+        queue_size=_SERIAL_QUEUE_READINGS,
     )
 
     def label_names() -> list[str]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from typer.testing import CliRunner
 import ondevice.cli.fleet  # noqa: F401  (registers the subcommand)
 from devices.fleet import (
     Action,
+    Bundle,
+    BundleError,
     Host,
     InventoryError,
     NodeConfig,
@@ -33,18 +36,32 @@ SPECS = [
     StandInSpec("pi-down", mode="down"),
     StandInSpec("pi-badkey", mode="refuse-key"),
     StandInSpec("pi-spoofed", mode="wrong-host-key"),
+    StandInSpec("pi-hung", mode="silent"),
 ]
 BROKEN = {
     "pi-down": Outcome.UNREACHABLE,
     "pi-badkey": Outcome.AUTH_REFUSED,
     "pi-spoofed": Outcome.HOST_KEY_MISMATCH,
+    "pi-hung": Outcome.TIMEOUT,
 }
+FAST = {"restart_wait_s": 2.0, "settle_s": 0.1}
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     with StandInFleet(tmp_path_factory.mktemp("fleet"), SPECS) as standins:
         yield standins
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Bundle:
+    """A wheel-named file and a backbone file: the stand-ins' pip installs nothing, SFTP copies them."""
+    folder = tmp_path_factory.mktemp("bundle")
+    wheel = folder / "ondevice-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    backbone = folder / "cnn-0123abcd.safetensors"
+    backbone.write_bytes(bytes(range(256)) * 8)
+    return Bundle(wheel=wheel, backbones=(backbone,))
 
 
 def outcomes(results) -> dict[str, Outcome]:
@@ -63,42 +80,105 @@ def test_check_reports_each_host_precisely(fleet) -> None:
     assert f"connection refused at 127.0.0.1:{fleet.hosts['pi-down'].port}" in by_host["pi-down"].detail
     assert "refused the key" in by_host["pi-badkey"].detail
     assert "known_hosts" in by_host["pi-spoofed"].detail
+    hung = by_host["pi-hung"].detail  # accepts TCP, never speaks SSH: named, with what to check
+    assert hung.startswith("pi-hung (127.0.0.1:") and "accepts TCP" in hung and "sshd" in hung
 
 
-def test_provision_start_status_logs_restart_stop(fleet) -> None:
+def test_provision_start_status_logs_restart_stop(fleet, bundle: Bundle) -> None:
     inventory = load_inventory(fleet.inventory_path)
     healthy = inventory.select("pi-1,pi-2")
-    results = run_fleet(inventory.hosts, "provision")
+    results = run_fleet(inventory.hosts, "provision", bundle=bundle, **FAST)
     assert outcomes(results) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK, "pi-3": Outcome.OK, **BROKEN}
+    assert results[0].detail.startswith("ondevice 0+standin, flwr==1.41.*, 1 backbone file(s)")
     for host in healthy:
         home = fleet.hosts[host.name].home
         unit = (home / "systemd" / "ondevice-supernode.service").read_text()
         assert unit == render_supernode_unit(host)
+        # Copied over SFTP, byte for byte, where the unit's ONDEVICE_CACHE_DIR and pip look for them.
+        root = home / "ondevice"
+        assert (root / "dist" / bundle.wheel.name).read_bytes() == bundle.wheel.read_bytes()
+        copied = root / "cache" / "pretrained" / bundle.backbones[0].name
+        assert copied.read_bytes() == bundle.backbones[0].read_bytes()
+        assert f"ONDEVICE_CACHE_DIR={root}/cache" in unit
         pip_log = (home / "state" / "pip.log").read_text()
         assert "flwr==1.41.*" in pip_log and "torch" in pip_log
+        assert str(root / "dist" / bundle.wheel.name) in pip_log
         assert "dialout" in (home / "state" / "usermod.log").read_text()
         assert (home / "state" / "ondevice-supernode.enabled").exists()
+        assert fleet.hosts[host.name].state() == "active"  # provisioning leaves it running
 
-    assert outcomes(run_fleet(healthy, "status")) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK}
-    assert {r.detail for r in run_fleet(healthy, "status")} == {"inactive"}
-    started = run_fleet(inventory.hosts, "start", concurrency=2)
+    stopped = run_fleet(healthy, "stop")
+    assert [r.detail for r in stopped] == ["inactive", "inactive"]
+    # A unit that is not running is a failed host in status, whatever the reason.
+    assert outcomes(run_fleet(healthy, "status")) == {"pi-1": Outcome.FAILED, "pi-2": Outcome.FAILED}
+    started = run_fleet(inventory.hosts, "start", concurrency=2, **FAST)
     assert {r.host: r.detail for r in started if r.ok} == {
         "pi-1": "active",
         "pi-2": "active",
         "pi-3": "active",
     }
     assert fleet.hosts["pi-1"].state() == "active"
+    assert {r.detail for r in run_fleet(healthy, "status")} == {"active"}
     logs = run_fleet(healthy, Action.LOGS, log_lines=4)
     assert all(r.ok and len(r.stdout.splitlines()) == 4 for r in logs)
     assert logs[0].stdout.startswith("pi-1 flower-supernode")
 
-    restarted = run_fleet(inventory.hosts, "restart")
+    restarted = run_fleet(inventory.hosts, "restart", **FAST)
     assert outcomes(restarted) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK, "pi-3": Outcome.OK, **BROKEN}
     systemctl_log = (fleet.hosts["pi-2"].home / "state" / "systemctl.log").read_text()
     assert "systemctl restart ondevice-supernode" in systemctl_log
 
     stopped = run_fleet(healthy, "stop")
     assert [r.detail for r in stopped] == ["inactive", "inactive"]
+
+
+def test_a_unit_that_fails_is_a_failed_host_in_start_and_status(fleet, tmp_path: Path) -> None:
+    inventory = load_inventory(fleet.inventory_path)
+    hosts = inventory.select("pi-1,pi-2")
+    broken = fleet.hosts["pi-2"].home / "state" / "broken"
+    broken.touch()
+    try:
+        started = run_fleet(hosts, "start", **FAST)
+        status = run_fleet(hosts, "status")
+        result = CliRunner().invoke(
+            app, ["fleet", "status", "-i", str(fleet.inventory_path), "--hosts", "pi-1,pi-2"]
+        )
+    finally:
+        broken.unlink()
+        run_fleet(hosts, "stop")
+    for results in (started, status):
+        assert outcomes(results) == {"pi-1": Outcome.OK, "pi-2": Outcome.FAILED}
+        assert "failed" in results[1].detail and "fleet logs --hosts pi-2" in results[1].detail
+    assert result.exit_code == 1, result.output
+    assert "1 ok, 1 failed" in result.output
+
+
+def test_provision_needs_a_bundle(fleet, tmp_path: Path) -> None:
+    hosts = load_inventory(fleet.inventory_path).select("pi-1")
+    with pytest.raises(ValueError, match="provision needs"):
+        run_fleet(hosts, "provision")
+    wheel = tmp_path / "ondevice-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"x")
+    with pytest.raises(BundleError, match="no pretrained backbone"):
+        Bundle(wheel=wheel, backbones=())
+    with pytest.raises(BundleError, match="not a wheel"):
+        Bundle(wheel=tmp_path / "nothing.whl", backbones=(wheel,))
+    result = CliRunner().invoke(
+        app,
+        [
+            "fleet",
+            "provision",
+            "-i",
+            str(fleet.inventory_path),
+            "--hosts",
+            "pi-1",
+            "--wheel",
+            str(wheel),
+            "--backbone",
+            str(tmp_path / "missing.safetensors"),
+        ],
+    )
+    assert result.exit_code == 2 and "missing.safetensors does not exist" in result.output
 
 
 def test_rolling_restart_halts_when_a_host_does_not_come_back(fleet) -> None:
@@ -120,9 +200,11 @@ def test_cli_json_and_table(fleet) -> None:
     assert result.exit_code == 1  # some hosts failed
     payload = json.loads(result.stdout)
     assert {r["host"]: r["outcome"] for r in payload}["pi-spoofed"] == "host-key-mismatch"
+    assert "2 ok, 5 failed" in result.output  # check: pi-3 is 32-bit, four cannot be reached
+    run_fleet(load_inventory(fleet.inventory_path).select("pi-1,pi-2"), "start", **FAST)
     result = runner.invoke(app, ["fleet", "status", "-i", str(fleet.inventory_path), "--hosts", "pi-1,pi-2"])
     assert result.exit_code == 0, result.output
-    assert "pi-1" in result.output and "pi-down" not in result.output
+    assert "pi-1" in result.output and "pi-down" not in result.output and "2 ok, 0 failed" in result.output
     result = runner.invoke(
         app, ["fleet", "logs", "-i", str(fleet.inventory_path), "--hosts", "pi-1", "-n", "2"]
     )
@@ -135,7 +217,7 @@ def test_insecure_opt_out_is_explicit_and_loud(fleet, tmp_path: Path) -> None:
     text = fleet.inventory_toml().replace("[fleet]\n", "[fleet]\ninsecure_ignore_host_keys = true\n", 1)
     path = tmp_path / "insecure.toml"
     path.write_text(text)
-    results = run_fleet(load_inventory(path).select("pi-spoofed"), "status")
+    results = run_fleet(load_inventory(path).select("pi-spoofed"), "logs")
     assert results[0].ok  # only because verification was switched off
     result = CliRunner().invoke(app, ["fleet", "status", "-i", str(path), "--hosts", "pi-spoofed"])
     assert "host key verification is OFF" in result.output
@@ -172,6 +254,15 @@ BASE = {"fleet": {"key": "id", "known_hosts": "kh"}, "hosts": [{"name": "a", "ad
         ),
         ({"fleet": {"superlink": "no-port"}}, r"\[fleet\]: field 'superlink'"),
         ({"fleet": {"use_sudo": "yes"}}, "true or false"),
+        (
+            {"hosts": [{"name": "a", "address": "x", "node": {"data_path": "/d"}}]},
+            r"\(a\): field 'node.data_path' is not read by the ClientApp",
+        ),
+        (
+            {"hosts": [{"name": "a", "address": "x", "node": {"colour": 1}}]},
+            r"unknown field 'node.colour'; the ClientApp reads num_partitions, partition_id, state_dir",
+        ),
+        ({"hosts": [{"name": "a", "address": "x", "node": {"state_dir": 'a"b'}}]}, "without double quotes"),
     ],
 )
 def test_inventory_validation_names_host_and_field(patch, match) -> None:
@@ -183,11 +274,15 @@ def test_inventory_defaults_and_paths(tmp_path: Path) -> None:
     path = tmp_path / "inv.toml"
     path.write_text(
         '[fleet]\nkey = "keys/id"\nuser = "ops"\n\n[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n'
-        'user = "pi"\nnode = { partition_id = 1, num_partitions = 2, data_path = "/d", extra = 7 }\n'
+        'user = "pi"\nnode = { partition_id = 1, num_partitions = 2 }\n'
     )
     (host,) = load_inventory(path).hosts
     assert host.key == tmp_path / "keys" / "id" and host.user == "pi" and host.port == 22
-    assert host.node.as_flower_string() == 'partition-id=1 num-partitions=2 data-path="/d" extra=7'
+    # The keys the ClientApp reads, with the state under the SSH user's own remote_dir by default.
+    assert host.node_config.as_flower_string() == (
+        'partition-id=1 num-partitions=2 state-dir="/home/pi/ondevice/state"'
+    )
+    assert host.superlink.endswith(":8000")  # Flower 1.41 serves every API on the SuperLink's one port
     with pytest.raises(UnknownNameError):
         load_inventory(path).select("b")
     with pytest.raises(InventoryError, match="not valid TOML"):
@@ -203,19 +298,22 @@ def test_render_unit_quotes_and_flags() -> None:
         superlink="10.0.0.1:9092",
         root_certificates="/etc/flower/my ca.crt",
         auth_key="/etc/flower/key",
-        node=NodeConfig(partition_id=0, num_partitions=2, data_path="/home/pi/data 1"),
+        node=NodeConfig(partition_id=0, num_partitions=2, state_dir="/home/pi/state 1"),
     )
     unit = render_supernode_unit(host)
     assert "SupplementaryGroups=dialout" in unit and "User=pi" in unit
+    assert "Restart=always" in unit.splitlines() and "RestartSec=10" in unit.splitlines()
+    assert "StartLimitIntervalSec=0" in unit.splitlines()  # systemd never stops restarting it
+    assert "Environment=PATH=/home/pi/ondevice/venv/bin:/usr/local/bin:/usr/bin:/bin" in unit.splitlines()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     assert exec_start == (
         "ExecStart=/home/pi/ondevice/venv/bin/flower-supernode --superlink 10.0.0.1:9092 "
         '--root-certificates "/etc/flower/my ca.crt" --auth-supernode-private-key /etc/flower/key '
-        '--node-config "partition-id=0 num-partitions=2 data-path=\\"/home/pi/data 1\\""'
+        '--node-config "partition-id=0 num-partitions=2 state-dir=\\"/home/pi/state 1\\""'
     )
     assert systemd_quote("100%$HOME") == '"100%%$$HOME"'
     nasty = Host(name="pi-y", address="h", remote_dir="/tmp/x'; rm -rf / #")
-    script = provision_script(nasty)
+    script = provision_script(nasty, "ondevice-0.1.0-py3-none-any.whl")
     assert shlex.quote("/tmp/x'; rm -rf / #/venv") in script
 
 
@@ -236,3 +334,19 @@ def test_inventory_that_is_not_a_text_file_is_an_inventory_error(
         path.write_bytes(content)
     with pytest.raises(InventoryError, match=match):
         load_inventory(path)
+
+
+@pytest.mark.slow
+def test_build_wheel_from_the_checkout_holds_every_package(tmp_path: Path) -> None:
+    from devices.fleet import build_wheel
+
+    wheel = build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in (
+        "ondevice/__init__.py",
+        "memory/__init__.py",
+        "devices/fleet/commands.py",
+        "federated/apps.py",
+    ):
+        assert module in names, module
+    assert Bundle(wheel=wheel, backbones=(wheel,)).wheel == wheel

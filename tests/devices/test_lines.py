@@ -11,6 +11,7 @@ import torch
 from devices.emulator import SensorEmulator, sensor_lines
 from devices.lines import LineError, Sample, SampleStream, parse_line, windows
 from devices.ports import Backoff
+from ondevice.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -289,3 +290,41 @@ def test_pty_unplug_and_replug(socket_path) -> None:
         parse_line(x, label_column=-1).values for x in lines
     ]
     assert stream.stats.reconnects == 1 and stream.port.failures >= 1
+
+
+@pytest.mark.integration
+def test_pty_reader_thread_keeps_reading_while_the_consumer_is_busy(pty_pair, caplog) -> None:
+    """With a queue the port is read in a thread of its own: a consumer that is busy (learning) while the
+    sensor sends everything loses only what overflows the queue, the oldest readings, each one counted."""
+    device, path = pty_pair
+    lines = sensor_lines(300, label_column=-1)
+    stream = make_stream(path, label_column=-1, resync=False, queue_size=20)
+    assert stream.port.ensure_open()
+    stream.start()
+    with caplog.at_level(logging.WARNING, logger="devices.lines"):
+        with SensorEmulator(device, lines, rate_hz=5000) as emulator:  # the consumer takes nothing meanwhile
+            emulator.wait(10)
+        deadline = time.monotonic() + 10
+        while stream.stats.lines < len(lines) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the reader thread drains the pty on its own
+        got = list(stream.samples(max_samples=20, duration_s=5))
+    stream.close()
+    assert stream.stats.samples == 300 and stream.stats.dropped["overflow"] == 280
+    assert stream.stats.dropped_total == 280 and stream.stats.to_dict()["dropped"] == {"overflow": 280}
+    # What is left is the freshest readings, in order, values intact.
+    assert [s.values for s in got] == [parse_line(x, label_column=-1).values for x in lines[-20:]]
+    warned = [r.getMessage() for r in caplog.records if "dropped so far" in r.getMessage()]
+    assert [w.split()[0] for w in warned] == ["1", "10", "100"]
+
+
+def test_reader_thread_ends_with_the_port_and_inline_is_the_default() -> None:
+    port = serial.serial_for_url("loop://", timeout=0.02)
+    port.write(b"".join(f"{i},{i}\n".encode() for i in range(50)))
+    with make_stream(lambda: port, resync=False, queue_size=100) as stream:
+        got = list(stream.samples(max_samples=50, duration_s=5))
+        assert stream._reader is not None and stream._reader.is_alive()
+    assert [s.values[0] for s in got] == [float(i) for i in range(50)]
+    assert not stream._reader.is_alive() and stream.stats.dropped_total == 0
+    assert make_stream(lambda: port).queue_size is None  # inline unless asked: no thread
+    with pytest.raises(ConfigError, match="queue_size"):
+        make_stream(lambda: port, queue_size=0)
