@@ -6,8 +6,9 @@ ReLU masks) and ``byte`` (``prepare(..., mask="byte")``). For each it reports
 
 * saved bytes: what the forward keeps for backward (``memory.measure``'s ``activation_bytes``);
 * peak bytes: the most tensor bytes alive during a training step (``memory.measure``);
-* RSS delta: how far the process's peak resident memory rises above its resident memory before one
-  training step, in a fresh subprocess per variant (``python bench/memory.py --_case ...``);
+* process RSS: in a fresh subprocess per variant (``python bench/memory.py --_case ...``), the peak RSS
+  and how far it rises above ``import torch, ondevice, memory`` over ``--rss-steps`` (10) training steps,
+  stock under torch's defaults and ondevice under the SDK's process policy (``memory.process``);
 * step time: forward + cross-entropy + backward + SGD step, the three variants interleaved round by round
   (so machine load hits them alike), median over the rounds, with ``torch.set_num_threads(--threads)``;
   the ratio is the median of the per-round ratios of process CPU time (wall time is shown as well).
@@ -27,6 +28,7 @@ batch 8 (schemes full, last_layer, bias, sparse, lora).
     python bench/memory.py --quick               # smoke test: small inputs, 2 rounds
     python bench/memory.py --models mobilenetv2 --schemes bias,sparse --threads 2 --reps 30
     python bench/memory.py --device cuda         # on a GPU: the allocator's figures side by side
+    python bench/memory.py --ablation            # RSS of bias-only MobileNetV2 under each process setting
 """
 
 from __future__ import annotations
@@ -35,14 +37,13 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,63 +127,128 @@ def training_step(model: nn.Module, batch: Any) -> Callable[[], None]:
     return step
 
 
-def _current_rss_bytes() -> int:
-    try:
-        import psutil
+@dataclass(frozen=True)
+class ProcessSettings:
+    """How a subprocess case runs: glibc's mmap threshold, oneDNN, a trim after each step, the optimizer.
 
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    ``optimizer="plain"`` is SGD with momentum written out as in-place tensor ops (the same update as
+    ``torch.optim.SGD``); ``"torch"`` is ``torch.optim.SGD`` itself, whose construction imports
+    ``torch._dynamo`` (about 70 MiB of RSS, see bench/README.md).
+    """
 
+    mmap_threshold_bytes: int | None = None
+    mkldnn: bool = True
+    trim: bool = False
+    optimizer: str = "plain"
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident-memory high-water mark (Linux ``clear_refs`` 5); False if impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes(reset_worked: bool) -> int:
-    if reset_worked:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    def label(self) -> str:
+        mmap = (
+            f"mmap {self.mmap_threshold_bytes // 1024} KiB" if self.mmap_threshold_bytes else "mmap dynamic"
+        )
+        parts = [mmap, "oneDNN" if self.mkldnn else "native conv", "trim" if self.trim else "no trim",
+                 f"{self.optimizer} SGD"]  # fmt: skip
+        return ", ".join(parts)
 
 
-def run_case(spec: ModelSpec, scheme: str, variant: str, *, batch: int, threads: int) -> dict[str, int]:
-    """In this process: resident memory before one training step and its peak during it (bytes)."""
+TORCH_DEFAULTS = ProcessSettings()
+SDK_POLICY = ProcessSettings(mmap_threshold_bytes=128 * 1024, mkldnn=False, trim=True)
+ABLATION = {
+    "torch defaults": TORCH_DEFAULTS,
+    "+ trim": ProcessSettings(trim=True),
+    "+ native conv": ProcessSettings(mkldnn=False),
+    "+ mmap 1 MiB": ProcessSettings(mmap_threshold_bytes=1 << 20),
+    "+ mmap 128 KiB": ProcessSettings(mmap_threshold_bytes=128 * 1024),
+    "mmap 128 KiB + trim": ProcessSettings(mmap_threshold_bytes=128 * 1024, trim=True),
+    "SDK policy": SDK_POLICY,
+    "SDK policy, torch.optim": ProcessSettings(
+        mmap_threshold_bytes=128 * 1024, mkldnn=False, trim=True, optimizer="torch"
+    ),
+}
+
+
+def _plain_sgd_step(params: list[torch.Tensor], lr: float, momentum: float) -> Callable[[], None]:
+    buffers: dict[int, torch.Tensor] = {}
+
+    def update() -> None:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                if p.grad is None:
+                    continue
+                buf = buffers.get(i)
+                if buf is None:
+                    buffers[i] = buf = p.grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(p.grad)
+                p.add_(buf, alpha=-lr)
+
+    return update
+
+
+def run_case(spec: ModelSpec, scheme: str, variant: str, *, batch: int, threads: int, steps: int,
+             settings: ProcessSettings) -> dict[str, Any]:  # fmt: skip
+    """In this process, just after ``import torch, ondevice, memory``: RSS over ``steps`` training steps.
+
+    Reported (bytes unless named otherwise): ``rss_import_bytes`` (RSS after the imports, before anything
+    else), ``rss_peak_bytes`` (the process's peak RSS from then on: model construction and every step),
+    ``rss_added_bytes`` (peak minus import), ``rss_first_step_added_bytes`` (the same after the first step),
+    ``rss_current_added_bytes`` (RSS after the last step minus import), ``rss_code_bytes`` (how much of the
+    RSS now is file-backed beyond the import's: kernel code paged in from the torch libraries) and
+    ``rss_step_cpu_ms`` (median CPU time of the steps after the first).
+    """
+    from memory import process
+
     torch.set_num_threads(threads)
-    model, data = build(spec, scheme, variant, batch=batch)
-    step = training_step(model, data)
-    with torch.no_grad():
-        model(data[0])  # one-time lazy initialisation (kernels, caches) outside the measured step
-    gc.collect()
-    reset_worked = _reset_peak_rss()
-    before = _current_rss_bytes()
-    step()
-    peak = max(_peak_rss_bytes(reset_worked), before)
-    return {"rss_before_bytes": before, "rss_peak_bytes": peak, "rss_delta_bytes": peak - before}
+    import_bytes = process.current_rss_bytes()
+    import_file = process.rss_parts().get("file", 0)
+    process.reset_peak_rss()
+    if settings.mmap_threshold_bytes is not None:
+        process.set_mmap_threshold(settings.mmap_threshold_bytes)
+    torch.backends.mkldnn.enabled = settings.mkldnn
+    model, (x, y) = build(spec, scheme, variant, batch=batch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if settings.optimizer == "torch":
+        update = torch.optim.SGD(trainable, lr=1e-6, momentum=0.9).step
+    else:
+        update = _plain_sgd_step(trainable, 1e-6, 0.9)
+    cpu_ms: list[float] = []
+    first_step = 0
+    for i in range(steps):
+        c0 = time.process_time()
+        for p in trainable:
+            p.grad = None
+        F.cross_entropy(model(x), y).backward()
+        update()
+        if settings.trim:
+            process.trim()
+        cpu_ms.append((time.process_time() - c0) * 1e3)
+        if i == 0:
+            first_step = process.peak_rss_bytes()
+    peak = process.peak_rss_bytes()
+    return {
+        "rss_import_bytes": import_bytes,
+        "rss_peak_bytes": peak,
+        "rss_added_bytes": peak - import_bytes,
+        "rss_first_step_added_bytes": first_step - import_bytes,
+        "rss_current_added_bytes": process.current_rss_bytes() - import_bytes,
+        "rss_code_bytes": max(0, process.rss_parts().get("file", 0) - import_file),
+        "rss_step_cpu_ms": statistics.median(cpu_ms[1:] or cpu_ms),
+    }
 
 
 def rss_in_subprocess(
-    model: str, scheme: str, variant: str, *, quick: bool, batch: int, threads: int
-) -> dict[str, int]:
+    model: str, scheme: str, variant: str, *, quick: bool, batch: int, threads: int, steps: int,
+    settings: ProcessSettings,
+) -> dict[str, Any]:  # fmt: skip
     """:func:`run_case` in a fresh interpreter (``--_case``), so each variant starts from a clean heap."""
     command = [sys.executable, str(Path(__file__).resolve()), "--_case", model, scheme, variant,
-               "--batch", str(batch), "--threads", str(threads)]  # fmt: skip
+               "--batch", str(batch), "--threads", str(threads), "--rss-steps", str(steps),
+               "--_settings", json.dumps(asdict(settings))]  # fmt: skip
     if quick:
         command.append("--quick")
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def time_steps(
@@ -215,9 +281,9 @@ def time_steps(
         out[name] = {
             "step_wall_ms": statistics.median(wall[name]) * 1e3,
             "step_cpu_ms": statistics.median(cpu[name]) * 1e3,
-            "time_ratio": wall_ratio if where.type == "cuda" else statistics.median(
-                a / b for a, b in zip(cpu[name], cpu["stock"], strict=True)
-            ),
+            "time_ratio": wall_ratio
+            if where.type == "cuda"
+            else statistics.median(a / b for a, b in zip(cpu[name], cpu["stock"], strict=True)),
             "wall_ratio": wall_ratio,
         }
     return out
@@ -228,7 +294,7 @@ def _on_device(model: nn.Module, batch: Any, device: torch.device) -> tuple[nn.M
 
 
 def run_model_scheme(spec: ModelSpec, scheme: str, *, batch: int, reps: int, threads: int,
-                     rss: dict[str, dict[str, int]] | None,
+                     rss: dict[str, dict[str, Any]] | None,
                      device: torch.device | None = None) -> dict[str, Any]:  # fmt: skip
     """All figures of one model and scheme: per variant, and ratios of bit/byte to stock.
 
@@ -260,7 +326,12 @@ def run_model_scheme(spec: ModelSpec, scheme: str, *, batch: int, reps: int, thr
     for name in VARIANTS:
         variants[name].update(timing[name])
     stock = variants["stock"]
-    figures = ("cuda_activation_bytes", "cuda_peak_bytes") if cuda else ("rss_delta_bytes",)
+    figures = ("cuda_activation_bytes", "cuda_peak_bytes") if cuda else ("rss_added_bytes",)
+    if not cuda:
+        for figures_of in variants.values():
+            figures_of["rss_over_tensor_peak"] = figures_of["rss_added_bytes"] / max(
+                figures_of["peak_bytes"], 1
+            )
     ratios = {
         name: {
             "saved": variants[name]["saved_bytes"] / max(stock["saved_bytes"], 1),
@@ -279,8 +350,14 @@ def run_model_scheme(spec: ModelSpec, scheme: str, *, batch: int, reps: int, thr
 
 
 def run(models: list[str], schemes: list[str] | None, *, quick: bool, reps: int, threads: int,
-        batch: int, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
-    """The whole benchmark as a JSON-ready dict."""
+        batch: int, device: str = "cpu", rss_steps: int = 10,
+        policy: str = "sdk") -> dict[str, Any]:  # fmt: skip
+    """The whole benchmark as a JSON-ready dict.
+
+    ``policy="sdk"`` runs the ondevice variants' RSS cases under the SDK's process policy
+    (:data:`SDK_POLICY`, what ``memory.process.lean_process`` plus a trim per step apply) and stock under
+    torch's defaults; ``"none"`` runs every variant under torch's defaults.
+    """
     torch.set_num_threads(threads)
     where = torch.device(device)
     specs = model_specs(quick=quick)
@@ -292,7 +369,17 @@ def run(models: list[str], schemes: list[str] | None, *, quick: bool, reps: int,
         raise SystemExit(f"no scheme of {models} matches --schemes {schemes}")
     jobs = [(spec.name, scheme, v) for spec, scheme in plan for v in VARIANTS] if where.type == "cpu" else []
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-        found = pool.map(lambda job: rss_in_subprocess(*job, quick=quick, batch=batch, threads=threads), jobs)
+        found = pool.map(
+            lambda job: rss_in_subprocess(
+                *job,
+                quick=quick,
+                batch=batch,
+                threads=threads,
+                steps=rss_steps,
+                settings=SDK_POLICY if policy == "sdk" and job[2] != "stock" else TORCH_DEFAULTS,
+            ),
+            jobs,
+        )
         rss_of = dict(zip(jobs, found, strict=True))
     cases = []
     for spec, scheme in plan:
@@ -308,6 +395,11 @@ def run(models: list[str], schemes: list[str] | None, *, quick: bool, reps: int,
         "torch": torch.__version__,
         "time_ratio": "median over interleaved rounds of (variant CPU time / stock CPU time)",
         "device": str(where),
+        "rss_steps": rss_steps,
+        "rss_settings": {
+            "stock": TORCH_DEFAULTS.label(),
+            "ondevice": (SDK_POLICY if policy == "sdk" else TORCH_DEFAULTS).label(),
+        },
     }
     if where.type == "cuda":
         config["gpu"] = torch.cuda.get_device_name(where)
@@ -332,8 +424,8 @@ def print_table(result: dict[str, Any]) -> None:
                  "rounds of wall-time ratios") if cuda else
                 "x = ondevice / stock; time ratio = median over rounds of CPU-time ratios",
     )  # fmt: skip
-    memory_columns = ("CUDA act MiB", "CUDA peak MiB") if cuda else ("RSS delta MiB",)
-    ratio_columns = ("x CUDA act", "x CUDA peak") if cuda else ("x RSS",)
+    memory_columns = ("CUDA act MiB", "CUDA peak MiB") if cuda else ("RSS peak MiB", "+RSS MiB", "+RSS/peak")
+    ratio_columns = ("x CUDA act", "x CUDA peak") if cuda else ("x +RSS",)
     for column in ("model", "scheme", "variant", "saved MiB", "peak MiB", *memory_columns, "step ms",
                    "x saved", "x peak", *ratio_columns, "x time"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("model", "scheme", "variant") else "right")
@@ -341,14 +433,15 @@ def print_table(result: dict[str, Any]) -> None:
         for name in VARIANTS:
             v = case["variants"][name]
             r = case["ratios"].get(name)
-            keys = ("cuda_activation", "cuda_peak") if cuda else ("rss_delta",)
+            keys = ("cuda_activation", "cuda_peak") if cuda else ("rss_added",)
             ratio_cells = (
                 [f"{r['saved']:.3f}", f"{r['peak']:.3f}", *(f"{r[k]:.3f}" for k in keys), f"{r['time']:.2f}"]
                 if r else [""] * (3 + len(keys))
             )  # fmt: skip
             memory_cells = (
                 [f"{v['cuda_activation_bytes'] / MIB:.3f}", f"{v['cuda_peak_bytes'] / MIB:.2f}"] if cuda
-                else [f"{v['rss_delta_bytes'] / MIB:.1f}"]
+                else [f"{v['rss_peak_bytes'] / MIB:.0f}", f"{v['rss_added_bytes'] / MIB:.1f}",
+                      f"{v['rss_over_tensor_peak']:.2f}"]
             )  # fmt: skip
             table.add_row(
                 case["model"] if name == "stock" else "",
@@ -367,6 +460,66 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(table)
 
 
+def ablation(*, quick: bool, batch: int, threads: int, steps: int) -> dict[str, Any]:
+    """Peak RSS added over the import by MobileNetV2 bias-only (1-bit masks) under each of :data:`ABLATION`,
+    and stock under torch's defaults and under the SDK's policy, each in a fresh subprocess, one at a time;
+    with the tensor peak of ``memory.measure`` for scale."""
+    from memory import measure
+
+    spec = model_specs(quick=quick)["mobilenetv2"]
+    rows = {label: rss_in_subprocess(spec.name, "bias", "bit", quick=quick, batch=batch, threads=threads,
+                                     steps=steps, settings=settings)
+            for label, settings in ABLATION.items()}  # fmt: skip
+    for label, settings in (("stock, torch defaults", TORCH_DEFAULTS), ("stock, SDK policy", SDK_POLICY)):
+        rows[label] = rss_in_subprocess(spec.name, "bias", "stock", quick=quick, batch=batch, threads=threads,
+                                        steps=steps, settings=settings)  # fmt: skip
+    peaks = {}
+    for variant in ("bit", "stock"):
+        model, (x, y) = build(spec, "bias", variant, batch=batch)
+        peaks[variant] = measure(model, x, target=y).peak_bytes
+    settings_of = {k: v.label() for k, v in ABLATION.items()}
+    settings_of.update(
+        {"stock, torch defaults": TORCH_DEFAULTS.label(), "stock, SDK policy": SDK_POLICY.label()}
+    )
+    return {"config": {"model": spec.describe(batch), "scheme": "bias", "threads": threads, "steps": steps,
+                       "tensor_peak_bytes": peaks, "torch": torch.__version__},
+            "rows": {k: {"settings": settings_of[k], **v} for k, v in rows.items()}}  # fmt: skip
+
+
+def print_ablation(found: dict[str, Any]) -> None:
+    """The ablation as a table: each setting's RSS figures and ratios to the torch-defaults row."""
+    from rich.console import Console
+    from rich.table import Table
+
+    config = found["config"]
+    peaks = config["tensor_peak_bytes"]
+    table = Table(
+        title=(
+            f"RSS of {config['steps']} bias-only steps, {config['model']}, {config['threads']} thread(s); "
+            f"tensor peak: ondevice {peaks['bit'] / MIB:.1f} MiB, stock {peaks['stock'] / MIB:.1f} MiB"
+        ),
+        caption=(
+            "+RSS = peak RSS above `import torch, ondevice`; code = file-backed pages added; "
+            "x = this row / torch defaults (ondevice rows) or / stock, torch defaults"
+        ),
+    )
+    for column in ("setting", "peak MiB", "+RSS MiB", "+RSS/tensor peak", "after 1st step", "now MiB",
+                   "code MiB", "CPU ms/step", "x +RSS", "x CPU"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    rows = found["rows"]
+    for label, row in rows.items():
+        stock = label.startswith("stock")
+        base = rows["stock, torch defaults" if stock else "torch defaults"]
+        table.add_row(label, f"{row['rss_peak_bytes'] / MIB:.0f}", f"{row['rss_added_bytes'] / MIB:.1f}",
+                      f"{row['rss_added_bytes'] / peaks['stock' if stock else 'bit']:.2f}",
+                      f"{row['rss_first_step_added_bytes'] / MIB:.1f}",
+                      f"{row['rss_current_added_bytes'] / MIB:.1f}", f"{row['rss_code_bytes'] / MIB:.1f}",
+                      f"{row['rss_step_cpu_ms']:.0f}",
+                      f"{row['rss_added_bytes'] / max(base['rss_added_bytes'], 1):.2f}",
+                      f"{row['rss_step_cpu_ms'] / max(base['rss_step_cpu_ms'], 1e-9):.2f}")  # fmt: skip
+    Console(width=160).print(table)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Command line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -378,20 +531,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--quick", action="store_true", help="small inputs and 2 rounds, for a smoke test")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--rss-steps", type=int, default=10, help="training steps per RSS case (10)")
+    parser.add_argument(
+        "--policy",
+        choices=("sdk", "none"),
+        default="sdk",
+        help="process settings of the ondevice RSS cases: the SDK's (default) or torch's",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="RSS of MobileNetV2 bias (bit masks) under each process setting, then stock",
+    )
+    parser.add_argument("--_settings", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_case", nargs=3, metavar=("MODEL", "SCHEME", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._case:
         model, scheme, variant = args._case
+        import memory  # noqa: F401  (the baseline is `import torch, ondevice, memory`)
+        import ondevice  # noqa: F401
+
         spec = model_specs(quick=args.quick)[model]
-        print(json.dumps(run_case(spec, scheme, variant, batch=args.batch, threads=args.threads)))
+        settings = ProcessSettings(**json.loads(args._settings)) if args._settings else TORCH_DEFAULTS
+        print(json.dumps(run_case(spec, scheme, variant, batch=args.batch, threads=args.threads,
+                                  steps=args.rss_steps, settings=settings)))  # fmt: skip
         return None
+    if args.ablation:
+        found = ablation(quick=args.quick, batch=args.batch, threads=args.threads, steps=args.rss_steps)
+        print(json.dumps(found, indent=2)) if args.json else print_ablation(found)
+        return found
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); "
                      f"use --device cpu")  # fmt: skip
     reps = args.reps if args.reps is not None else (2 if args.quick else 15)
     schemes = args.schemes.split(",") if args.schemes else None
     result = run(args.models.split(","), schemes, quick=args.quick, reps=reps, threads=args.threads,
-                 batch=args.batch, device=args.device)  # fmt: skip
+                 batch=args.batch, device=args.device, rss_steps=args.rss_steps,
+                 policy=args.policy)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:

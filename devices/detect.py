@@ -3,7 +3,9 @@
 Every file is read below a ``root`` directory (``/`` by default), so tests feed fake ``/proc`` and
 ``/sys`` trees. The detected profile takes the *smaller* of physical RAM and the cgroup memory limit
 (``psutil`` ignores cgroup limits, see REFERENCES) and the usable CPUs (affinity mask and cgroup
-``cpu.max`` quota).
+``cpu.max`` quota). With ``measure_runtime=True`` it also measures the runtime's fixed cost on this
+machine -- the resident size of a fresh ``python -c "import torch, ondevice, memory"``
+(:func:`measure_runtime_bytes`) -- and reserves that instead of the built-in figure.
 """
 
 from __future__ import annotations
@@ -12,18 +14,30 @@ import logging
 import math
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from devices.profiles import (
+    TORCH_RUNTIME_BYTES,
     DeviceKind,
     DeviceProfile,
     get_profile,
     linux_reserved_bytes,
 )
+from memory.process import RSS_PER_TENSOR_BYTE, STEP_OVERHEAD_BYTES
 from ondevice.errors import UnknownNameError
 
-__all__ = ["PiRevision", "SystemInfo", "decode_pi_revision", "detect", "detect_system"]
+__all__ = [
+    "PiRevision",
+    "SystemInfo",
+    "decode_pi_revision",
+    "detect",
+    "detect_system",
+    "measure_runtime_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -264,14 +278,53 @@ def _board_profile(info: SystemInfo) -> DeviceProfile | None:
     return None
 
 
-def detect(root: str | os.PathLike[str] = "/") -> DeviceProfile:
+_RUNTIME_PROBE = (
+    "import torch, ondevice, memory, os\n"
+    "print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"
+)
+
+
+@lru_cache(maxsize=1)
+def measure_runtime_bytes(timeout_s: float = 120.0) -> int | None:
+    """Resident size of a fresh interpreter after ``import torch, ondevice, memory`` (bytes), or None.
+
+    The runtime's fixed cost on this machine, measured once per process in a subprocess (a few seconds);
+    None where it cannot be measured (no ``/proc``, the probe failed or timed out).
+    """
+    try:
+        done = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE], capture_output=True, text=True,
+                              timeout=timeout_s, check=False)  # fmt: skip
+        return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def _with_runtime(profile: DeviceProfile, runtime_bytes: int | None) -> DeviceProfile:
+    """``profile`` reserving a measured runtime instead of its own figure (when it fits beside the rest)."""
+    if runtime_bytes is None or profile.kind is not DeviceKind.LINUX_BOARD:
+        return profile
+    reserved = profile.reserved_bytes - (profile.runtime_bytes or TORCH_RUNTIME_BYTES) + runtime_bytes
+    if not 0 <= reserved < profile.memory_bytes:
+        return profile
+    measured = f"{profile.description}; runtime measured: {runtime_bytes / MiB:.0f} MiB"
+    return replace(profile, reserved_bytes=reserved, runtime_bytes=runtime_bytes, description=measured)
+
+
+def detect(root: str | os.PathLike[str] = "/", *, measure_runtime: bool = False) -> DeviceProfile:
     """The profile of the machine this runs on (below ``root``).
 
     A Raspberry Pi or Jetson is recognised from its revision code / device-tree model and its registered
     profile is returned, adjusted when a cgroup limits memory or CPUs (the name then gains ``@cgroup``
     and the OS share leaves the reserve, since the OS lives outside the cgroup). Any other machine gets a
-    generic Linux profile built from what was measured.
+    generic Linux profile built from what was measured. Linux profiles budget the training step's process
+    RSS (see ``devices.profiles``); ``measure_runtime=True`` measures the runtime's resident size here
+    (:func:`measure_runtime_bytes`, only for ``root="/"``) and reserves it instead of the default.
     """
+    runtime = measure_runtime_bytes() if measure_runtime and _is_real_root(Path(root)) else None
+    return _with_runtime(_detect(root), runtime)
+
+
+def _detect(root: str | os.PathLike[str]) -> DeviceProfile:
     info = detect_system(root)
     memory_bytes = info.memory_bytes
     limited = memory_bytes < info.ram_bytes
@@ -308,4 +361,7 @@ def detect(root: str | os.PathLike[str] = "/") -> DeviceProfile:
         description=f"{what}: {memory_bytes / MiB:.0f} MiB"
         + (" (cgroup limit)" if limited else "")
         + f", {cpus} usable CPU(s)",
+        runtime_bytes=TORCH_RUNTIME_BYTES,
+        process_overhead_bytes=STEP_OVERHEAD_BYTES,
+        rss_per_tensor_byte=RSS_PER_TENSOR_BYTE,
     )

@@ -19,6 +19,14 @@ How the runtime share is sized
   per Pi, see REFERENCES);
 - headroom for page cache and allocator fragmentation -- :data:`LINUX_HEADROOM_FRACTION` (10 % of RAM).
 
+*The training step's process.* What is left (``training_budget_bytes``) is budgeted as the resident memory
+the eager step adds to its process above ``import torch, ondevice``, not as tensor bytes alone: a Linux
+board's profile carries :data:`memory.process.STEP_OVERHEAD_BYTES` (kernel code paged in by the first
+step, the model's modules, allocator slack) and :data:`memory.process.RSS_PER_TENSOR_BYTE` (resident bytes
+per byte of the step's tensor peak, under the SDK's process policy), and its budget compares
+``peak * factor + overhead`` (``memory.report.needed_terms``). ``runtime_bytes`` records the import's
+own resident size inside the reserve; :func:`devices.detect` can measure it on the machine itself.
+
 The Raspberry Pi Zero 2 W (512 MB) cannot hold an idle Flower SuperNode next to torch with any room left,
 so its profile reserves only the OS, torch and headroom: it trains stand-alone, not in a Flower fleet.
 
@@ -37,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from memory.process import RSS_PER_TENSOR_BYTE, STEP_OVERHEAD_BYTES
 from ondevice.errors import ConfigError, UnknownNameError
 
 if TYPE_CHECKING:
@@ -82,13 +91,15 @@ class DeviceKind(StrEnum):
 
 
 def linux_reserved_bytes(
-    ram_bytes: int, *, os_bytes: int = LINUX_OS_BYTES, with_flower: bool = True, with_os: bool = True
-) -> int:
+    ram_bytes: int, *, os_bytes: int = LINUX_OS_BYTES, with_flower: bool = True, with_os: bool = True,
+    runtime_bytes: int = TORCH_RUNTIME_BYTES,
+) -> int:  # fmt: skip
     """Runtime share of a Linux board: OS + Python/torch + (idle Flower) + 10 % headroom of ``ram_bytes``.
 
-    ``with_os=False`` leaves the OS out, for a process limited by a cgroup (the OS lives outside it).
+    ``with_os=False`` leaves the OS out, for a process limited by a cgroup (the OS lives outside it);
+    ``runtime_bytes`` replaces the default resident size of ``import torch, ondevice`` with a measured one.
     """
-    reserve = TORCH_RUNTIME_BYTES + int(LINUX_HEADROOM_FRACTION * ram_bytes)
+    reserve = runtime_bytes + int(LINUX_HEADROOM_FRACTION * ram_bytes)
     if with_os:
         reserve += os_bytes
     if with_flower:
@@ -115,6 +126,12 @@ class DeviceProfile:
         clock_mhz: CPU clock.
         reserved_bytes: memory the runtime keeps for itself (see the module docstring for the figures).
         description: a human-readable line (board name, what was detected).
+        runtime_bytes: resident size of the runtime (``import torch, ondevice``), part of
+            ``reserved_bytes``; ``None`` where there is no Python runtime (a microcontroller).
+        process_overhead_bytes: resident memory a training step's process adds beyond its tensors (see
+            the module docstring); when set, :meth:`to_budget` budgets the step as process RSS. ``None``
+            budgets tensor bytes only (microcontrollers).
+        rss_per_tensor_byte: resident bytes per byte of the step's tensor peak (>= 1).
     """
 
     name: str
@@ -125,6 +142,9 @@ class DeviceProfile:
     clock_mhz: int
     reserved_bytes: int
     description: str = field(default="", compare=False)
+    runtime_bytes: int | None = None
+    process_overhead_bytes: int | None = None
+    rss_per_tensor_byte: float = RSS_PER_TENSOR_BYTE
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -153,6 +173,18 @@ class DeviceProfile:
                 f"{self.memory_bytes}), got {self.reserved_bytes!r}; reserve less for the runtime or give "
                 f"the device more memory"
             )
+        for attr in ("runtime_bytes", "process_overhead_bytes"):
+            value = getattr(self, attr)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(
+                    f"DeviceProfile {self.name!r}: {attr} must be an int >= 0 or None, got {value!r}"
+                )
+        factor = self.rss_per_tensor_byte
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 <= factor < 100:
+            raise ConfigError(
+                f"DeviceProfile {self.name!r}: rss_per_tensor_byte must be a number in [1, 100), "
+                f"got {factor!r}"
+            )
 
     @property
     def training_budget_bytes(self) -> int:
@@ -163,7 +195,8 @@ class DeviceProfile:
         """This device's :class:`memory.Budget`.
 
         Linux boards keep frozen float32 weights in RAM, so they count against the budget; an MCU keeps
-        int8 weights in flash, so they do not (TinyTL, tiny-training).
+        int8 weights in flash, so they do not (TinyTL, tiny-training). A profile with
+        ``process_overhead_bytes`` (every built-in Linux board) budgets the step's process RSS.
         """
         from memory import Budget
 
@@ -210,6 +243,14 @@ def list_profiles(kind: DeviceKind | str | None = None) -> list[DeviceProfile]:
     return [p for p in _REGISTRY.values() if wanted is None or p.kind is wanted]
 
 
+_LINUX_PROCESS: dict[str, Any] = {
+    "runtime_bytes": TORCH_RUNTIME_BYTES,
+    "process_overhead_bytes": STEP_OVERHEAD_BYTES,
+    "rss_per_tensor_byte": RSS_PER_TENSOR_BYTE,
+}
+"""What a Linux board's profile says about its training process (see the module docstring)."""
+
+
 def _pi(name: str, ram_bytes: int, cores: int, clock_mhz: int, board: str, *, flower: bool = True) -> None:
     register_profile(
         DeviceProfile(
@@ -221,6 +262,7 @@ def _pi(name: str, ram_bytes: int, cores: int, clock_mhz: int, board: str, *, fl
             clock_mhz=clock_mhz,
             reserved_bytes=linux_reserved_bytes(ram_bytes, with_flower=flower),
             description=board,
+            **_LINUX_PROCESS,
         )
     )
 
@@ -273,6 +315,7 @@ def _register_builtin() -> None:
                 cores=4,
                 clock_mhz=1430,
                 reserved_bytes=linux_reserved_bytes(gb * GiB, os_bytes=JETSON_OS_BYTES),
+                **_LINUX_PROCESS,
                 description=f"NVIDIA Jetson Nano {gb} GB, 4x Cortex-A57 + 128-core Maxwell GPU (shared RAM)",
             )
         )
@@ -286,6 +329,7 @@ def _register_builtin() -> None:
                 cores=6,
                 clock_mhz=1510,
                 reserved_bytes=linux_reserved_bytes(gb * GiB, os_bytes=JETSON_OS_BYTES),
+                **_LINUX_PROCESS,
                 description=f"NVIDIA Jetson Orin Nano {gb} GB, 6x Cortex-A78AE + Ampere GPU (shared RAM)",
             )
         )

@@ -80,6 +80,14 @@ class Budget:
         memory_bytes: the device's whole RAM or SRAM when the budget comes from a device (``None`` for a
             bare figure); reports flag a step whose eager peak exceeds it.
         flash_bytes: the device's flash when known; reports flag frozen weights that do not fit in it.
+        process_overhead_bytes: when set, the budget is for the *process*: the resident memory the
+            training step adds above the runtime (``import torch, ondevice``), which then counts against
+            ``total_bytes`` instead of the tensor terms alone. This is the fixed part a step adds beyond
+            tensors -- kernel code paged in by the first step, the model's own modules, allocator slack;
+            see :mod:`memory.process` for the measured default (:data:`memory.process.STEP_OVERHEAD_BYTES`).
+            ``None`` (the default) budgets tensor bytes only, as TinyTL and tiny-training do.
+        rss_per_tensor_byte: with ``process_overhead_bytes``, resident bytes per byte of the eager step's
+            tensor peak (>= 1; :data:`memory.process.RSS_PER_TENSOR_BYTE` under the SDK's process policy).
     """
 
     total_bytes: int
@@ -88,6 +96,8 @@ class Budget:
     frozen_param_bits: int = 32
     memory_bytes: int | None = None
     flash_bytes: int | None = None
+    process_overhead_bytes: int | None = None
+    rss_per_tensor_byte: float = 1.1
 
     def __post_init__(self) -> None:
         if (
@@ -109,6 +119,35 @@ class Budget:
             value = getattr(self, attr)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"Budget.{attr} must be a positive int or None, got {value!r}")
+        overhead = self.process_overhead_bytes
+        bad = isinstance(overhead, bool) or not isinstance(overhead, int) or overhead < 0
+        if overhead is not None and bad:
+            raise ConfigError(f"Budget.process_overhead_bytes must be an int >= 0 or None, got {overhead!r}")
+        factor = self.rss_per_tensor_byte
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 <= factor < 100:
+            raise ConfigError(
+                f"Budget.rss_per_tensor_byte must be a number in [1, 100) (resident bytes per tensor byte), "
+                f"got {factor!r}"
+            )
+
+    @property
+    def counts_process(self) -> bool:
+        """Whether the budget is for the process's resident memory (``process_overhead_bytes`` is set)."""
+        return self.process_overhead_bytes is not None
+
+    @classmethod
+    def for_process(cls, value: str | int | float, **kwargs: object) -> Budget:
+        """A budget for the resident memory a training step adds above ``import torch, ondevice``.
+
+        Frozen weights count (they live in the process) and the defaults of :mod:`memory.process` give
+        the step's fixed overhead and allocator factor unless ``kwargs`` set them.
+        """
+        from memory.process import RSS_PER_TENSOR_BYTE, STEP_OVERHEAD_BYTES
+
+        kwargs.setdefault("process_overhead_bytes", STEP_OVERHEAD_BYTES)
+        kwargs.setdefault("rss_per_tensor_byte", RSS_PER_TENSOR_BYTE)
+        kwargs.setdefault("count_frozen_params", True)
+        return cls(parse_bytes(value), name=f"{value} of process RSS", **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def parse(cls, value: str | int | float | Budget | HasTrainingBudget, **kwargs: object) -> Budget:
@@ -124,11 +163,15 @@ class Budget:
         """The part of a device's memory a training step may use (see ``devices.DeviceProfile``).
 
         The profile's ``memory_bytes`` and ``flash_bytes`` (when it has them) ride along, so that reports
-        can flag figures the device cannot hold; ``kwargs`` set the other fields.
+        can flag figures the device cannot hold, and so do its ``process_overhead_bytes`` and
+        ``rss_per_tensor_byte`` (a Linux board's: the step is then budgeted as process RSS); ``kwargs`` set
+        the other fields.
         """
-        for attr in ("memory_bytes", "flash_bytes"):
+        for attr in ("memory_bytes", "flash_bytes", "process_overhead_bytes"):
             if attr not in kwargs:
                 kwargs[attr] = getattr(profile, attr, None)
+        if "rss_per_tensor_byte" not in kwargs and hasattr(profile, "rss_per_tensor_byte"):
+            kwargs["rss_per_tensor_byte"] = profile.rss_per_tensor_byte
         return cls(int(profile.training_budget_bytes), name=profile.name, **kwargs)  # type: ignore[arg-type]
 
     def fits(self, needed_bytes: int) -> bool:

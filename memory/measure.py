@@ -30,6 +30,7 @@ the device before each reading. The first CUDA step of a process also allocates 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from memory.process import RssReading, trim
 from memory.report import MemoryReport
 from ondevice.errors import ConfigError
 from ondevice.ops.convert import unsupported_leaves
@@ -373,7 +375,10 @@ def measure(
     back afterwards.
 
     On a CUDA device the report also carries the caching allocator's figures (``cuda_*`` fields; see
-    the module docstring); this resets the device's peak-memory statistics.
+    the module docstring); this resets the device's peak-memory statistics. On every device it carries
+    the process's resident set before the step and its peak during it (``rss_before_bytes``,
+    ``rss_peak_bytes``; on Linux the kernel's peak mark is reset for the step, after the free heap is
+    returned with ``malloc_trim``, so that the rise counts the pages the step needs).
 
     Args:
         model: the model, prepared as it will train (frozen parameters have ``requires_grad=False``).
@@ -394,10 +399,14 @@ def measure(
     for p in params:
         p.grad = None
     try:
+        trim()  # free heap the step could reuse without a new page would hide what it needs
+        rss = RssReading()
         report = training_step_report(
             model, inputs, target=target, optimizer=optimizer, loss_fn=loss_fn, source="measured",
             read_allocator=True,
         )
+        rss.stop()
+        report = dataclasses.replace(report, rss_before_bytes=rss.before_bytes, rss_peak_bytes=rss.peak_bytes)
     finally:
         with torch.no_grad():
             for b, old in zip(buffers, stashed_buffers, strict=True):

@@ -17,7 +17,8 @@ tiny-training's recipe (Lin et al., NeurIPS 2022, Sec. 3.2), whose search code w
 The named schemes (``last_layer``, ``bias``, ``lite_residual``, ``full``) compete too, each estimated (or
 skipped when its trainable state alone exceeds the budget). What counts against the budget is
 :func:`memory.budget_bytes_needed`: activations + trainable parameters + gradients + optimizer state
-(+ frozen parameters at the budget's width when it counts them).
+(+ frozen parameters at the budget's width when it counts them); for a process budget (a Linux board's,
+or ``Budget.for_process``) the resident memory the eager step adds instead (``memory.process``).
 """
 
 from __future__ import annotations
@@ -130,12 +131,15 @@ class Plan:
                 "frozen_param_bits": self.budget.frozen_param_bits,
                 "memory_bytes": self.budget.memory_bytes,
                 "flash_bytes": self.budget.flash_bytes,
+                "process_overhead_bytes": self.budget.process_overhead_bytes,
+                "rss_per_tensor_byte": self.budget.rss_per_tensor_byte,
             },
             "needed_bytes": self.needed_bytes,
             "requirement": {
                 "compared_with": "budget.total_bytes",
                 "terms": needed_terms(self.report, self.budget),
-                "not_compared": {"peak_bytes": self.report.peak_bytes},
+                "counts_process": self.budget.counts_process,
+                "not_compared": {} if self.budget.counts_process else {"peak_bytes": self.report.peak_bytes},
             },
             "exceeds_device": device_limits(self.report, self.budget),
             "score": self.score,
@@ -164,6 +168,14 @@ class Plan:
                 f"| {c.score:.3f} | {c.how} |"
             )
         return "\n".join(lines) + "\n\n" + self.report.to_markdown()
+
+
+def _tensor_limit(budget: Budget) -> int:
+    """The tensor bytes the cost table may spend: the whole budget, or for a process budget what is left
+    after the fixed overhead, divided by the allocator factor (see :func:`memory.report.needed_terms`)."""
+    if budget.process_overhead_bytes is None:
+        return budget.total_bytes
+    return max(0, int((budget.total_bytes - budget.process_overhead_bytes) / budget.rss_per_tensor_byte))
 
 
 def _describe(scheme: dict[str, Any]) -> str:
@@ -411,7 +423,7 @@ def plan(
     if search_sparse and layers:
         table = _CostTable(model, head, shape, budget, optimizer=optimizer, loss_fn=loss_fn)
         options = _options(table, ratios)
-        limit = budget.total_bytes
+        limit = _tensor_limit(budget)
         # Every layer's weights at full width is full fine-tuning: when `full` itself fits, the search
         # looks for a genuinely sparse update and `full` competes under its own name.
         exclude_full = any(c.fits and c.scheme.get("name") == "full" for c in considered)

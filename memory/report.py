@@ -11,6 +11,7 @@ gradient buffers), which a compiler such as tiny-training's plans in place.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +41,8 @@ _CUDA_FIELDS = (
     "cuda_activation_bytes",
     "cuda_peak_bytes",
     "cuda_reserved_bytes",
+    "rss_before_bytes",
+    "rss_peak_bytes",
 )
 
 
@@ -77,6 +80,13 @@ class MemoryReport:
             reset just before): the device's peak, counted from zero like ``cuda_allocated_bytes``.
         cuda_reserved_bytes: on CUDA, ``torch.cuda.memory_reserved()`` after the step: what the caching
             allocator holds from the driver (allocated blocks plus its cache).
+        rss_before_bytes: the process's resident set just before the step (``memory.measure`` on CPU
+            and CUDA; ``None`` for estimates): the interpreter, torch, the model and whatever else lives in
+            the process.
+        rss_peak_bytes: the process's peak resident set during the step (Linux: the kernel's ``VmHWM``,
+            reset just before the step; elsewhere the lifetime peak). ``rss_added_bytes`` is the rise. The
+            trackers that count tensors run Python on every op, which adds a little of its own; the
+            ``bench/memory.py`` RSS columns measure an untracked step in a fresh process.
     """
 
     activation_bytes: int
@@ -94,6 +104,8 @@ class MemoryReport:
     cuda_activation_bytes: int | None = None
     cuda_peak_bytes: int | None = None
     cuda_reserved_bytes: int | None = None
+    rss_before_bytes: int | None = None
+    rss_peak_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.frozen_param_bytes is None:
@@ -125,6 +137,13 @@ class MemoryReport:
     def on_cuda(self) -> bool:
         """Whether the caching allocator's figures were read (a step measured on a CUDA device)."""
         return self.cuda_peak_bytes is not None
+
+    @property
+    def rss_added_bytes(self) -> int | None:
+        """How far the process's resident set rose above ``rss_before_bytes`` during the step (or None)."""
+        if self.rss_peak_bytes is None or self.rss_before_bytes is None:
+            return None
+        return max(0, self.rss_peak_bytes - self.rss_before_bytes)
 
     @property
     def stock_bytes(self) -> int:
@@ -174,6 +193,11 @@ class MemoryReport:
             ("CUDA allocator: peak of the step", self.cuda_peak_bytes),
             ("CUDA allocator: reserved after the step", self.cuda_reserved_bytes),
         ]
+        allocator += [
+            ("process RSS before the step", self.rss_before_bytes),
+            ("process peak RSS during the step", self.rss_peak_bytes),
+            ("process RSS added by the step", self.rss_added_bytes),
+        ]
         rows += [(what, value) for what, value in allocator if value is not None]
         lines = [f"Memory of one training step ({self.source})", "", "| what | bytes | size |"]
         lines.append("|---|---:|---:|")
@@ -205,7 +229,24 @@ class MemoryReport:
 
 
 def needed_terms(report: MemoryReport, budget: Budget) -> dict[str, int]:
-    """The terms of :func:`budget_bytes_needed`, named as reports print them, in the order they add up."""
+    """The terms of :func:`budget_bytes_needed`, named as reports print them, in the order they add up.
+
+    A process budget (``budget.counts_process``) adds up the eager step's tensor peak (at least the tensor
+    terms), the allocator's share on top of it and the step's fixed overhead beyond tensors.
+    """
+    terms = _tensor_terms(report, budget)
+    if budget.process_overhead_bytes is None:
+        return terms
+    tensors = max(report.peak_bytes, sum(terms.values()))
+    share = budget.rss_per_tensor_byte - 1
+    return {
+        "tensor peak of the eager step": tensors,
+        f"allocator share ({100 * share:.0f} % of it)": math.ceil(share * tensors),
+        "fixed step overhead (kernel code, modules, allocator)": budget.process_overhead_bytes,
+    }
+
+
+def _tensor_terms(report: MemoryReport, budget: Budget) -> dict[str, int]:
     terms = {
         "activations kept for backward": report.activation_bytes,
         "trainable parameters": report.trainable_param_bytes,
@@ -227,6 +268,10 @@ def budget_bytes_needed(report: MemoryReport, budget: Budget) -> int:
     TinyTL's accounting (Cai et al. 2020, Sec. 2 and Fig. 1: activations, trainable parameters at 32 bit,
     frozen parameters at 8 bit), with gradients and optimizer state made explicit as tiny-training
     (Lin et al. 2022, Sec. 3) keeps them in SRAM too.
+
+    A process budget (``budget.counts_process``, e.g. a Linux board's) compares the resident memory the
+    eager step adds instead: ``max(peak_bytes, the sum above) * rss_per_tensor_byte +
+    process_overhead_bytes`` (see :func:`needed_terms` and :mod:`memory.process`).
     """
     return sum(needed_terms(report, budget).values())
 
@@ -267,12 +312,23 @@ def explain_needed(report: MemoryReport, budget: Budget) -> str:
     needed = budget_bytes_needed(report, budget)
     terms = " + ".join(f"{what} {format_bytes(b)}" for what, b in needed_terms(report, budget).items())
     share = 100 * needed / budget.total_bytes
-    paragraphs = [
-        f"**Requirement (compared with the budget): {format_bytes(needed)} of "
-        f"{format_bytes(budget.total_bytes)} ({share:.1f} %)** = {terms}. "
-        f"This is the memory training adds to inference, which must fit in the training budget "
-        f"(TinyTL's and tiny-training's accounting).",
-    ]
+    if budget.counts_process:
+        paragraphs = [
+            f"**Requirement (compared with the budget): {format_bytes(needed)} of "
+            f"{format_bytes(budget.total_bytes)} ({share:.1f} %)** = {terms}. "
+            f"This is the resident memory the eager training step adds to its process above "
+            f"`import torch, ondevice` (peak RSS), not tensor bytes alone: the runtime itself is reserved "
+            f"outside the budget, and the figures assume the SDK's process policy "
+            f"(`memory.process.lean_process()`, a trim after each step, an optimizer that does not import "
+            f"torch._dynamo).",
+        ]
+    else:
+        paragraphs = [
+            f"**Requirement (compared with the budget): {format_bytes(needed)} of "
+            f"{format_bytes(budget.total_bytes)} ({share:.1f} %)** = {terms}. "
+            f"This is the memory training adds to inference, which must fit in the training budget "
+            f"(TinyTL's and tiny-training's accounting).",
+        ]
     frozen = report.frozen_bytes_at(budget.frozen_param_bits)
     if not budget.count_frozen_params:
         place = "flash" if budget.flash_bytes is not None else "storage outside this budget"
@@ -280,11 +336,12 @@ def explain_needed(report: MemoryReport, budget: Budget) -> str:
             f"Frozen weights are not counted: at {budget.frozen_param_bits} bit they take "
             f"{format_bytes(frozen)}, kept in {place}."
         )
-    paragraphs.append(
-        f"Not the requirement: the peak of {format_bytes(report.peak_bytes)} is what this eager PyTorch step "
-        f"holds at once (every parameter at its own width, the input, transient outputs and gradient "
-        f"buffers); it is reported for running the step here, not compared with the budget."
-    )
+    if not budget.counts_process:
+        paragraphs.append(
+            f"Not the requirement: the peak of {format_bytes(report.peak_bytes)} is what this eager PyTorch "
+            f"step holds at once (every parameter at its own width, the input, transient outputs and "
+            f"gradient buffers); it is reported for running the step here, not compared with the budget."
+        )
     limits = device_limits(report, budget)
     if limits:
         paragraphs.append("**Exceeds the device:**\n\n" + "\n".join(f"- {item}" for item in limits))

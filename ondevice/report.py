@@ -198,6 +198,29 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>|#!~&])")
 
 
+def _memory_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Activations and tensor peak per scheme, stock vs ondevice, plus the process RSS when rows carry it."""
+    rss = all("ondevice_rss_added_bytes" in r and "stock_rss_added_bytes" in r for r in rows)
+    header = ["scheme", "stock activations", "ondevice activations", "ratio", "stock peak", "ondevice peak"]
+    if rss:
+        header += ["stock RSS added", "ondevice RSS added"]
+    body = []
+    for r in rows:
+        cells = [
+            r["scheme"],
+            f"{_mib(r['stock_activation_bytes']):.2f} MiB",
+            f"{_mib(r['ondevice_activation_bytes']):.3f} MiB",
+            f"{r['stock_activation_bytes'] / max(1, r['ondevice_activation_bytes']):.1f}x",
+            f"{_mib(r['stock_peak_bytes']):.2f} MiB",
+            f"{_mib(r['ondevice_peak_bytes']):.2f} MiB",
+        ]
+        if rss:
+            cells += [f"{_mib(r['stock_rss_added_bytes'] or 0):.1f} MiB",
+                      f"{_mib(r['ondevice_rss_added_bytes'] or 0):.1f} MiB"]  # fmt: skip
+        body.append(cells)
+    return _table(header, body)
+
+
 def markdown_text(value: object) -> str:
     """``value`` as literal Markdown text: every character Markdown or HTML would interpret is escaped.
 
@@ -324,29 +347,16 @@ def write_report(
             "![Activation memory of one training step per scheme, stock PyTorch vs ondevice (log scale)]"
             "(plots/memory_by_scheme.png)",
             "",
-            _table(
-                [
-                    "scheme",
-                    "stock activations",
-                    "ondevice activations",
-                    "ratio",
-                    "stock peak",
-                    "ondevice peak",
-                ],
-                [
-                    [
-                        r["scheme"],
-                        f"{_mib(r['stock_activation_bytes']):.2f} MiB",
-                        f"{_mib(r['ondevice_activation_bytes']):.3f} MiB",
-                        f"{r['stock_activation_bytes'] / max(1, r['ondevice_activation_bytes']):.1f}x",
-                        f"{_mib(r['stock_peak_bytes']):.2f} MiB",
-                        f"{_mib(r['ondevice_peak_bytes']):.2f} MiB",
-                    ]
-                    for r in memory_rows
-                ],
-            ),
+            _memory_table(memory_rows),
             "",
         ]
+        if all("ondevice_rss_added_bytes" in r for r in memory_rows):
+            md += [
+                "RSS added = how far the demo process's peak resident memory rose during each measured step "
+                "(`MemoryReport.rss_added_bytes`): what the device sees beyond the tensors. "
+                "`python bench/memory.py` measures it per variant in a fresh process.",
+                "",
+            ]
     stream = figures.get("stream")
     if stream:
         plots["stream"] = plot_stream_accuracy(

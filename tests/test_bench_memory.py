@@ -13,9 +13,14 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
 VARIANT_KEYS = {
     "saved_bytes",
     "peak_bytes",
-    "rss_before_bytes",
+    "rss_import_bytes",
     "rss_peak_bytes",
-    "rss_delta_bytes",
+    "rss_added_bytes",
+    "rss_first_step_added_bytes",
+    "rss_current_added_bytes",
+    "rss_code_bytes",
+    "rss_step_cpu_ms",
+    "rss_over_tensor_peak",
     "step_wall_ms",
     "step_cpu_ms",
     "time_ratio",
@@ -35,6 +40,8 @@ def test_quick_bench_reports_every_case_and_ondevice_saves_no_more_than_stock() 
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["config"]["threads"] == 1 and result["config"]["quick"] is True
+    assert result["config"]["rss_steps"] == 10
+    assert "native conv" in result["config"]["rss_settings"]["ondevice"]
     assert set(result["config"]["models"]) == {"mobilenetv2", "vit"}
     seen = {(case["model"], case["scheme"]) for case in result["cases"]}
     # Three schemes keep the smoke test short; LoRA applies to the transformer only.
@@ -55,5 +62,25 @@ def test_quick_bench_reports_every_case_and_ondevice_saves_no_more_than_stock() 
         for name in ("bit", "byte"):
             where = f"{case['model']}/{case['scheme']}/{name}"
             assert variants[name]["saved_bytes"] <= variants["stock"]["saved_bytes"], where
-            assert set(case["ratios"][name]) == {"saved", "peak", "rss_delta", "time", "wall"}
+            assert set(case["ratios"][name]) == {"saved", "peak", "rss_added", "time", "wall"}
+            assert variants[name]["rss_peak_bytes"] > variants[name]["rss_import_bytes"] > 0
         assert variants["bit"]["saved_bytes"] <= variants["byte"]["saved_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ablation_reports_every_setting() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--ablation", "--quick", "--json", "--rss-steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    rows = result["rows"]
+    assert {"torch defaults", "SDK policy", "stock, torch defaults"} <= set(rows)
+    for row in rows.values():
+        assert row["rss_added_bytes"] >= row["rss_first_step_added_bytes"] >= 0
+        assert row["rss_peak_bytes"] > row["rss_import_bytes"]
+    assert result["config"]["tensor_peak_bytes"]["bit"] < result["config"]["tensor_peak_bytes"]["stock"]

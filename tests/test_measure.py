@@ -310,3 +310,33 @@ def test_allocator_figures_on_cuda() -> None:
     assert report.cuda_peak_bytes is not None and report.cuda_allocated_bytes is not None
     assert report.cuda_peak_bytes >= report.cuda_allocated_bytes + report.cuda_activation_bytes
     assert report.cuda_reserved_bytes is not None and report.cuda_reserved_bytes >= report.cuda_peak_bytes
+
+
+class _Transient(nn.Module):
+    """A layer whose forward makes (and drops) a 48 MiB temporary: the process's RSS must see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scratch = torch.ones(12 << 20)  # 48 MiB of touched pages
+        return self.linear(x) + scratch[0]
+
+
+def test_measure_reports_the_process_rss_of_the_step() -> None:
+    report = memory.measure(_Transient(), torch.randn(4, 8))
+    assert report.rss_before_bytes is not None and report.rss_peak_bytes is not None
+    assert report.rss_peak_bytes >= report.rss_before_bytes
+    added = report.rss_added_bytes
+    assert added is not None and added >= 40 << 20  # the kernel's peak mark saw the temporary
+    assert report.peak_bytes >= 48 << 20  # and so did the tensor tracker
+    assert "process peak RSS during the step" in report.to_markdown()
+    assert memory.MemoryReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+
+
+def test_estimates_carry_no_rss() -> None:
+    report = memory.estimate(_mlp(), (4, 16))
+    assert report.rss_peak_bytes is None and report.rss_added_bytes is None
+    with pytest.raises(ConfigError, match="rss_peak_bytes"):
+        memory.MemoryReport(**{**report.to_dict(), "rss_peak_bytes": -1})

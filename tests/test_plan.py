@@ -259,3 +259,24 @@ def test_cli_plan_prints_markup_like_device_names_as_text() -> None:
     result = CliRunner().invoke(app, ["plan", "--device", "[/bold]"])
     assert result.exit_code == 2, result.output
     assert "[/bold]" in result.output and "--device" in result.output
+
+
+@pytest.mark.slow
+def test_cli_plan_budgets_the_process_for_linux_boards_and_process_rss() -> None:
+    from ondevice.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--model", "cnn", "--budget", "64MiB", "--process-rss", "--json"])
+    assert result.exit_code == 0, result.output
+    planned = json.loads(result.stdout)["plan"]
+    assert planned["requirement"]["counts_process"] is True
+    assert planned["budget"]["process_overhead_bytes"] > 0
+    overhead = planned["budget"]["process_overhead_bytes"]
+    assert planned["needed_bytes"] >= overhead + planned["report"]["peak_bytes"]
+    result = runner.invoke(app, ["plan", "--model", "cnn", "--device", "rpi-4b-2gb"])
+    assert result.exit_code == 0, result.output
+    assert "peak RSS" in result.output
+    result = runner.invoke(app, ["plan", "--model", "cnn", "--scheme", "bias", "--process-rss"])
+    assert result.exit_code == 2 and "--process-rss applies to --budget" in result.output
+    result = runner.invoke(app, ["plan", "--model", "cnn", "--budget", "8MiB", "--process-rss"])
+    assert result.exit_code == 2 and "smallest achievable" in result.output

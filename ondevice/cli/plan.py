@@ -18,6 +18,10 @@ requirement the output names): activations + trainable parameters + gradients + 
 frozen weights when they are counted. --device follows the device's convention (a Linux board counts
 float32 frozen weights, a microcontroller keeps int8 ones in flash and the output checks them against its
 flash); --int8-frozen counts frozen weights at 8 bits, --count-frozen/--no-count-frozen override.
+A Linux board's --device, and --budget with --process-rss, budget the process instead: the peak resident
+memory the eager step adds above `import torch, ondevice` (tensor peak x allocator factor + the step's
+fixed overhead of kernel code and allocator, measured under memory.process.lean_process()); the output
+says which figure it compares.
 """
 
 
@@ -46,6 +50,13 @@ def plan_command(
             show_default=False,
         ),
     ] = None,
+    process_rss: Annotated[
+        bool,
+        typer.Option(
+            "--process-rss",
+            help="--budget is for the process: the peak RSS the step adds above the import, not tensors.",
+        ),
+    ] = False,
     optimizer: Annotated[str | None, typer.Option(help="sgd | adam (default: SGD with momentum).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
@@ -53,6 +64,9 @@ def plan_command(
     configure_logging(verbose)
     if sum(x is not None for x in (scheme, budget, device)) != 1:
         fail("give exactly one of --scheme NAME, --budget SIZE and --device NAME")
+        return
+    if process_rss and budget is None:
+        fail("--process-rss applies to --budget SIZE (a Linux board's --device already budgets the process)")
         return
     if int8_frozen and count_frozen is False:
         fail(
@@ -64,7 +78,7 @@ def plan_command(
         payload, text = _run(
             model=model, width_mult=width_mult, resolution=resolution, num_classes=num_classes,
             batch_size=batch_size, scheme=scheme, budget=budget, device=device, int8_frozen=int8_frozen,
-            count_frozen=count_frozen, optimizer=optimizer, progress=not json_output,
+            count_frozen=count_frozen, optimizer=optimizer, progress=not json_output, process_rss=process_rss,
         )  # fmt: skip
     except BudgetExceededError as exc:
         fail(
@@ -106,7 +120,8 @@ def _run(**opts: Any) -> tuple[dict[str, Any], str]:
                    "scheme": prepared.scheme.to_dict(), "report": report.to_dict()}  # fmt: skip
         return payload, report.to_markdown()
     budget = _budget(opts["device"], opts["budget"], int8_frozen=opts["int8_frozen"],
-                     count_frozen=opts["count_frozen"])  # fmt: skip
+                     count_frozen=opts["count_frozen"],
+                     process_rss=opts.get("process_rss", False))  # fmt: skip
     with console.status("planning (estimating candidate schemes on fake tensors)", spinner="dots") as status:
         if not opts["progress"]:
             status.stop()
@@ -116,8 +131,10 @@ def _run(**opts: Any) -> tuple[dict[str, Any], str]:
     return payload, chosen.to_markdown()
 
 
-def _budget(device: str | None, size: str | None, *, int8_frozen: bool, count_frozen: bool | None) -> Any:
-    """The budget of --device (its own convention) or --budget, with --int8-frozen/--count-frozen applied."""
+def _budget(device: str | None, size: str | None, *, int8_frozen: bool, count_frozen: bool | None,
+            process_rss: bool = False) -> Any:  # fmt: skip
+    """The budget of --device (its own convention) or --budget (of the process with --process-rss), with
+    --int8-frozen/--count-frozen applied."""
     import dataclasses
 
     import memory
@@ -129,6 +146,8 @@ def _budget(device: str | None, size: str | None, *, int8_frozen: bool, count_fr
             budget = get_profile(device).to_budget()
         except UnknownNameError as exc:
             fail(f"--device {device!r}: {exc}; `ondevice devices` lists them")
+    elif process_rss:
+        budget = memory.Budget.for_process(size or "")
     else:
         budget = memory.Budget.parse(size or "", count_frozen_params=False)
     if int8_frozen:

@@ -126,3 +126,28 @@ def test_generic_machine(tmp_path: Path) -> None:
 def test_detect_this_machine() -> None:
     profile = devices.detect()
     assert profile.memory_bytes > 0 and profile.cores >= 1 and profile.training_budget_bytes > 0
+
+
+def test_detected_profiles_budget_the_process(tmp_path: Path) -> None:
+    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU\ncpu MHz\t\t: 2999.9\n\n"
+    generic = devices.detect(make_root(tmp_path, cpuinfo, 2_000_000))
+    budget = generic.to_budget()
+    assert generic.runtime_bytes is not None and generic.process_overhead_bytes is not None
+    assert budget.counts_process and budget.process_overhead_bytes == generic.process_overhead_bytes
+    # A fake root is not this machine: the runtime is not measured there.
+    assert devices.detect(make_root(tmp_path / "b", cpuinfo, 2_000_000), measure_runtime=True) == generic
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_detect_measures_the_runtime_here() -> None:
+    from devices.detect import measure_runtime_bytes
+
+    runtime = measure_runtime_bytes()
+    assert runtime is not None and 20 * MiB < runtime < 4 * GiB  # a fresh `import torch, ondevice, memory`
+    default = devices.detect()
+    measured = devices.detect(measure_runtime=True)
+    assert measured.runtime_bytes == runtime
+    if measured.reserved_bytes != default.reserved_bytes:  # it fits beside the rest of the reserve
+        assert measured.reserved_bytes - default.reserved_bytes == runtime - (default.runtime_bytes or 0)
+        assert "runtime measured" in measured.description

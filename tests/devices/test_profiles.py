@@ -105,3 +105,32 @@ def test_profile_validation(kwargs, match) -> None:
     } | kwargs
     with pytest.raises(ConfigError, match=match):
         DeviceProfile(**fields)
+
+
+def test_linux_boards_budget_the_process_and_mcus_the_tensors() -> None:
+    pi = devices.get_profile("rpi-zero-2w")
+    assert pi.runtime_bytes is not None and pi.process_overhead_bytes is not None
+    budget = pi.to_budget()
+    assert budget.counts_process and budget.rss_per_tensor_byte == pi.rss_per_tensor_byte >= 1
+    mcu = devices.get_profile("stm32f746")
+    assert mcu.runtime_bytes is None and not mcu.to_budget().counts_process
+    assert pi.to_dict()["process_overhead_bytes"] == pi.process_overhead_bytes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"runtime_bytes": -1}, "runtime_bytes must be an int >= 0 or None"),
+        ({"process_overhead_bytes": 1.5}, "process_overhead_bytes must be an int >= 0 or None"),
+        ({"rss_per_tensor_byte": 0.5}, "rss_per_tensor_byte must be a number in"),
+    ],
+)
+def test_process_fields_are_validated(kwargs, match) -> None:
+    fields = {"name": "x", "kind": "linux-board", "memory_bytes": GiB, "flash_bytes": None, "cores": 1,
+              "clock_mhz": 1, "reserved_bytes": 0} | kwargs  # fmt: skip
+    with pytest.raises(ConfigError, match=match):
+        DeviceProfile(**fields)
+    with pytest.raises(ConfigError, match="rss_per_tensor_byte"):
+        Budget(1, rss_per_tensor_byte=0.9)
+    with pytest.raises(ConfigError, match="process_overhead_bytes"):
+        Budget(1, process_overhead_bytes=-1)
