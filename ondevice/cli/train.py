@@ -105,7 +105,9 @@ def train(
         str | None,
         typer.Option(help="Update scheme (default: last_layer for scenarios, full for --data and --serial)."),
     ] = None,
-    strategy: Annotated[str, typer.Option(help="naive | replay | latent-replay | lwf | ewc.")] = "replay",
+    strategy: Annotated[
+        str, typer.Option(help="naive | replay | der | latent-replay | latent-der | lwf | ewc.")
+    ] = "replay",
     buffer: Annotated[int, typer.Option(min=1, help="Replay buffer size in samples.")] = 200,
     buffer_bytes: Annotated[
         str | None, typer.Option(help="Replay buffer budget instead of --buffer, e.g. 50KB.")

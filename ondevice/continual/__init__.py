@@ -3,7 +3,7 @@
 The entry points::
 
     from ondevice.continual import create_learner
-    learner = create_learner(prepared, "replay", buffer_size=200)
+    learner = create_learner(prepared, "replay", buffer_size=200)   # or "der" (DER++), "latent-replay"
     for x, y in stream:                      # any iterable of (x, y): samples or small batches
         learner.observe(x, y)
     learner.predict(x_new)
@@ -17,10 +17,17 @@ detectors (:mod:`~ondevice.continual.drift`), metrics over the accuracy matrix
 
 from __future__ import annotations
 
-from ondevice.continual.buffer import BufferConfig, ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer
+from ondevice.continual.buffer import (
+    BufferConfig,
+    ClassBalancedBuffer,
+    ReplayBuffer,
+    ReplayDraw,
+    ReservoirBuffer,
+)
 from ondevice.continual.drift import ADWIN, DriftDetector, PageHinkley
 from ondevice.continual.latent import LatentSplit, SampleCodec, find_boundary
 from ondevice.continual.learner import (
+    RECIPES,
     STRATEGIES,
     BoostLR,
     DriftEvent,
@@ -44,6 +51,7 @@ from ondevice.continual.scenarios import ContinualResult, Scenario, load_scenari
 
 __all__ = [
     "ADWIN",
+    "RECIPES",
     "STRATEGIES",
     "BoostLR",
     "BufferConfig",
@@ -61,6 +69,7 @@ __all__ = [
     "OnlineEWC",
     "PageHinkley",
     "ReplayBuffer",
+    "ReplayDraw",
     "ReservoirBuffer",
     "SampleCodec",
     "Scenario",

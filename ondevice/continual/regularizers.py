@@ -115,13 +115,16 @@ class LwF(Regularizer):
     def loss(self, model: nn.Module, x: Tensor | None, logits: Tensor) -> Tensor | None:
         if x is None or not self.teacher or self.config.weight == 0:
             return None
-        was_training = model.training
-        model.eval()  # no running statistic may change while the teacher runs
+        # No running statistic may change while the teacher runs; every module's own mode is restored
+        # after (``model.train()`` would also flip the frozen norms a prepared model keeps in eval).
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
         try:
             with torch.no_grad():
                 old = functional_call(model, dict(self.teacher), (x,), strict=False)
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
         k = min(old.shape[-1], logits.shape[-1])
         temperature = self.config.temperature
         target = F.softmax(old[:, :k] / temperature, dim=-1)

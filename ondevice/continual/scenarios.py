@@ -8,6 +8,9 @@ the *stream*. The backbone never sees a stream or test sample:
 - ``"class-incremental"``: ``cnn`` pretrained on the pool's digits 0-4 only (digits 5-9 are never seen
   before the stream); the head is replaced by a fresh 2-class head that grows as labels arrive; the
   stream brings digits 0-9 in 5 experiences of 2 classes (0-1, 2-3, ...).
+- ``"class-incremental-novel"``: ``cnn`` pretrained on every non-test sample of digits 0-3; the stream
+  brings only digits 4-9 (relabelled 0-5) in 3 experiences of 2 classes, so no stream class was seen in
+  pretraining (the stream's own samples are the stream half, as above).
 - ``"domain-incremental"``: ``cnn`` pretrained on the pool's clean digits 0-9 (the factory model, head
   kept); the stream brings all ten classes under shifting conditions: clean, rotated 30 degrees,
   gaussian noise (std 0.8), contrast 40 % (:data:`ondevice.data.DEFAULT_DOMAIN_SHIFTS`).
@@ -59,8 +62,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ScenarioName = Literal["class-incremental", "domain-incremental", "sensor"]
-SCENARIOS: tuple[str, ...] = ("class-incremental", "domain-incremental", "sensor")
+ScenarioName = Literal["class-incremental", "class-incremental-novel", "domain-incremental", "sensor"]
+SCENARIOS: tuple[str, ...] = ("class-incremental", "class-incremental-novel", "domain-incremental", "sensor")
 _RECIPE = 1
 _SENSOR_SHIFTS: tuple[tuple[tuple[str, float], ...], ...] = (
     (),
@@ -158,6 +161,31 @@ def load_scenario(name: ScenarioName | str, *, seed: int = 0, image_size: int = 
             model_kwargs=image_kwargs,
             initial_classes=2,
             description="digits 0-9 in 5 experiences of 2 classes; cnn pretrained on held-out digits 0-4",
+        )
+    if name == "class-incremental-novel":
+        novel = []
+        for i, first in enumerate((4, 6, 8)):
+            mask = torch.tensor((first, first + 1))
+            train_exp = train_part.subset(torch.isin(train_part.y, mask))
+            test_exp = test_part.subset(torch.isin(test_part.y, mask))
+            novel.append(
+                Experience(
+                    i,
+                    (first - 4, first - 3),
+                    TensorData(train_exp.x, train_exp.y - 4),
+                    TensorData(test_exp.x, test_exp.y - 4),
+                )
+            )
+        known = torch.cat([pool, stream])
+        source = data.subset(known).subset(data.y[known] < 4)
+        return Scenario(
+            name,
+            tuple(novel),
+            source,
+            "cnn",
+            model_kwargs=image_kwargs,
+            initial_classes=2,
+            description="digits 4-9 (as 0-5) in 3 experiences of 2; cnn pretrained on digits 0-3 only",
         )
     if name == "domain-incremental":
         from ondevice.data import DEFAULT_DOMAIN_SHIFTS

@@ -59,8 +59,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LEARNER_FORMAT = "ondevice.learner/1"
-"""Format tag of learner checkpoints."""
+LEARNER_FORMAT = "ondevice.learner/2"
+"""Format tag of learner checkpoints. Version 2 added ``LearnerConfig.recipe``/``der_alpha``/``der_beta``
+and ``BufferConfig.logits`` (buffers may hold ``buffer/logits``); version 1 files are read by filling
+those fields with what version 1 did (:func:`_upgrade_v1`)."""
+
+_LEARNER_FORMAT_V1 = "ondevice.learner/1"
 
 _PREFIXES = ("delta/", "optim/", "buffer/", "reg/")
 
@@ -163,6 +167,8 @@ def read_learner_state(
     """
     tensors, metadata = read_tensors(path, kind=_learner_kind(kind))
     source = f"checkpoint {str(path)!r}"
+    if metadata.get("format") == _LEARNER_FORMAT_V1:
+        metadata = _upgrade_v1(metadata)
     if metadata.get("format") != LEARNER_FORMAT:
         raise CheckpointError(
             f"{source} has format {metadata.get('format')!r}, not a learner state ({LEARNER_FORMAT!r}); "
@@ -172,6 +178,26 @@ def read_learner_state(
     if unknown:
         raise CheckpointError(f"{source} holds unexpected tensors {unknown[:5]}")
     return tensors, metadata
+
+
+def _upgrade_v1(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Version-1 metadata as version 2: v1 trained the new batch in the first replay step only, which is
+    recipe ``"once"`` (identical to the new default ``"er"`` when ``replay_steps`` is 1, so such files
+    keep loading into default learners); its buffers kept no logits."""
+    from ondevice.continual.learner import LearnerConfig
+
+    upgraded = copy.deepcopy(dict(metadata))
+    config = upgraded.get("config")
+    if isinstance(config, dict):
+        steps = config.get("replay_steps", 1)
+        config.setdefault("recipe", "er" if steps == 1 else "once")
+        config.setdefault("der_alpha", LearnerConfig.der_alpha)  # unused without logits: the defaults
+        config.setdefault("der_beta", LearnerConfig.der_beta)
+    buffer = upgraded.get("buffer")
+    if isinstance(buffer, dict) and isinstance(buffer.get("config"), dict):
+        buffer["config"].setdefault("logits", False)
+    upgraded["format"] = LEARNER_FORMAT
+    return upgraded
 
 
 def _strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

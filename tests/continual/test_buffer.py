@@ -120,3 +120,34 @@ def test_too_small_a_budget_and_shape_changes_are_rejected() -> None:
         buffer.add(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ConfigError, match="empty"):
         ReservoirBuffer(10).sample(4)
+
+
+def test_a_buffer_with_logits_stores_them_widens_and_round_trips() -> None:
+    buffer = ReservoirBuffer(6, seed=0, logits=True)
+    x, y = _batch(4)
+    with pytest.raises(ConfigError, match="logits"):
+        buffer.add(x, y)
+    buffer.add(x, y, torch.arange(8, dtype=torch.float32).reshape(4, 2))
+    assert buffer.logit_width == 2 and buffer.bytes_per_sample() == 64 * 4 + 2 + 2 * 4 + 2
+    buffer.add(*_batch(2, 4), torch.ones(2, 3))  # the head grew to 3
+    assert buffer.logit_width == 3
+    draw = buffer.draw(6)
+    assert draw.logits is not None and draw.logit_mask is not None
+    by_value = {
+        int(v): (lg.tolist(), m.tolist())
+        for v, lg, m in zip(draw.x[:, 0, 0, 0], draw.logits, draw.logit_mask, strict=True)
+    }
+    assert by_value[1] == ([2.0, 3.0, 0.0], [True, True, False])
+    assert by_value[5] == ([1.0, 1.0, 1.0], [True, True, True])
+    assert buffer.buffer_bytes == 6 * (64 * 4 + 2 + 3 * 4 + 2)
+    copy = buffer_from_config(buffer.config.to_dict())
+    copy.load_state(buffer.state_tensors(), buffer.state_metadata())
+    torch.testing.assert_close(copy.contents()[0], buffer.contents()[0])
+    again = copy.draw(6)
+    buffer.generator.manual_seed(1)
+    copy.generator.manual_seed(1)
+    a, b = buffer.draw(6), copy.draw(6)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.logit_mask, b.logit_mask)  # type: ignore[arg-type]
+    assert again.logits is not None
+    with pytest.raises(ConfigError, match="no logits"):
+        ReservoirBuffer(4).add(x, y, torch.zeros(4, 2))

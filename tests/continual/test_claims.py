@@ -1,11 +1,11 @@
-"""Issue 4's figures over seeds, with the benchmark's setting (bench/continual.py at 16 px).
+"""Issue 18's figures over seeds, in the settings of ``bench/continual.py`` (its table has seeds 0-4).
 
-A seed re-draws the pool/stream/test split, the pretraining, the learner and the stream's order. Replay's
-ACC measured here (``python bench/continual.py --seeds 3``), seeds 0 / 1 / 2: 0.866 / 0.871 / 0.815 on
-AVX-512 (mean 0.851), forgetting 0.072 / 0.075 / 0.069; 0.866 / 0.869 / 0.819 with oneDNN and ATen capped
-to AVX2, 0.862 / 0.864 / 0.824 capped to generic kernels; seed 2 gave 0.822 on another machine (issue 12).
-Bounds with about 5 points of margin: ACC mean >= 0.80 and worst >= 0.76, forgetting mean <= 0.12 and
-worst <= 0.20 (seed 4, not tested, reaches 0.13).
+From scratch (``class-incremental``, 8 px, ``cnn`` under ``full``, Adam lr 1e-3, batches of 10, 4 steps
+per batch, replay batches of 32, 200 samples), replay's default recipe on seeds 0 / 1 / 2: ACC 0.965 /
+0.971 / 0.962 (AVX-512). Pretrained on digits 0-3 with the stream 4-9 (``class-incremental-novel``, 16 px,
+``last_layer``, Adam lr 0.1): raw replay 0.847 / 0.870 / 0.829, 8-bit latent replay 0.859 / 0.863 /
+0.844 at 138 instead of 1,026 bytes per sample. Bounds leave a few points below the measured mean and
+worst for other CPU kernel paths.
 """
 
 from __future__ import annotations
@@ -20,42 +20,51 @@ from ondevice.continual import LearnerConfig, create_learner, load_scenario, run
 from ondevice.continual.scenarios import ContinualResult
 
 SEEDS = (0, 1, 2)
+PRETRAINED_LR = 0.1
+# Replay's default recipe from scratch: mean 0.966, worst 0.962 on seeds 0-2; the bounds leave 2.5 points
+# below the mean and 4 below the worst.
+MEAN_BOUND, WORST_BOUND = 0.94, 0.92
+# Raw replay on the pretrained backbone: mean 0.849 on seeds 0-2; 7 points of margin (it is lr-sensitive).
+RAW_MEAN_BOUND = 0.78
 
 
-def _run_seed(seed: int) -> dict[str, ContinualResult]:
-    scenario = load_scenario("class-incremental", seed=seed, image_size=16)
-    backbone = scenario.backbone(epochs=20, seed=seed)
-    outcomes = {}
-    for label, strategy, options in [
-        ("naive", "naive", {}),
-        ("replay", "replay", {"buffer_size": 200}),
-        ("latent8", "latent-replay", {"buffer_size": 200, "bits": 8}),
-    ]:
+def _run(seed: int, strategy: str, *, pretrained: bool, **options: object) -> ContinualResult:
+    name, size = ("class-incremental-novel", 16) if pretrained else ("class-incremental", 8)
+    scenario = load_scenario(name, seed=seed, image_size=size)
+    if pretrained:
+        model = scenario.backbone(epochs=20, seed=seed)
+    else:
         torch.manual_seed(seed)
-        learner = create_learner(
-            ondevice.prepare(backbone, "last_layer"),
-            strategy,
-            optimizer="adam",
-            lr=0.01,
-            config=LearnerConfig(replay_steps=4, replay_batch_size=32, seed=seed),
-            seed=seed,
-            **options,
-        )
-        outcomes[label] = run_scenario(learner, scenario, batch_size=10, seed=seed)
-    return outcomes
+        model = ondevice.create_model("cnn", num_classes=2)
+    torch.manual_seed(seed)
+    learner = create_learner(
+        ondevice.prepare(model, "last_layer" if pretrained else "full"),
+        strategy,
+        optimizer="adam",
+        lr=PRETRAINED_LR if pretrained else 1e-3,
+        config=LearnerConfig(replay_steps=4, replay_batch_size=32, seed=seed),
+        seed=seed,
+        **options,  # type: ignore[arg-type]
+    )
+    return run_scenario(learner, scenario, batch_size=10, seed=seed)
 
 
 @pytest.mark.slow
-def test_replay_meets_the_issue_figures_and_8bit_latents_match_it_in_a_seventh_of_the_bytes() -> None:
-    runs = [_run_seed(seed) for seed in SEEDS]
-    accs = [r["replay"].metrics.acc for r in runs]
-    forgetting = [r["replay"].metrics.avg_forgetting for r in runs]
-    figures = f"replay ACC {accs}, forgetting {forgetting} (seeds {SEEDS})"
-    assert statistics.fmean(accs) >= 0.80 and min(accs) >= 0.76, figures
-    assert statistics.fmean(forgetting) <= 0.12 and max(forgetting) <= 0.20, figures
-    for seed, run in zip(SEEDS, runs, strict=True):
-        naive, replay, latent = (run[k] for k in ("naive", "replay", "latent8"))
-        # catastrophic forgetting without memory, on every seed
-        assert naive.metrics.avg_forgetting > 0.8 and naive.metrics.acc < 0.3, f"seed {seed}"
-        assert latent.metrics.acc >= replay.metrics.acc - 0.02, f"seed {seed}"
-        assert replay.buffer_bytes >= 4 * latent.buffer_bytes  # both hold 200 samples
+def test_replay_from_scratch_meets_the_issue_figures() -> None:
+    runs = [_run(seed, "replay", pretrained=False, buffer_size=200) for seed in SEEDS]
+    accs = [r.metrics.acc for r in runs]
+    assert statistics.fmean(accs) >= MEAN_BOUND and min(accs) >= WORST_BOUND, f"ACC {accs} (seeds {SEEDS})"
+    naive = _run(SEEDS[0], "naive", pretrained=False)
+    assert naive.metrics.acc < 0.3 and naive.metrics.avg_forgetting > 0.8  # catastrophic without memory
+
+
+@pytest.mark.slow
+def test_8bit_latent_replay_matches_raw_replay_in_a_seventh_of_the_bytes() -> None:
+    raw = [_run(seed, "replay", pretrained=True, buffer_size=200) for seed in SEEDS]
+    latent = [_run(seed, "latent-replay", pretrained=True, buffer_size=200, bits=8) for seed in SEEDS]
+    raw_acc, latent_acc = [r.metrics.acc for r in raw], [r.metrics.acc for r in latent]
+    figures = f"raw {raw_acc}, latent 8-bit {latent_acc} (seeds {SEEDS})"
+    assert statistics.fmean(latent_acc) >= statistics.fmean(raw_acc) - 0.02, figures
+    assert statistics.fmean(raw_acc) >= RAW_MEAN_BOUND, figures
+    for r, lt in zip(raw, latent, strict=True):
+        assert r.bytes_per_sample >= 4 * lt.bytes_per_sample

@@ -196,6 +196,8 @@ def test_drift_hooks_boost_the_learning_rate_and_snapshot(
 STRATEGY_CASES = [
     ("replay", {"optimizer": "adam", "lr": 0.01}),
     ("latent-replay", {"optimizer": "adam", "lr": 0.01}),
+    ("der", {"optimizer": "adam", "lr": 0.01}),
+    ("latent-der", {"optimizer": "adam", "lr": 0.01}),
     ("lwf", {"optimizer": "sgd", "lr": 0.05}),
     ("ewc", {"optimizer": "sgd", "lr": 0.05, "drift": ADWIN(clock=4)}),
 ]
@@ -288,6 +290,9 @@ def test_learn_consumes_any_iterable_and_skips(prepared_last_layer, digits) -> N
         (lambda p: LearnerConfig(replay_steps=0), ConfigError, "replay_steps"),
         (lambda p: Learner(torch.nn.Linear(2, 2)), ConfigError, "prepare"),
         (lambda p: BoostLR(factor=0), ConfigError, "factor"),
+        (lambda p: LearnerConfig(recipe="twice"), UnknownNameError, "recipe"),
+        (lambda p: LearnerConfig(der_alpha=-1.0), ConfigError, "der_alpha"),
+        (lambda p: create_learner(p, "naive", num_classes=1), ConfigError, "num_classes"),
     ],
 )
 def test_bad_settings(prepared_last_layer, call: Callable, error: type, match: str) -> None:
@@ -300,3 +305,86 @@ def test_buffer_bytes_are_reported(prepared_last_layer, digits) -> None:
     assert learner.buffer_bytes == 0
     learner.observe(digits.x[:4], digits.y[:4] % 2)
     assert 0 < learner.buffer_bytes <= 5_000
+
+
+def _train_twice(tiny_cnn: Callable, digits, strategy: str, **config) -> tuple[Learner, list]:
+    learner = create_learner(
+        ondevice.prepare(tiny_cnn(), "full"),
+        strategy,
+        buffer_size=16,
+        optimizer="adam",
+        lr=0.01,
+        config=LearnerConfig(replay_batch_size=8, **config),
+    )
+    steps = []
+    for x, y in Stream(_two_class(digits, 0, 1, 32), batch_size=8):
+        before = learner.state.optimizer_steps
+        learner.observe(x, y)
+        steps.append(learner.state.optimizer_steps - before)
+    return learner, steps
+
+
+def test_recipes_agree_at_one_step_and_differ_beyond(tiny_cnn: Callable, digits) -> None:
+    er, er_steps = _train_twice(tiny_cnn, digits, "replay", replay_steps=1, recipe="er")
+    once, _ = _train_twice(tiny_cnn, digits, "replay", replay_steps=1, recipe="once")
+    for name, value in er.model.trainable_tensors().items():
+        torch.testing.assert_close(once.model.trainable_tensors()[name], value, rtol=0, atol=0)
+    assert er_steps == [1, 1, 1, 1]
+    er3, er3_steps = _train_twice(tiny_cnn, digits, "replay", replay_steps=3, recipe="er")
+    once3, once3_steps = _train_twice(tiny_cnn, digits, "replay", replay_steps=3, recipe="once")
+    # both take every step ("once" replays the batch it just stored), but train on different samples
+    assert er3_steps == once3_steps == [3, 3, 3, 3]
+    weight = "classifier.weight"
+    assert not torch.equal(er3.model.trainable_tensors()[weight], once3.model.trainable_tensors()[weight])
+    assert len(er3.buffer) == len(once3.buffer) == 16  # type: ignore[arg-type]
+
+
+def test_der_keeps_logits_and_matches_them(tiny_cnn: Callable, digits) -> None:
+    learner, _ = _train_twice(tiny_cnn, digits, "der", replay_steps=2)
+    buffer = learner.buffer
+    assert buffer is not None and buffer.config.logits
+    draw = buffer.draw(8)
+    assert draw.logits is not None and draw.logit_mask is not None
+    assert draw.logits.shape == (8, 2) and bool(draw.logit_mask.all())
+    # grow the head: old samples keep 2 real columns, new ones carry 4
+    learner.observe(_two_class(digits, 2, 3, 8).x, _two_class(digits, 2, 3, 8).y)
+    assert buffer.logit_width == 4
+    widths = {int(row.sum()) for row in buffer.draw(16).logit_mask}  # type: ignore[union-attr]
+    assert widths <= {2, 4} and 4 in widths
+    per_sample = 64 * 4 + 2 + 4 * 4 + 2  # float32 digit, label, 4 logits, their width
+    assert buffer.bytes_per_sample() == per_sample and buffer.buffer_bytes == 16 * per_sample
+
+
+def test_a_known_number_of_classes_fixes_the_head(prepared_last_layer, digits) -> None:
+    learner = create_learner(prepared_last_layer, "replay", num_classes=10, buffer_size=20)
+    assert learner.num_classes == 10
+    learner.observe(digits.x[:10], digits.y[:10])
+    assert learner.num_classes == 10
+
+
+def test_a_version_1_checkpoint_still_loads(tiny_cnn: Callable, digits, tmp_path: Path) -> None:
+    from ondevice.checkpoint import KIND_LEARNER, write_tensors
+
+    for steps, recipe in ((1, "er"), (3, "once")):
+        learner = create_learner(
+            ondevice.prepare(tiny_cnn(), "last_layer"),
+            "replay",
+            buffer_size=10,
+            config=LearnerConfig(replay_steps=steps, recipe=recipe),  # type: ignore[arg-type]
+        )
+        learner.observe(digits.x[:8], digits.y[:8] % 2)
+        tensors, metadata = read_learner_state(learner.save(tmp_path / "v2.safetensors"))
+        metadata["format"] = "ondevice.learner/1"
+        for key in ("recipe", "der_alpha", "der_beta"):
+            del metadata["config"][key]
+        del metadata["buffer"]["config"]["logits"]
+        del metadata["buffer"]["logit_width"]
+        old = write_tensors(tmp_path / "v1.safetensors", tensors, metadata, kind=KIND_LEARNER)
+        restored = Learner.restore(old, ondevice.prepare(tiny_cnn(), "last_layer"))
+        assert restored.config == learner.config and restored.samples_seen == 8
+        if steps == 1:  # the recipes agree at one step, so default learners load v1 files
+            fresh = create_learner(
+                ondevice.prepare(tiny_cnn(), "last_layer"), "replay", buffer_size=10, config=LearnerConfig()
+            )
+            fresh.load(old)
+            assert fresh.samples_seen == 8
