@@ -525,4 +525,7 @@ def _apply_lora(model: nn.Module, scheme: Scheme, ctx: ApplyContext) -> None:
         _train_head(model, ctx, scheme)
     for name in targets:
         target = model.get_submodule(name)
-        replace_submodule(model, name, LoRALinear(target, rank=scheme.rank, alpha=scheme.alpha))
+        adapter = LoRALinear(
+            target, rank=scheme.rank, alpha=scheme.alpha, freeze_a=scheme.freeze_a, name=name
+        )
+        replace_submodule(model, name, adapter)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ondevice._apply import BATCH_NORM_TYPES, COMPUTE_TYPES, ApplyContext, apply_scheme, leaves
-from ondevice._example import ExampleSpec, example_spec
-from ondevice._kept import kept_bytes
+from ondevice._example import example_spec
+from ondevice._stock import StockLayer, stock_autograd_layers, stock_layers, warn_stock
 from ondevice.adapters import LiteResidualPlan, lite_residual_plan
 from ondevice.checkpoint import KIND_DELTA, read_tensors, write_tensors
 from ondevice.errors import (
@@ -32,9 +31,9 @@ from ondevice.errors import (
     ConfigError,
     InputDtypeError,
     InputShapeError,
-    StockAutogradWarning,
     UnsupportedModuleError,
 )
+from ondevice.recompute import RecomputeChoice, apply_recompute
 from ondevice.schemes import Scheme, resolve_scheme
 
 __all__ = [
@@ -172,6 +171,7 @@ class PrepareReport:
     ``stock_layers`` lists the layers without a memory-saving op (they run on stock autograd) with the
     bytes each keeps for backward on the batch ``example`` describes (batch 1). ``lite_residual`` says
     where a lite residual scheme placed its branches, how wide, and their share of the model's parameters.
+    ``recompute`` names the blocks that keep only their inputs and are recomputed in backward.
     """
 
     scheme: dict[str, Any]
@@ -183,6 +183,7 @@ class PrepareReport:
     stock_layers: tuple[StockLayer, ...] = ()
     example: str | None = None
     lite_residual: LiteResidualPlan | None = None
+    recompute: tuple[str, ...] = ()
 
     @property
     def trainable_fraction(self) -> float:
@@ -193,86 +194,9 @@ class PrepareReport:
         payload["trainable_names"] = list(self.trainable_names)
         payload["stock_layers"] = [asdict(layer) for layer in self.stock_layers]
         payload["lite_residual"] = None if self.lite_residual is None else self.lite_residual.to_dict()
+        payload["recompute"] = list(self.recompute)
         payload["trainable_fraction"] = self.trainable_fraction
         return payload
-
-
-def stock_autograd_layers(model: nn.Module) -> dict[str, str]:
-    """Layers of ``model`` that hold parameters but have no memory-saving op: qualified name -> type name.
-
-    They run on stock autograd. Layers are leaves, or variants of a layer type that has an op (a
-    subclass with a ``forward`` of its own, which may hold children such as timm's ``BatchNormAct2d``).
-    Containers with a ``forward`` of their own that hold a parameter or two (a ViT's class token and
-    position embedding) are not layers: their few ops run on stock autograd like any model code.
-    """
-    from ondevice.ops import supported_types, unsupported_leaves
-
-    layer_types = supported_types()
-    return {
-        name: kind
-        for name, kind in unsupported_leaves(model).items()
-        if next(model.get_submodule(name).children(), None) is None
-        or isinstance(model.get_submodule(name), layer_types)
-    }
-
-
-@dataclass(frozen=True)
-class StockLayer:
-    """A layer without a memory-saving op, which runs on stock autograd.
-
-    Attributes:
-        name: qualified name inside the prepared model's ``model``.
-        type_name: its class.
-        kept_bytes: bytes its forward keeps for backward on the report's example batch, or None when the
-            model could not be traced (see ``PrepareReport.example``).
-        trains: whether any of its own parameters train.
-    """
-
-    name: str
-    type_name: str
-    kept_bytes: int | None
-    trains: bool
-
-
-def _stock_layers(model: nn.Module, example: ExampleSpec | None) -> tuple[tuple[StockLayer, ...], str | None]:
-    """The layers of a converted model that run on stock autograd, with what they keep on ``example``."""
-    found = stock_autograd_layers(model)
-    if not found:
-        return (), None
-    kept: dict[str, int] | None = None
-    described = None
-    if example is not None:
-        described = example.describe()
-        try:
-            kept = kept_bytes(model, list(found), example)
-        except Exception as error:
-            logger.info("could not trace %s on %s to count what stock layers keep: %s",
-                        type(model).__name__, described, error)  # fmt: skip
-            described = f"{described}; not traced: {type(error).__name__}: {error}"
-    layers = tuple(
-        StockLayer(
-            name=name,
-            type_name=kind,
-            kept_bytes=None if kept is None else kept[name],
-            trains=any(p.requires_grad for p in model.get_submodule(name).parameters(recurse=False)),
-        )
-        for name, kind in found.items()
-    )
-    return layers, described
-
-
-def _warn_stock(layers: tuple[StockLayer, ...], example: str | None) -> None:
-    kinds = sorted({layer.type_name for layer in layers})
-    counted = [layer.kept_bytes for layer in layers if layer.kept_bytes is not None]
-    cost = f"; together they keep {sum(counted):,} bytes on a {example} batch" if counted else ""
-    warnings.warn(
-        f"{len(layers)} {'layer' if len(layers) == 1 else 'layers'} without a memory-saving op "
-        f"({', '.join(kinds)}) run on stock autograd and keep what stock PyTorch keeps{cost}. "
-        f"PreparedModel.report.stock_layers lists them; register an op with ondevice.ops.register_op, or "
-        f"pass strict=True to refuse such models",
-        StockAutogradWarning,
-        stacklevel=3,
-    )
 
 
 class PreparedModel(nn.Module):
@@ -298,9 +222,10 @@ class PreparedModel(nn.Module):
         memory_saving: bool,
         added_params: int,
         mask: Literal["bit", "byte"] = "bit",
-        compress: Literal["int8"] | None = None,
+        compress: Literal["int8", "2bit"] | None = None,
         stock_layers: tuple[StockLayer, ...] = (),
         example: str | None = None,
+        recompute: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -315,6 +240,7 @@ class PreparedModel(nn.Module):
         self._added_params = added_params
         self._stock_layers = stock_layers
         self._example = example
+        self.recompute = recompute
         self.train()
 
     # -- forward and modes -------------------------------------------------------------------------
@@ -423,6 +349,7 @@ class PreparedModel(nn.Module):
             stock_layers=self._stock_layers,
             example=self._example,
             lite_residual=lite_residual_plan(self.model),
+            recompute=self.recompute,
         )
 
     def extra_repr(self) -> str:
@@ -504,10 +431,11 @@ def prepare(
     head: str | None = None,
     memory_saving: bool = True,
     mask: Literal["bit", "byte"] = "bit",
-    compress: Literal["int8"] | None = None,
+    compress: Literal["int8", "2bit"] | None = None,
     copy_model: bool = True,
     example_input: Tensor | Sequence[int] | None = None,
     strict: bool = False,
+    recompute: RecomputeChoice = False,
 ) -> PreparedModel:
     """Prepare ``model`` for on-device training under ``scheme``.
 
@@ -523,13 +451,19 @@ def prepare(
             layers, e.g. as a reference.
         mask: how ReLU-family ops keep their gradient mask: ``"bit"`` (packed, 1 bit per element, the
             default) or ``"byte"`` (faster, 8x larger).
-        compress: ``"int8"`` keeps what smooth activations (SiLU, GELU, Hardswish, Sigmoid, Tanh) must
-            save in 8 bits with a per-group scale (lossy; off by default; ReLU-family masks are exact).
+        compress: what smooth activations (SiLU, GELU, Hardswish, Sigmoid, Tanh) keep for backward:
+            ``"int8"``, their input in 8 bits with a per-group scale; ``"2bit"``, 2 bits per element that
+            select a 4-level step derivative (ReGELU2/ReSiLU2; forward exact, backward approximate).
+            Both lossy and off by default; ReLU-family masks are exact anyway. On a model without such
+            layers a warning says so and nothing changes.
         copy_model: work on a deep copy (default) so the caller's model is untouched.
         example_input: a batch (or its shape, e.g. ``(1, 3, 224, 224)``) the model can be traced with, to
             place lite residual branches and count what layers keep. Default: what the model states (zoo
             ``input_shape``, a transformers ``config``, a timm ``pretrained_cfg``) or its first layer.
         strict: refuse a model with layers that have no memory-saving op instead of running them stock.
+        recompute: keep only each block's inputs and recompute the block in backward (exact gradients, one
+            more forward of each block per step): ``True`` for every block ``ondevice.recompute.find_blocks``
+            finds (a transformer's layers, a CNN's residual blocks), or a tuple of block names.
 
     Returns:
         A :class:`PreparedModel` whose output equals the original's until it trains.
@@ -545,8 +479,13 @@ def prepare(
     resolved = resolve_scheme(scheme)
     if mask not in ("bit", "byte"):
         raise ConfigError(f"mask must be 'bit' or 'byte', got {mask!r}")
-    if compress not in (None, "int8"):
-        raise ConfigError(f"compress must be None or 'int8', got {compress!r}")
+    if compress not in (None, "int8", "2bit"):
+        raise ConfigError(f"compress must be None, 'int8' or '2bit', got {compress!r}")
+    if compress is not None and not memory_saving:
+        raise ConfigError(
+            f"compress={compress!r} needs the memory-saving ops; use memory_saving=True with compress=, or "
+            f"memory_saving=False without it"
+        )
     if strict and memory_saving:
         refused = stock_autograd_layers(model)
         if refused:
@@ -571,11 +510,14 @@ def prepare(
     )
     if memory_saving:
         from ondevice.ops import convert
+        from ondevice.ops.convert import effective_compress
 
+        compress = effective_compress(work, compress)  # warns and is None where nothing would change
         convert(work, mask=mask, compress=compress)
-    stock, example_text = _stock_layers(work, example) if memory_saving else ((), None)
+    recomputed = apply_recompute(work, recompute, head=head_name, example=example)
+    stock, example_text = stock_layers(work, example) if memory_saving else ((), None)
     if stock:
-        _warn_stock(stock, example_text)
+        warn_stock(stock, example_text)
     prepared = PreparedModel(
         work,
         scheme=resolved,
@@ -589,6 +531,7 @@ def prepare(
         compress=compress,
         stock_layers=stock,
         example=example_text,
+        recompute=recomputed,
     )
     logger.info("prepared %s with %s", type(model).__name__, prepared.extra_repr())
     return prepared

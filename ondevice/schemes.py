@@ -329,6 +329,11 @@ class LoRA(Scheme):
         targets: qualified names of the Linear layers to adapt; empty means every Linear except the head.
         train_bias: whether the backbone's biases train too.
         train_classifier: whether the head trains.
+        freeze_a: LoRA-FA (Zhang et al., "LoRA-FA: Memory-efficient Low-rank Adaptation", 2023): ``A``
+            stays at its random initialisation and only ``B`` trains, so an adapter keeps only its rank-r
+            hidden for backward instead of the layer's whole input. A frozen ``A`` is drawn from a
+            generator seeded by the layer's qualified name, so every device and every re-prepared model
+            gets the same ``A`` (checkpoints and federated updates carry only ``B``).
     """
 
     name: ClassVar[str] = "lora"
@@ -337,6 +342,7 @@ class LoRA(Scheme):
     targets: tuple[str, ...] = field(default=())
     train_bias: bool = False
     train_classifier: bool = True
+    freeze_a: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -347,3 +353,4 @@ class LoRA(Scheme):
         _check_names(self, "targets")
         _check_bool(self, "train_bias")
         _check_bool(self, "train_classifier")
+        _check_bool(self, "freeze_a")

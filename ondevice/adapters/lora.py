@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import zlib
 
+import torch
 from torch import Tensor, nn
 
 from ondevice.errors import ConfigError
 
-__all__ = ["LoRALinear", "linear_features"]
+__all__ = ["LoRALinear", "frozen_a_seed", "linear_features"]
 
 _CONV1D = "transformers.pytorch_utils.Conv1D"
 """GPT-2's projection: ``x @ weight + bias`` with ``weight`` stored as (in_features, out_features)."""
@@ -29,6 +31,11 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def frozen_a_seed(name: str) -> int:
+    """The seed of a frozen ``lora_A`` for the layer named ``name``: its CRC-32 (stable across runs)."""
+    return zlib.crc32(name.encode())
+
+
 class LoRALinear(nn.Module):
     """``base(x) + (alpha / rank) * lora_B(lora_A(x))`` around a frozen linear layer.
 
@@ -37,9 +44,16 @@ class LoRALinear(nn.Module):
     ``lora_A`` and ``lora_B`` are plain bias-free ``nn.Linear`` layers, so the memory-saving ops for Linear
     cover them: ``lora_A`` keeps the layer input (its weight trains), ``lora_B`` keeps the rank-r hidden.
     ``lora_B`` starts at zero (Sec. 4.1 of the paper), so the wrapped layer first computes exactly ``base``.
+
+    With ``freeze_a`` (LoRA-FA, Zhang et al. 2023) ``lora_A``'s weight does not train: the frozen ``lora_A``
+    keeps nothing, and only ``lora_B`` keeps its rank-r input. ``name`` (the layer's qualified name) then
+    seeds the generator ``lora_A`` is drawn from (:func:`frozen_a_seed`), so the frozen weight is the same
+    wherever the model is prepared again.
     """
 
-    def __init__(self, base: nn.Module, *, rank: int, alpha: float) -> None:
+    def __init__(
+        self, base: nn.Module, *, rank: int, alpha: float, freeze_a: bool = False, name: str = ""
+    ) -> None:
         super().__init__()
         features = linear_features(base)
         if features is None:
@@ -59,11 +73,16 @@ class LoRALinear(nn.Module):
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Linear(in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        generator = None
+        if freeze_a:
+            generator = torch.Generator(device=weight.device).manual_seed(frozen_a_seed(name))
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.weight.requires_grad_(not freeze_a)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}"
+        frozen = ", freeze_a=True" if not self.lora_A.weight.requires_grad else ""
+        return f"rank={self.rank}, scaling={self.scaling:g}{frozen}"

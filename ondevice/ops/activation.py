@@ -8,7 +8,11 @@ element with ``mask="byte"``; stock PyTorch keeps a full-precision tensor (32 bi
 
 SiLU, GELU, Hardswish, Sigmoid and Tanh need the input (SiLU, GELU, Hardswish) or output (Sigmoid, Tanh)
 itself, which they keep at full precision (as TinyTL counts them), or 8-bit compressed with
-``compress="int8"`` (lossy; see ``_compress``). Backward calls the ATen kernels stock autograd calls.
+``compress="int8"`` (lossy; see ``_compress``); backward then calls the ATen kernels stock autograd calls.
+With ``compress="2bit"`` they keep 2 bits per element, the interval of a 4-level step derivative the
+input fell in, and backward multiplies the gradient by that level (ReGELU2/ReSiLU2; the forward is
+unchanged; thresholds, levels and their derivation in ``_compress``). An activation without a 2-bit
+derivative (Mish, QuickGELU and the other library expressions below but GELU and SiLU) keeps 8 bits.
 
 For the ReLU family backward computes stock's ``threshold_backward`` (ReLU, ReLU6; see
 ``_bitmask.masked_grad``) or runs stock's ``leaky_relu_backward`` on the 0/1 mask in place of the input, so
@@ -31,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,8 +43,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ondevice.ops._bitmask import decode_mask, encode_mask, masked_grad, numpy_fast_path, shape_only
-from ondevice.ops._compress import Compressed, compress_int8, decompress_int8
-from ondevice.ops.registry import MaskMode, MemorySavingModule, register_op
+from ondevice.ops._compress import (
+    STEP_DERIVATIVES,
+    Compressed,
+    StepDerivative,
+    compress_int8,
+    decompress_int8,
+    encode_2bit,
+    step_grad,
+)
+from ondevice.ops.registry import CompressMode, MaskMode, MemorySavingModule, register_op
 
 __all__ = [
     "MemorySavingGELU",
@@ -161,14 +173,27 @@ class _Smooth:
     forward: Callable[[Tensor], Tensor]
     backward: Callable[[Tensor, Tensor], Tensor]
     keeps_output: bool
+    step: StepDerivative | None = None  # the 2-bit derivative (``compress="2bit"``)
+
+
+def _keep_2bit(ctx: Any, x: Tensor, compress: CompressMode | None, step: StepDerivative | None) -> bool:
+    """Keep ``x``'s 2-bit codes on ``ctx`` when ``compress`` is ``"2bit"`` and ``step`` is known."""
+    ctx.step = step if compress == "2bit" else None
+    if ctx.step is None:
+        return False
+    ctx.shape = x.shape
+    ctx.save_for_backward(encode_2bit(x, ctx.step))
+    return True
 
 
 class _SmoothFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, spec: _Smooth, compress: bool) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, spec: _Smooth, compress: CompressMode | None
+    ) -> Tensor:
         y = spec.forward(x)
-        ctx.spec, ctx.compress = spec, compress
-        if ctx.needs_input_grad[0]:
+        ctx.spec, ctx.compress = spec, compress is not None
+        if ctx.needs_input_grad[0] and not _keep_2bit(ctx, x, compress, spec.step):
             kept = y if spec.keeps_output else x
             if compress:
                 ctx.shape, ctx.dtype = kept.shape, kept.dtype
@@ -179,6 +204,8 @@ class _SmoothFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.step is not None:
+            return step_grad(grad_out, ctx.saved_tensors[0], ctx.step, ctx.shape), None, None
         if ctx.compress:
             kept = decompress_int8(Compressed(*ctx.saved_tensors), ctx.shape, ctx.dtype)
         else:
@@ -234,15 +261,16 @@ class MemorySavingLeakyReLU(_MaskedMixin, nn.LeakyReLU):
     kind = "leaky_relu"
 
 
-_SILU = _Smooth(F.silu, torch.ops.aten.silu_backward, keeps_output=False)
-_HARDSWISH = _Smooth(F.hardswish, torch.ops.aten.hardswish_backward, keeps_output=False)
-_SIGMOID = _Smooth(torch.sigmoid, torch.ops.aten.sigmoid_backward, keeps_output=True)
-_TANH = _Smooth(torch.tanh, torch.ops.aten.tanh_backward, keeps_output=True)
+_SILU = _Smooth(F.silu, torch.ops.aten.silu_backward, False, STEP_DERIVATIVES["silu"])
+_HARDSWISH = _Smooth(F.hardswish, torch.ops.aten.hardswish_backward, False, STEP_DERIVATIVES["hardswish"])
+_SIGMOID = _Smooth(torch.sigmoid, torch.ops.aten.sigmoid_backward, True, STEP_DERIVATIVES["sigmoid"])
+_TANH = _Smooth(torch.tanh, torch.ops.aten.tanh_backward, True, STEP_DERIVATIVES["tanh"])
 _GELU = {
     approximate: _Smooth(
         partial(F.gelu, approximate=approximate),
         partial(torch.ops.aten.gelu_backward, approximate=approximate),
         keeps_output=False,
+        step=STEP_DERIVATIVES["gelu" if approximate == "none" else "gelu_tanh"],
     )
     for approximate in ("none", "tanh")
 }
@@ -257,7 +285,7 @@ class _SmoothMixin(MemorySavingModule):
     def forward(self, x: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and x.requires_grad) or getattr(self, "inplace", False):
             return super().forward(x)  # type: ignore[safe-super]
-        return _SmoothFn.apply(x, self._spec(), self.op_options.compress == "int8")
+        return _SmoothFn.apply(x, self._spec(), self.op_options.compress)
 
 
 class MemorySavingSiLU(_SmoothMixin, nn.SiLU):
@@ -319,11 +347,19 @@ class _DerivedFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], compress: bool) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        fn: Callable[[Tensor], Tensor],
+        compress: CompressMode | None,
+        step: StepDerivative | None,
+    ) -> Tensor:
         with torch.no_grad():
             y = fn(x)
-        ctx.fn, ctx.compress = fn, compress
-        if compress:
+        ctx.fn, ctx.compress = fn, compress is not None
+        if _keep_2bit(ctx, x, compress, step):
+            pass
+        elif compress:
             ctx.shape, ctx.dtype = x.shape, x.dtype
             ctx.save_for_backward(*compress_int8(x))
         else:
@@ -332,6 +368,8 @@ class _DerivedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.step is not None:
+            return step_grad(grad_out, ctx.saved_tensors[0], ctx.step, ctx.shape), None, None, None
         if ctx.compress:
             x = decompress_int8(Compressed(*ctx.saved_tensors), ctx.shape, ctx.dtype)
         else:
@@ -339,7 +377,7 @@ class _DerivedFn(torch.autograd.Function):
         with torch.enable_grad():
             x = x.detach().requires_grad_()
             (grad_x,) = torch.autograd.grad(ctx.fn(x), x, grad_out)
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 _MISH = _Smooth(F.mish, torch.ops.aten.mish_backward, keeps_output=False)
@@ -349,6 +387,7 @@ class _LibraryActivationOp(MemorySavingModule):
     """A library's activation layer: a fused ATen op where its forward is one, else :class:`_DerivedFn`."""
 
     shown_options = ("compress",)
+    step: ClassVar[StepDerivative | None] = None  # the 2-bit derivative of the layer's function, if known
 
     def _spec(self) -> _Smooth | None:
         """The fused op this layer's forward calls, or ``None`` (an expression of several ops)."""
@@ -358,10 +397,10 @@ class _LibraryActivationOp(MemorySavingModule):
         library_forward = super().forward  # type: ignore[misc]
         if not (torch.is_grad_enabled() and x.requires_grad):
             return library_forward(x)
-        compress = self.op_options.compress == "int8"
+        compress = self.op_options.compress
         spec = self._spec()
         if spec is None:
-            return _DerivedFn.apply(x, library_forward, compress)
+            return _DerivedFn.apply(x, library_forward, compress, self.step)
         return _SmoothFn.apply(x, spec, compress)
 
 
@@ -374,6 +413,7 @@ def _calls(act: object, fn: Callable[..., Tensor], **keywords: object) -> bool:
 
 class _HFGELUOp(_LibraryActivationOp):
     library_layer = "transformers.activations.GELUActivation"
+    step = STEP_DERIVATIVES["gelu"]  # its Python fallback computes the same function
 
     def _spec(self) -> _Smooth | None:
         return _GELU["none"] if _calls(getattr(self, "act", None), F.gelu) else None
@@ -381,6 +421,7 @@ class _HFGELUOp(_LibraryActivationOp):
 
 class _HFGELUTanhOp(_LibraryActivationOp):
     library_layer = "transformers.activations.GELUTanh"
+    step = STEP_DERIVATIVES["gelu_tanh"]
 
     def _spec(self) -> _Smooth | None:
         return _GELU["tanh"] if _calls(getattr(self, "act", None), F.gelu, approximate="tanh") else None
@@ -420,10 +461,14 @@ class _TimmGELUTanhOp(_LibraryActivationOp):
         return _GELU["tanh"]
 
 
-def _derived(path: str) -> type[_LibraryActivationOp]:
-    """An op for the library activation ``path`` whose forward is an elementwise expression of ATen ops."""
+def _derived(path: str, step: str | None = None) -> type[_LibraryActivationOp]:
+    """An op for the library activation ``path`` whose forward is an elementwise expression of ATen ops.
+
+    ``step`` names its 2-bit derivative in ``STEP_DERIVATIVES`` (the tanh forms of GELU: ``gelu_tanh``).
+    """
     name = path.rsplit(".", 1)[1]
-    return type(f"_{name}Op", (_LibraryActivationOp,), {"library_layer": path, "__module__": __name__})
+    namespace = {"library_layer": path, "__module__": __name__, "step": step and STEP_DERIVATIVES[step]}
+    return type(f"_{name}Op", (_LibraryActivationOp,), namespace)
 
 
 _TRANSFORMERS = "transformers 5.25.0"
@@ -433,11 +478,15 @@ _LIBRARY_ACTIVATIONS: tuple[tuple[type[MemorySavingModule], str, str], ...] = (
     (_HFGELUTanhOp, "3528c860738e7d27", _TRANSFORMERS),
     (_HFSiLUOp, "b85459ec4f3f4ec8", _TRANSFORMERS),
     (_HFMishOp, "3528c860738e7d27", _TRANSFORMERS),
-    (_derived("transformers.activations.NewGELUActivation"), "e6e5d7f710148701", _TRANSFORMERS),
-    (_derived("transformers.activations.FastGELUActivation"), "e4d9066444c86da9", _TRANSFORMERS),
+    (_derived("transformers.activations.NewGELUActivation", "gelu_tanh"), "e6e5d7f710148701", _TRANSFORMERS),
+    (_derived("transformers.activations.FastGELUActivation", "gelu_tanh"), "e4d9066444c86da9", _TRANSFORMERS),
     (_derived("transformers.activations.QuickGELUActivation"), "d626f6578d947ed6", _TRANSFORMERS),
     (_derived("transformers.activations.ClippedGELUActivation"), "8bc1962bb5ba2894", _TRANSFORMERS),
-    (_derived("transformers.activations.AccurateGELUActivation"), "914f922922d52bc5", _TRANSFORMERS),
+    (
+        _derived("transformers.activations.AccurateGELUActivation", "gelu_tanh"),
+        "914f922922d52bc5",
+        _TRANSFORMERS,
+    ),
     (_derived("transformers.activations.LaplaceActivation"), "568748c14380d34f", _TRANSFORMERS),
     (_derived("transformers.activations.ReLUSquaredActivation"), "af786f78dc2bb1fe", _TRANSFORMERS),
     (_derived("transformers.activations.SqrtSoftplusActivation"), "9f79beb9bc42bf49", _TRANSFORMERS),

@@ -16,11 +16,13 @@ activation, ...) are left alone and not reported by default: they either keep no
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Literal
 
 from torch import nn
 
 from ondevice.ops.registry import (
+    CompressMode,
     MemorySavingModule,
     OpOptions,
     clone_module_as,
@@ -80,7 +82,7 @@ def convert(
     module: nn.Module,
     *,
     mask: Literal["bit", "byte"] = "bit",
-    compress: Literal["int8"] | None = None,
+    compress: CompressMode | None = None,
 ) -> nn.Module:
     """Replace every supported layer of ``module`` by a memory-saving equivalent; return the result.
 
@@ -97,7 +99,7 @@ def convert(
     Args:
         module: a model or a single layer.
         mask: ``"bit"`` (1 bit per element) or ``"byte"`` masks for ReLU-family and dropout layers.
-        compress: ``None`` or ``"int8"`` for the inputs smooth activations keep (see ``OpOptions``).
+        compress: ``None``, ``"int8"`` or ``"2bit"`` for what smooth activations keep (see ``OpOptions``).
 
     Raises:
         ConfigError: ``mask`` or ``compress`` is not one of the allowed values.
@@ -159,3 +161,39 @@ def unsupported_leaves(model: nn.Module, *, include_parameterless: bool = False)
         ):
             found[name] = type(module).__name__
     return found
+
+
+def compressible_layers(module: nn.Module) -> tuple[str, ...]:
+    """Qualified names of the layers whose kept tensors ``compress=`` changes (the smooth activations).
+
+    ReLU-family layers keep exact 1-bit masks and frozen layers keep nothing, so ``compress`` does not
+    touch them; a layer counts when its op (converted or not) shows the ``compress`` option.
+    """
+    names = []
+    for name, child in module.named_modules():
+        if isinstance(child, MemorySavingModule):
+            twin: object = type(child)
+        elif op_support(child).supported:
+            twin = getattr(find_op(type(child)), "__self__", None)
+        else:
+            continue
+        if "compress" in getattr(twin, "shown_options", ()):
+            names.append(name)
+    return tuple(names)
+
+
+def effective_compress(module: nn.Module, compress: CompressMode | None) -> CompressMode | None:
+    """``compress`` if it changes anything in ``module``, else ``None`` with a warning that says so.
+
+    For ``prepare``: a mode that cannot apply (``"2bit"`` on a ReLU network) says so and changes nothing.
+    """
+    if compress is None or compressible_layers(module):
+        return compress
+    message = (
+        f"compress={compress!r} changes what smooth activations (GELU, SiLU, Hardswish, Sigmoid, Tanh) keep "
+        f"for backward, and this {type(module).__name__} has none (ReLU-family activations keep exact "
+        f"1-bit masks already): nothing is compressed; leave compress=None for this model"
+    )
+    warnings.warn(message, UserWarning, stacklevel=2)
+    logger.warning("%s", message)
+    return None

@@ -57,7 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MaskMode = Literal["bit", "byte"]
-CompressMode = Literal["int8"]
+CompressMode = Literal["int8", "2bit"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,11 @@ class OpOptions:
             activation, Cai et al. 2020, Sec. 3); ``"byte"`` keeps one byte per element, a little faster.
         compress: ``None`` keeps the inputs of smooth activations (SiLU, GELU, Hardswish, Sigmoid, Tanh) at
             full precision, so gradients equal stock PyTorch's exactly; ``"int8"`` keeps them as 8 bits with
-            a per-group offset and scale (lossy, bounded gradient error; for networks without ReLUs).
+            a per-group offset and scale (lossy, bounded gradient error; for networks without ReLUs);
+            ``"2bit"`` keeps 2 bits per element, which of four intervals the input fell in, and backward
+            uses a 4-level step derivative (ReGELU2/ReSiLU2; forward unchanged, gradient approximate; see
+            ``ondevice.ops._compress``). Activations without a 2-bit derivative (Mish, QuickGELU, ...)
+            keep 8 bits under ``"2bit"``.
     """
 
     mask: MaskMode = "bit"
@@ -79,7 +83,7 @@ class OpOptions:
         if self.mask not in get_args(MaskMode):
             raise ConfigError(f"mask must be one of 'bit', 'byte', got {self.mask!r}")
         if self.compress is not None and self.compress not in get_args(CompressMode):
-            raise ConfigError(f"compress must be None or 'int8', got {self.compress!r}")
+            raise ConfigError(f"compress must be None or 'int8' or '2bit', got {self.compress!r}")
 
 
 _M = TypeVar("_M", bound=nn.Module)
