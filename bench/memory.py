@@ -223,7 +223,9 @@ def run_case(spec: ModelSpec, scheme: str, variant: str, *, batch: int, threads:
         cpu_ms.append((time.process_time() - c0) * 1e3)
         if i == 0:
             first_step = process.peak_rss_bytes()
-    peak = process.peak_rss_bytes()
+    # The kernel's RSS counters are per-CPU approximations: two reads of VmHWM can differ by a few pages
+    # downwards. A peak is a maximum, so the later reading never reports less than the earlier one.
+    peak = max(process.peak_rss_bytes(), first_step)
     return {
         "rss_import_bytes": import_bytes,
         "rss_peak_bytes": peak,

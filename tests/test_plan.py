@@ -266,7 +266,7 @@ def test_cli_plan_budgets_the_process_for_linux_boards_and_process_rss() -> None
     from ondevice.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["plan", "--model", "cnn", "--budget", "64MiB", "--process-rss", "--json"])
+    result = runner.invoke(app, ["plan", "--model", "cnn", "--budget", "80MiB", "--process-rss", "--json"])
     assert result.exit_code == 0, result.output
     planned = json.loads(result.stdout)["plan"]
     assert planned["requirement"]["counts_process"] is True
@@ -278,5 +278,5 @@ def test_cli_plan_budgets_the_process_for_linux_boards_and_process_rss() -> None
     assert "peak RSS" in result.output
     result = runner.invoke(app, ["plan", "--model", "cnn", "--scheme", "bias", "--process-rss"])
     assert result.exit_code == 2 and "--process-rss applies to --budget" in result.output
-    result = runner.invoke(app, ["plan", "--model", "cnn", "--budget", "8MiB", "--process-rss"])
+    result = runner.invoke(app, ["plan", "--model", "cnn", "--budget", "64MiB", "--process-rss"])
     assert result.exit_code == 2 and "smallest achievable" in result.output
