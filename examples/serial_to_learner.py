@@ -8,9 +8,10 @@ into windows and trains on each window as it arrives. ``--port /dev/ttyACM0`` re
     python examples/serial_to_learner.py --quick     # a few seconds
     python examples/serial_to_learner.py --port /dev/ttyACM0 --label-column -1 --seconds 60
 
-Each window goes to an ``ondevice`` continual learner (``learner.observe(x, y)``): a zoo ``cnn1d``
-prepared with the memory-saving ops, a class-balanced replay buffer of 64 windows, prequential accuracy
-(each window is predicted before it is learned).
+A :class:`devices.session.SerialSession` does the reading, the reconnecting and the windowing; it builds
+an ``ondevice`` continual learner at the first window, for the channel count the sensor sends: a zoo
+``cnn1d`` prepared with the memory-saving ops, a class-balanced replay buffer of 64 windows, prequential
+accuracy (each window is predicted before it is learned).
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ import time
 import torch
 
 from devices.emulator import SensorEmulator, sensor_lines
-from devices.lines import SampleStream, Windower
+from devices.models import WindowModel
 from devices.ports import open_pty
-from ondevice import Learner, create_learner, create_model, prepare
+from devices.session import SerialSession, SessionConfig
+from ondevice import ClassifierModel, Learner, create_learner, prepare
+from ondevice.continual import ObserveResult
 
 CLASSES = ("idle", "wave")
 
 
-def build_learner(channels: int, window: int, classes: int) -> Learner:
-    """A small 1-D CNN from the zoo, trained from scratch on the device, with a replay buffer."""
-    model = create_model("cnn1d", in_channels=channels, length=window, num_classes=classes, channels=(8, 16))
-    prepared = prepare(model, "full")
-    return create_learner(prepared, "replay", buffer_size=64, optimizer="sgd", lr=0.05, seed=0)
+def build_learner(model: ClassifierModel) -> Learner:
+    """The learner for the small 1-D CNN the session builds, trained from scratch, with a replay buffer."""
+    return create_learner(prepare(model, "full"), "replay", buffer_size=64, optimizer="sgd", lr=0.05, seed=0)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -46,7 +47,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--readings", type=int, default=None, help="stop after this many readings")
     args = parser.parse_args(argv)
     readings = args.readings or (1024 if args.quick else 6400)
-    torch.manual_seed(0)
 
     emulator = None
     if args.port:
@@ -58,42 +58,53 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             device, lines, rate_hz=0 if args.quick else 400, garbage_every=97, split_writes=True
         )
 
-    learner = build_learner(3, args.window, len(CLASSES))
-    windower = Windower(args.window, args.hop, labels=CLASSES)
+    config = SessionConfig(
+        port,
+        window=args.window,
+        hop=args.hop,
+        label_column=args.label_column,
+        labels=CLASSES,
+        max_samples=readings,
+        duration_s=args.seconds or (30 if args.quick else None),
+        resync=emulator is None,  # the emulator starts on a line boundary; a real board may not
+        model=WindowModel(num_classes=len(CLASSES), options={"channels": (8, 16)}),
+    )
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     losses: list[float] = []
     hits: list[float] = []
+
+    def record(x: torch.Tensor, y: torch.Tensor, outcome: ObserveResult) -> None:
+        if outcome.loss is not None:  # each window is predicted first, then learned
+            losses.append(outcome.loss)
+            hits.append(outcome.accuracy or 0.0)
+        seen.extend(zip(x.split(1), y.split(1), strict=True))
+
+    session = SerialSession(config, build_learner, on_learn=record)
     start = time.monotonic()
-    with SampleStream(port, label_column=args.label_column, resync=emulator is None) as stream:
-        stream.port.ensure_open()
+    session.open()
+    try:
         if emulator is not None:
             emulator.start()
-        for sample in stream.samples(
-            max_samples=readings, duration_s=args.seconds or (30 if args.quick else None)
-        ):
-            for x, y in windower.push(sample):
-                if int(y) < 0:
-                    continue
-                outcome = learner.observe(x, y)  # predicts the window first, then learns from it
-                if outcome.loss is not None:
-                    losses.append(outcome.loss)
-                    hits.append(outcome.accuracy or 0.0)
-                seen.append((x, y))
-    if emulator is not None:
-        emulator.close()
+        session.run()
+    finally:
+        if emulator is not None:
+            emulator.close()
+    learner = session.learner
+    recent = seen[-100:]
     result = {
         "windows": float(len(seen)),
         "first_loss": sum(losses[:10]) / max(1, len(losses[:10])),
         "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "accuracy_last_100": (
-            learner.accuracy((torch.cat([w[0] for w in seen[-100:]]), torch.cat([w[1] for w in seen[-100:]])))
-            if seen
+            learner.accuracy((torch.cat([w[0] for w in recent]), torch.cat([w[1] for w in recent])))
+            if learner is not None and recent
             else 0.0
         ),
         "prequential_accuracy_last_50": sum(hits[-50:]) / max(1, len(hits[-50:])),
         "seconds": time.monotonic() - start,
     }
-    stats = stream.stats
+    assert session.stream is not None
+    stats = session.stream.stats
     print(
         f"read {stats.samples} readings ({stats.dropped_total} lines dropped: {dict(stats.dropped)}), "
         f"~{stats.sampling_rate_hz or 0:.0f} Hz, {stats.reconnects} reconnect(s)"

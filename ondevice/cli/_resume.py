@@ -9,32 +9,47 @@ the same ``--checkpoint`` continues from there; ``--fresh`` starts over and repl
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import signal
+import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+
+from devices.session import SerialSession, stop_on_interrupt
+from memory import parse_bytes
 from ondevice.checkpoint import KIND_LEARNER, check_target
-from ondevice.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from ondevice.continual import Learner, ObserveResult
-    from ondevice.continual.scenarios import Scenario
-    from ondevice.data import TensorData
+from ondevice.cli._app import console
+from ondevice.continual import (
+    ADWIN,
+    ContinualMetrics,
+    ContinualResult,
+    DriftDetector,
+    Learner,
+    LearnerConfig,
+    LogDrift,
+    ObserveResult,
+    PageHinkley,
+    Scenario,
+)
+from ondevice.continual.scenarios import load_table
+from ondevice.continual.state import read_learner_state
+from ondevice.data import Stream, TensorData
+from ondevice.errors import CheckpointError, ConfigError, UnknownNameError
 
 __all__ = [
     "RECORD_KEY",
+    "LearnerOptions",
     "RowCursor",
     "ScenarioProgress",
     "check_checkpoint",
     "describe_state",
     "learn_rows",
     "learn_scenario",
-    "learner_flags",
     "load_checkpoint",
     "load_data",
     "read_record",
@@ -51,33 +66,76 @@ __all__ = [
 RECORD_KEY = "train"
 """Key of the ``ondevice train`` record in a learner checkpoint's ``extra`` metadata."""
 
+_DETECTORS: dict[str, Callable[[], DriftDetector] | None] = {
+    "none": None,
+    "page-hinkley": PageHinkley,
+    "adwin": ADWIN,
+}
+
+
 _START_OVER = "pass --fresh to start over (the checkpoint is replaced), or another --checkpoint path"
 
 
 # -- setting a run up ------------------------------------------------------------------------------------
 
 
-def learner_flags(opts: dict[str, Any], **resolved: Any) -> dict[str, Any]:
-    """The options that shape the learner, by flag: a checkpoint saved with other values is not resumed."""
-    return {
-        "--strategy": opts["strategy"],
-        "--buffer": opts["buffer"],
-        "--buffer-bytes": opts["buffer_bytes"],
-        "--bits": opts["bits"],
-        "--policy": opts["policy"],
-        "--optimizer": opts["optimizer"],
-        "--lr": opts["lr"],
-        "--replay-steps": opts["replay_steps"],
-        "--drift": opts["drift"],
-        "--seed": opts["seed"],
-        **resolved,
-    }
+@dataclass(frozen=True)
+class LearnerOptions:
+    """The options of ``ondevice train`` that shape the learner, as given (None: the source's default)."""
+
+    model: str | None = None
+    scheme: str | None = None
+    strategy: str = "replay"
+    buffer: int = 200
+    buffer_bytes: str | None = None
+    bits: int | None = None
+    policy: str = "class_balanced"
+    optimizer: str = "adam"
+    lr: float = 0.01
+    replay_steps: int = 4
+    drift: str = "none"
+    seed: int = 0
+
+    def flags(self, **resolved: Any) -> dict[str, Any]:
+        """These options by flag, and ``resolved`` ones: a checkpoint saved with other values is not
+        resumed."""
+        return {
+            "--strategy": self.strategy,
+            "--buffer": self.buffer,
+            "--buffer-bytes": self.buffer_bytes,
+            "--bits": self.bits,
+            "--policy": self.policy,
+            "--optimizer": self.optimizer,
+            "--lr": self.lr,
+            "--replay-steps": self.replay_steps,
+            "--drift": self.drift,
+            "--seed": self.seed,
+            **resolved,
+        }
+
+    def learner_kwargs(self) -> dict[str, Any]:
+        """``create_learner`` keyword arguments, validated; a fresh drift detector each call."""
+        if self.bits not in (None, 8, 32):
+            raise ConfigError(f"--bits must be 8 or 32, got {self.bits}")
+        if self.drift not in _DETECTORS:
+            raise UnknownNameError("drift detector", self.drift, _DETECTORS)
+        detector = _DETECTORS[self.drift]
+        return {
+            "buffer_size": self.buffer,
+            "buffer_bytes": parse_bytes(self.buffer_bytes) if self.buffer_bytes is not None else None,
+            "bits": self.bits,
+            "policy": self.policy,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "drift": detector() if detector is not None else None,
+            "on_drift": (LogDrift(),),
+            "config": LearnerConfig(replay_steps=self.replay_steps, seed=self.seed),
+            "seed": self.seed,
+        }
 
 
-def load_data(path: str) -> Any:
+def load_data(path: str) -> TensorData:
     """The --data table, every way it can fail turned into an error that names --data."""
-    from ondevice.continual.scenarios import load_table
-
     try:
         table = load_table(path)
     except ConfigError as error:
@@ -102,11 +160,6 @@ _MAX_DATA_CLASSES = 1000
 def seed_everything(seed: int) -> None:
     """Seed every generator a run draws from that is not seeded where it is used: model and head
     initialisation (torch's global generator), and Python's and NumPy's for any library that uses them."""
-    import random
-
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -143,8 +196,6 @@ def read_record(path: str, flags: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ConfigError: the checkpoint cannot be read, was not written by ``ondevice train``, or differs.
     """
-    from ondevice.continual.state import read_learner_state
-
     try:
         _, metadata = read_learner_state(path)
     except CheckpointError as error:
@@ -201,28 +252,26 @@ def describe_state(learner: Learner) -> str:
 
 
 def resume_serial(
-    learning: Any, windower: Any, extra: Mapping[str, Any], path: str, *, fixed: bool
+    session: SerialSession, extra: Mapping[str, Any], path: str, *, fixed: bool
 ) -> dict[str, Any]:
     """Put a ``--serial`` checkpoint's learner (built for its channel count), window count and class names
-    (unless ``--labels`` fixed them) into a run's ``learning`` and ``windower``; say so; what was restored."""
+    (unless ``--labels`` fixed them) into ``session``; say so; what was restored."""
     channels = int((extra.get("model_kwargs") or {}).get("in_channels") or 0)
     if channels < 1:
         raise ConfigError(
             f"--checkpoint {path!r} records no channel count for its model, so it cannot be resumed; "
             f"{_START_OVER}"
         )
-    learner = learning.build(channels)
+    learner = session.build_learner(channels)
     load_checkpoint(learner, path)
-    learning.learner, learning.channels = learner, channels
-    learning.windows = int(extra.get("windows") or 0)
+    windows = int(extra.get("windows") or 0)
     labels = [str(name) for name in extra.get("labels") or ()]
-    if not fixed:
-        windower.label_index.update({name: i for i, name in enumerate(labels)})
+    session.restore(learner, channels=channels, windows=windows, labels=None if fixed else labels)
     _say(
-        f"resuming from --checkpoint {path}: {describe_state(learner)}; {learning.windows:,} windows seen, "
+        f"resuming from --checkpoint {path}: {describe_state(learner)}; {windows:,} windows seen, "
         f"{channels} channel(s), classes {', '.join(labels) or '-'}"
     )
-    return {"windows": learning.windows, "labels": labels, **restored_counters(learner)}
+    return {"windows": windows, "labels": labels, **restored_counters(learner)}
 
 
 def restored_counters(learner: Learner) -> dict[str, Any]:
@@ -235,37 +284,10 @@ def restored_counters(learner: Learner) -> dict[str, Any]:
 
 def _say(text: str) -> None:
     """A line for people on stderr; user-supplied text in it is never read as markup."""
-    from ondevice.cli._app import console
-
     console.print(text, markup=False, highlight=False)
 
 
 # -- stopping ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def stop_on_interrupt(stop: Callable[[], None]) -> Iterator[threading.Event]:
-    """While inside, Ctrl-C calls ``stop`` and sets the yielded event instead of raising; a second one raises.
-
-    Only the main thread can take SIGINT; elsewhere (an embedding application) nothing changes.
-    """
-    interrupted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    restore = previous if previous is not None else signal.default_int_handler
-
-    def handler(signum: int, frame: object) -> None:
-        interrupted.set()
-        signal.signal(signal.SIGINT, restore)
-        stop()
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, restore)
 
 
 @dataclass
@@ -319,8 +341,6 @@ def learn_scenario(
     resumed after experience ``start - 1`` continues exactly as an uninterrupted one; the baseline is
     measured only at the very start. An experience cut short by ``stop`` is neither ended nor measured.
     """
-    from ondevice.data import Stream
-
     exps = scenario.experiences
     if start == 0:
         learner.record_accuracies([learner.accuracy(e.test) for e in exps], baseline=True)
@@ -344,12 +364,6 @@ def learn_scenario(
 def scenario_summary(learner: Learner, scenario: Scenario, progress: ScenarioProgress) -> dict[str, Any]:
     """The figures of ``run_scenario``'s :class:`ContinualResult` over the whole run (resumed part too);
     after an interruption only the accuracy-matrix rows measured so far and the stream counters."""
-    import torch
-
-    from ondevice.continual.metrics import ContinualMetrics
-    from ondevice.continual.scenarios import ContinualResult
-    from ondevice.data import TensorData
-
     state = learner.state
     exps = scenario.experiences
     matrix = state.accuracy_matrix[-progress.completed :] if progress.completed else []
