@@ -43,13 +43,11 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from memory import Budget
 from memory.process import RSS_PER_TENSOR_BYTE, STEP_OVERHEAD_BYTES
 from ondevice.errors import ConfigError, UnknownNameError
-
-if TYPE_CHECKING:
-    from memory import Budget
 
 __all__ = [
     "DeviceKind",
@@ -198,8 +196,6 @@ class DeviceProfile:
         int8 weights in flash, so they do not (TinyTL, tiny-training). A profile with
         ``process_overhead_bytes`` (every built-in Linux board) budgets the step's process RSS.
         """
-        from memory import Budget
-
         if self.kind is DeviceKind.MCU:
             return Budget.from_profile(self, count_frozen_params=False, frozen_param_bits=8)
         return Budget.from_profile(self, count_frozen_params=True, frozen_param_bits=32)

@@ -19,6 +19,9 @@ from memory.budget import Budget
 from memory.contribution import LayerInfo
 from memory.estimate import OptimizerSpec, estimate, fake_copy, make_optimizer
 from memory.measure import LossFn, distinct_storage_bytes
+from ondevice import prepare
+from ondevice.schemes import Sparse
+from ondevice.schemes._tree import compute_layers, layer_bias
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,6 @@ class _CostTable:
         optimizer: OptimizerSpec | None,
         loss_fn: LossFn | None,
     ) -> None:
-        from ondevice import prepare
-        from ondevice._apply import compute_layers, layer_bias
-        from ondevice.schemes import Sparse
-
         self.budget = budget
         pairs = compute_layers(model, head)
         self.layers = _layer_infos(pairs)

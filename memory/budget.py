@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from memory.process import RSS_PER_TENSOR_BYTE, STEP_OVERHEAD_BYTES
 from ondevice.errors import ConfigError
 
 __all__ = ["Budget", "HasTrainingBudget", "format_bytes", "parse_bytes"]
@@ -142,8 +143,6 @@ class Budget:
         Frozen weights count (they live in the process) and the defaults of :mod:`memory.process` give
         the step's fixed overhead and allocator factor unless ``kwargs`` set them.
         """
-        from memory.process import RSS_PER_TENSOR_BYTE, STEP_OVERHEAD_BYTES
-
         kwargs.setdefault("process_overhead_bytes", STEP_OVERHEAD_BYTES)
         kwargs.setdefault("rss_per_tensor_byte", RSS_PER_TENSOR_BYTE)
         kwargs.setdefault("count_frozen_params", True)

@@ -23,7 +23,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ondevice.errors import ConfigError
+from ondevice import prepare
+from ondevice.errors import ConfigError, OnDeviceError
+from ondevice.schemes import Sparse
 
 __all__ = [
     "NAMED_PRIOR",
@@ -140,8 +142,6 @@ def finetune_accuracy(
 
     The short fine-tuning run of tiny-training's contribution analysis (Lin et al. 2022, Sec. 3.2).
     """
-    from ondevice import prepare
-
     x, y = data
     half = max(1, len(x) // 2)
     train_x, train_y, val_x, val_y = x[:half], y[:half], x[half:], y[half:]
@@ -185,9 +185,6 @@ def measure_contributions(
     in between; ``weight_layers`` (default: every layer) each get every allowed ratio. A named scheme that
     cannot be prepared for the model is left out.
     """
-    from ondevice.errors import OnDeviceError
-    from ondevice.schemes import Sparse
-
     x, y = data
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or len(x) != len(y) or len(x) < 2:
         raise ConfigError("data must be a pair (x, y) of tensors with the same length >= 2")

@@ -37,7 +37,11 @@ from memory.contribution import Contributions, measure_contributions, prior_cont
 from memory.estimate import OptimizerSpec, _batch_shape, estimate
 from memory.measure import LossFn, distinct_storage_bytes
 from memory.report import MemoryReport, budget_bytes_needed, device_limits, explain_needed, needed_terms
+from ondevice import prepare
 from ondevice.errors import BudgetExceededError, ConfigError, OnDeviceError
+from ondevice.prepared import find_head
+from ondevice.schemes import Scheme, Sparse, resolve_scheme
+from ondevice.schemes._tree import compute_layers
 
 __all__ = ["Candidate", "Plan", "plan"]
 
@@ -105,8 +109,6 @@ class Plan:
     score_source: Literal["prior", "measured"] = "prior"
 
     def __post_init__(self) -> None:
-        from ondevice.schemes import Scheme
-
         if not isinstance(self.scheme, Scheme):
             raise ConfigError(f"Plan.scheme must be a Scheme, got {type(self.scheme).__name__}")
         if not isinstance(self.report, MemoryReport) or not isinstance(self.budget, Budget):
@@ -300,8 +302,6 @@ def _evolve(
 
 
 def _to_scheme(c: _Sparse) -> Any:
-    from ondevice.schemes import Sparse
-
     return Sparse(
         bias_last_k=c.bias_k,
         weight_layers=tuple(i for i, _ in c.weights),
@@ -358,10 +358,6 @@ def plan(
         BudgetExceededError: no candidate fits; the message gives the smallest achievable figure and
             the scheme that reaches it.
     """
-    from ondevice import prepare
-    from ondevice.prepared import find_head
-    from ondevice.schemes import Sparse, resolve_scheme
-
     budget = Budget.parse(budget)
     shape = _batch_shape(model, input_shape, batch_size)
     head = find_head(model, head)
@@ -374,8 +370,6 @@ def plan(
         prepared = prepare(model, scheme, head=head)
         return estimate(prepared.model, shape, optimizer=optimizer, loss_fn=loss_fn,
                         frozen_param_bits=bits, copy_model=False)  # fmt: skip
-
-    from ondevice._apply import compute_layers
 
     layers = _layer_infos(compute_layers(model, head))
     if data is not None:

@@ -1,6 +1,6 @@
 """Transfer learning on the shipped digits: pretrain on source classes, adapt to target classes per scheme.
 
-This is the experiment behind ``ondevice demo`` and the README's transfer table: a backbone pretrained on
+This is the experiment behind ``ondevice transfer`` and the README's transfer table: a backbone pretrained on
 digits 0-4 is adapted to digits 5-9 under each update scheme, with the same data, optimizer and epochs.
 """
 
@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 
+from memory.measure import measure
+from ondevice.data import load_digits, transfer_split
 from ondevice.errors import ConfigError
 from ondevice.optim import OptimizerConfig, resolve_optimizer
 from ondevice.prepared import prepare
+from ondevice.pretrain import pretrain_with_report
 from ondevice.schemes import Scheme, resolve_scheme
 from ondevice.trainer import Trainer, evaluate
 
@@ -123,10 +126,6 @@ def run_transfer(
     accuracy cost can be measured against the same run without it; every outcome reports the bytes one
     training step keeps for backward.
     """
-    from memory import measure
-    from ondevice.data import load_digits, transfer_split
-    from ondevice.pretrain import pretrain_with_report
-
     config = resolve_optimizer(optimizer, lr=lr)
     resolved = _resolve_schemes(schemes)  # before any work: a typo must not cost a pretraining run
     pre = pretrain_with_report(

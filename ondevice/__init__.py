@@ -13,8 +13,8 @@ The entry points::
 ``import ondevice`` never imports Flower, pyserial or asyncssh.
 """
 
-from importlib import metadata as _metadata
 
+from ondevice._version import __version__
 from ondevice.continual import (
     ClassBalancedBuffer,
     ContinualMetrics,
@@ -54,11 +54,6 @@ from ondevice.schemes import (
     resolve_scheme,
 )
 from ondevice.trainer import EvalResult, FitResult, Trainer, evaluate
-
-try:
-    __version__ = _metadata.version("ondevice")  # one source of truth: pyproject.toml
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a tree that is not installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "Bias",

@@ -15,6 +15,7 @@ from torch import nn
 from ondevice._example import ExampleSpec
 from ondevice._kept import kept_bytes
 from ondevice.errors import StockAutogradWarning
+from ondevice.ops import supported_types, unsupported_leaves
 
 __all__ = ["StockLayer", "stock_autograd_layers", "stock_layers", "warn_stock"]
 
@@ -29,8 +30,6 @@ def stock_autograd_layers(model: nn.Module) -> dict[str, str]:
     Containers with a ``forward`` of their own that hold a parameter or two (a ViT's class token and
     position embedding) are not layers: their few ops run on stock autograd like any model code.
     """
-    from ondevice.ops import supported_types, unsupported_leaves
-
     layer_types = supported_types()
     return {
         name: kind

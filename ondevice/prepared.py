@@ -21,9 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ondevice._apply import BATCH_NORM_TYPES, COMPUTE_TYPES, ApplyContext, apply_scheme, leaves
 from ondevice._example import example_spec
 from ondevice._stock import StockLayer, stock_autograd_layers, stock_layers, warn_stock
+from ondevice._version import __version__
 from ondevice.adapters import LiteResidualPlan, lite_residual_plan
 from ondevice.checkpoint import KIND_DELTA, read_tensors, write_tensors
 from ondevice.errors import (
@@ -33,8 +33,13 @@ from ondevice.errors import (
     InputShapeError,
     UnsupportedModuleError,
 )
+from ondevice.ops import convert, supported_types
+from ondevice.ops.convert import effective_compress
+from ondevice.quantize import FROZEN_WEIGHT_FORMATS, int8_saved_weights, quantize_frozen_weights
 from ondevice.recompute import RecomputeChoice, apply_recompute
 from ondevice.schemes import Scheme, resolve_scheme
+from ondevice.schemes._tree import BATCH_NORM_TYPES, COMPUTE_TYPES, leaves
+from ondevice.schemes.base import ApplyContext, apply_scheme
 
 __all__ = [
     "DELTA_FORMAT",
@@ -171,7 +176,8 @@ class PrepareReport:
     ``stock_layers`` lists the layers without a memory-saving op (they run on stock autograd) with the
     bytes each keeps for backward on the batch ``example`` describes (batch 1). ``lite_residual`` says
     where a lite residual scheme placed its branches, how wide, and their share of the model's parameters.
-    ``recompute`` names the blocks that keep only their inputs and are recomputed in backward.
+    ``recompute`` names the blocks that keep only their inputs and are recomputed in backward;
+    ``int8_layers`` the layers whose frozen weight is held in int8 (``frozen_weights="int8"``).
     """
 
     scheme: dict[str, Any]
@@ -184,6 +190,7 @@ class PrepareReport:
     example: str | None = None
     lite_residual: LiteResidualPlan | None = None
     recompute: tuple[str, ...] = ()
+    int8_layers: tuple[str, ...] = ()
 
     @property
     def trainable_fraction(self) -> float:
@@ -195,6 +202,7 @@ class PrepareReport:
         payload["stock_layers"] = [asdict(layer) for layer in self.stock_layers]
         payload["lite_residual"] = None if self.lite_residual is None else self.lite_residual.to_dict()
         payload["recompute"] = list(self.recompute)
+        payload["int8_layers"] = list(self.int8_layers)
         payload["trainable_fraction"] = self.trainable_fraction
         return payload
 
@@ -226,6 +234,7 @@ class PreparedModel(nn.Module):
         stock_layers: tuple[StockLayer, ...] = (),
         example: str | None = None,
         recompute: tuple[str, ...] = (),
+        int8_layers: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -241,18 +250,27 @@ class PreparedModel(nn.Module):
         self._stock_layers = stock_layers
         self._example = example
         self.recompute = recompute
+        self.int8_layers = int8_layers
         self.train()
 
     # -- forward and modes -------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         """The model's output for batch ``x`` (further arguments go to the model as they are)."""
         self.input_spec.check(x, dtype=self.dtype)
-        return self.model(x, *args, **kwargs)
+        if not self.int8_layers:
+            return self.model(x, *args, **kwargs)
+        with int8_saved_weights():  # int8 weights saved for backward stay int8
+            return self.model(x, *args, **kwargs)
+
+    @property
+    def frozen_weights(self) -> str:
+        """``"int8"`` when frozen Conv/Linear/Embedding weights are held in int8, else ``"float"``."""
+        return "int8" if self.int8_layers else "float"
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the model's parameters."""
-        first = next(self.model.parameters(), None)
+        """dtype of the model's floating-point parameters (int8-held frozen weights aside)."""
+        first = next((p for p in self.model.parameters() if p.is_floating_point()), None)
         return first.dtype if first is not None else torch.get_default_dtype()
 
     def train(self, mode: bool = True) -> PreparedModel:
@@ -269,8 +287,6 @@ class PreparedModel(nn.Module):
         """
         if not self.memory_saving:
             return module
-        from ondevice.ops import convert
-
         return convert(module, mask=self.mask, compress=self.compress)
 
     # -- what trains ---------------------------------------------------------------------------------
@@ -350,6 +366,7 @@ class PreparedModel(nn.Module):
             example=self._example,
             lite_residual=lite_residual_plan(self.model),
             recompute=self.recompute,
+            int8_layers=self.int8_layers,
         )
 
     def extra_repr(self) -> str:
@@ -361,16 +378,15 @@ class PreparedModel(nn.Module):
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def delta_metadata(self) -> dict[str, Any]:
-        """The metadata every delta carries: format, ondevice version, scheme, model fingerprint."""
-        from ondevice import __version__
-
+        """The metadata every delta carries: format, ondevice version, scheme, model fingerprint (and
+        ``frozen_weights: "int8"`` when the backbone is held in int8: its deltas adapt to those weights)."""
         return {
             "format": DELTA_FORMAT,
             "ondevice_version": __version__,
             "scheme": self.scheme.to_dict(),
             "model_fingerprint": self.fingerprint,
             "model_class": type(self.model).__qualname__,
-        }
+        } | ({"frozen_weights": "int8"} if self.int8_layers else {})
 
     def save_delta(self, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the trainable tensors (and only those) to a safetensors file, atomically.
@@ -404,6 +420,12 @@ class PreparedModel(nn.Module):
                 f"{source} was saved under scheme {json.dumps(theirs, sort_keys=True)}, but this model is "
                 f"prepared with {self.scheme.to_json()}; prepare the model with the checkpoint's scheme"
             )
+        saved = metadata.get("frozen_weights", "float")
+        if saved != self.frozen_weights:
+            raise CheckpointMismatchError(
+                f"{source} was trained with {saved!r} frozen weights, but this model holds them as "
+                f"{self.frozen_weights!r}; prepare it with frozen_weights={saved!r} to load this checkpoint"
+            )
 
     def load_delta(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a delta written by :meth:`save_delta`; returns its metadata.
@@ -436,6 +458,7 @@ def prepare(
     example_input: Tensor | Sequence[int] | None = None,
     strict: bool = False,
     recompute: RecomputeChoice = False,
+    frozen_weights: Literal["float", "int8"] = "float",
 ) -> PreparedModel:
     """Prepare ``model`` for on-device training under ``scheme``.
 
@@ -464,6 +487,10 @@ def prepare(
         recompute: keep only each block's inputs and recompute the block in backward (exact gradients, one
             more forward of each block per step): ``True`` for every block ``ondevice.recompute.find_blocks``
             finds (a transformer's layers, a CNN's residual blocks), or a tuple of block names.
+        frozen_weights: ``"int8"`` holds every frozen Conv/Linear/Embedding weight in int8 with a float32
+            scale per output channel and never keeps it in float (see :mod:`ondevice.quantize`): about a
+            quarter of the frozen weight memory, gradients those of the dequantised model. Weights that
+            train stay float; a scheme that trains every weight (``full``) is refused.
 
     Returns:
         A :class:`PreparedModel` whose output equals the original's until it trains.
@@ -486,11 +513,14 @@ def prepare(
             f"compress={compress!r} needs the memory-saving ops; use memory_saving=True with compress=, or "
             f"memory_saving=False without it"
         )
+    if frozen_weights not in FROZEN_WEIGHT_FORMATS:
+        raise ConfigError(
+            f"frozen_weights must be one of {', '.join(map(repr, FROZEN_WEIGHT_FORMATS))}, got "
+            f"{frozen_weights!r}"
+        )
     if strict and memory_saving:
         refused = stock_autograd_layers(model)
         if refused:
-            from ondevice.ops import supported_types
-
             raise UnsupportedModuleError(refused, [t.__name__ for t in supported_types()])
     example = example_spec(model, example_input)
     fingerprint = model_fingerprint(model)
@@ -509,12 +539,10 @@ def prepare(
         else tuple(name for name, m in work.named_modules() if id(m) in norms_before)
     )
     if memory_saving:
-        from ondevice.ops import convert
-        from ondevice.ops.convert import effective_compress
-
         compress = effective_compress(work, compress)  # warns and is None where nothing would change
         convert(work, mask=mask, compress=compress)
     recomputed = apply_recompute(work, recompute, head=head_name, example=example)
+    int8_layers = tuple(quantize_frozen_weights(work)) if frozen_weights == "int8" else ()
     stock, example_text = stock_layers(work, example) if memory_saving else ((), None)
     if stock:
         warn_stock(stock, example_text)
@@ -532,6 +560,7 @@ def prepare(
         stock_layers=stock,
         example=example_text,
         recompute=recomputed,
+        int8_layers=int8_layers,
     )
     logger.info("prepared %s with %s", type(model).__name__, prepared.extra_repr())
     return prepared

@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from ondevice._apply import leaves, replace_submodule, residual_blocks
 from ondevice._example import ExampleSpec
 from ondevice.errors import ConfigError
 from ondevice.models.blocks import block_types
 from ondevice.ops.registry import clone_module_as, twin_class
+from ondevice.schemes._tree import leaves, replace_submodule
+from ondevice.schemes.lite_residual import residual_blocks
 
 __all__ = [
     "RecomputeChoice",
@@ -91,8 +92,8 @@ def find_blocks(model: nn.Module, head: str | None = None) -> list[str]:
     """Qualified names of the blocks ``recompute=True`` recomputes, in forward (registration) order.
 
     The zoo's registered blocks; else the model's repeated layers (see the module docstring); else the
-    residual blocks of a CNN (``ondevice._apply.residual_blocks``), leaving out single layers. The head
-    and the blocks holding it are never chosen. Empty when the model has no blocks.
+    residual blocks of a CNN (``ondevice.schemes.lite_residual.residual_blocks``), leaving out single
+    layers. The head and the blocks holding it are never chosen. Empty when the model has no blocks.
     """
     registered = [n for n, m in model.named_modules() if n and isinstance(m, block_types())]
     if registered:

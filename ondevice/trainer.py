@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ondevice.checkpoint import KIND_TRAINER, read_tensors, write_tensors
+from ondevice.data import Stream, as_stream
 from ondevice.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -191,8 +192,6 @@ class Trainer:
         on_step: Callable[[StepResult], None] | None = None,
     ) -> FitResult:
         """Train for ``epochs`` passes over ``data`` (anything ``ondevice.data.as_stream`` accepts)."""
-        from ondevice.data import Stream, as_stream
-
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
         start = time.perf_counter()
@@ -429,8 +428,6 @@ def evaluate(
     model: nn.Module, data: Any, *, batch_size: int = 256, loss_fn: LossFn | None = None
 ) -> EvalResult:
     """Accuracy and mean loss of ``model`` on ``data`` in eval mode; restores the model's mode after."""
-    from ondevice.data import as_stream
-
     loss_fn = loss_fn or F.cross_entropy
     was_training = model.training
     model.eval()

@@ -163,8 +163,8 @@ def test_transfer_checks_schemes_before_any_training(schemes: str) -> None:
 
 
 def test_run_transfer_checks_schemes_before_pretraining() -> None:
+    from memory.transfer import run_transfer
     from ondevice.errors import ConfigError, UnknownSchemeError
-    from ondevice.transfer import run_transfer
 
     with pytest.raises(ConfigError, match="at least one scheme"):
         run_transfer("cnn", schemes=())

@@ -15,12 +15,13 @@ from torch.nn import functional as F
 import memory
 import ondevice
 from bench.library_models import LIBRARY_MODELS, library_available, logits_of
-from ondevice._apply import ApplyContext, apply_scheme, plan_lite_residual, residual_blocks
 from ondevice._example import example_spec
 from ondevice.adapters import LiteResidualBlock, branch_param_count, lite_residual_plan
 from ondevice.errors import ConfigError
 from ondevice.prepared import find_head
 from ondevice.schemes import LiteResidual, Scheme
+from ondevice.schemes.base import ApplyContext, apply_scheme
+from ondevice.schemes.lite_residual import plan_lite_residual, residual_blocks
 
 pytestmark = pytest.mark.skipif(
     not all(library_available(lib) for lib in ("torchvision", "timm", "transformers")),

@@ -8,9 +8,9 @@ from torch import nn
 
 import ondevice
 from memory import estimate, measure
-from ondevice.adapters.lora import LoRALinear
 from ondevice.errors import ConfigError
 from ondevice.schemes import SCHEME_VERSION, LoRA, Scheme
+from ondevice.schemes.lora import LoRALinear
 
 
 def _mlp() -> nn.Module:

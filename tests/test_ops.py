@@ -14,11 +14,11 @@ from torch import Tensor, nn
 
 from memory.measure import SavedTensorTracker
 from ondevice import ops
-from ondevice.adapters.partial import PartialChannelUpdate
 from ondevice.errors import ConfigError, UnknownNameError
 from ondevice.ops import _bitmask
 from ondevice.ops._compress import compressed_nbytes
 from ondevice.ops.registry import MemorySavingModule
+from ondevice.schemes.sparse import PartialChannelUpdate
 
 # ---------------------------------------------------------------------------------------------- helpers
 

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from ondevice.transfer import run_transfer
+from memory.transfer import run_transfer
 
 SEEDS = (0, 1, 2)
 

@@ -13,7 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import ondevice
 from ondevice.errors import ConfigError
+from ondevice.pretrain import default_cache_dir
 
 __all__ = ["Bundle", "BundleError", "build_wheel", "find_backbones", "source_root"]
 
@@ -47,8 +49,6 @@ class Bundle:
 
 def source_root() -> Path:
     """The checkout ``ondevice`` is imported from (the folder with its ``pyproject.toml``)."""
-    import ondevice
-
     root = Path(ondevice.__file__).resolve().parents[1]
     if not (root / "pyproject.toml").is_file():
         raise BundleError(
@@ -86,7 +86,5 @@ def build_wheel(out_dir: Path, *, root: Path | None = None, timeout_s: float = 6
 
 def find_backbones(cache_dir: Path | None = None) -> tuple[Path, ...]:
     """The pretrained backbone files in ``cache_dir`` (default: this machine's ondevice cache)."""
-    from ondevice.pretrain import default_cache_dir
-
     folder = (cache_dir or default_cache_dir()) / "pretrained"
     return tuple(sorted(folder.glob("*.safetensors"))) if folder.is_dir() else ()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from devices.profiles import get_profile
 from ondevice.errors import ConfigError, UnknownNameError
 
 __all__ = ["Host", "Inventory", "InventoryError", "NodeConfig", "load_inventory", "parse_inventory"]
@@ -269,8 +270,6 @@ def parse_inventory(
 
 
 def _check_fleet(hosts: list[Host]) -> None:
-    from devices.profiles import get_profile
-
     first = hosts[0]
     first_minor = _FLOWER_VERSION.match(first.flower_version).groups()[:2]  # type: ignore[union-attr]
     for index, host in enumerate(hosts):

@@ -1,6 +1,11 @@
-"""Modules that prepare() wraps around a model's children: lite residual branches, LoRA, partial channels."""
+"""The modules prepare() attaches to a model, gathered from the scheme folders that own them.
 
-from ondevice.adapters.lite_residual import (
+Each lives with its scheme (``ondevice.schemes.lite_residual``, ``.lora``, ``.sparse``); this package is
+the public face that names them together.
+"""
+
+from ondevice.schemes._tree import linear_features
+from ondevice.schemes.lite_residual import (
     LiteResidualBlock,
     LiteResidualPlan,
     branch_param_count,
@@ -8,8 +13,8 @@ from ondevice.adapters.lite_residual import (
     build_lite_residual_branch,
     lite_residual_plan,
 )
-from ondevice.adapters.lora import LoRALinear, linear_features
-from ondevice.adapters.partial import PartialChannelUpdate, select_input_channels
+from ondevice.schemes.lora import LoRALinear
+from ondevice.schemes.sparse import PartialChannelUpdate, select_input_channels
 
 __all__ = [
     "LiteResidualBlock",

@@ -19,8 +19,16 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+import ondevice
+from devices import detect, get_profile
+from federated import FederatedConfig, prestart_engine, simulate
+from memory import Budget, measure, plan
+from memory.report import device_limits, explain_needed
+from ondevice._version import __version__
 from ondevice.cli._app import app, configure_logging, console, fail, print_json
+from ondevice.continual import LearnerConfig, create_learner, load_scenario, run_scenario
 from ondevice.errors import OnDeviceError
+from ondevice.report import write_report
 
 MEMORY_SCHEMES = ("full", "last_layer", "bias", "lite_residual", "sparse")
 SEED = 0
@@ -36,9 +44,6 @@ FEDERATED_SCHEME = {
 
 
 def _device_step(device: str | None) -> tuple[Any, Any, dict[str, Any]]:
-    from devices import detect, get_profile
-    from memory import Budget
-
     profile = get_profile(device) if device else detect()
     budget: Budget = profile.to_budget()  # the device's convention: frozen weights in RAM or in flash
     figures = {
@@ -56,9 +61,6 @@ def _device_step(device: str | None) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _plan_step(backbone: Any, budget: Any, *, batch_size: int) -> tuple[Any, dict[str, Any]]:
-    from memory import plan
-    from memory.report import device_limits, explain_needed
-
     chosen = plan(backbone, budget=budget, input_shape=tuple(backbone.input_shape), batch_size=batch_size)
     figures = {
         "scheme": chosen.scheme.name,
@@ -78,9 +80,6 @@ def _plan_step(backbone: Any, budget: Any, *, batch_size: int) -> tuple[Any, dic
 def _memory_step(*, resolution: int, batch_size: int) -> list[dict[str, Any]]:
     """Measure one real training step of each scheme, stock PyTorch against ondevice."""
     import torch
-
-    import ondevice
-    from memory import measure
 
     torch.manual_seed(SEED)
     model = ondevice.create_model("mobilenetv2", width_mult=0.35, resolution=resolution, num_classes=10)
@@ -108,9 +107,6 @@ def _memory_step(*, resolution: int, batch_size: int) -> list[dict[str, Any]]:
 
 def _stream_step(scheme: Any, *, quick: bool, show: bool) -> dict[str, Any]:
     import torch
-
-    import ondevice
-    from ondevice.continual import LearnerConfig, create_learner, load_scenario, run_scenario
 
     scenario = load_scenario("class-incremental", seed=SEED)
     backbone = scenario.backbone(epochs=8 if quick else 20, seed=SEED)
@@ -173,8 +169,6 @@ def _stream_step(scheme: Any, *, quick: bool, show: bool) -> dict[str, Any]:
 
 
 def _federated_step(*, quick: bool, show: bool) -> dict[str, Any]:
-    from federated import FederatedConfig, simulate
-
     clients, rounds = (3, 2) if quick else (6, 4)
 
     def on_round(record: Any) -> None:
@@ -238,14 +232,8 @@ def check_out_folder(out: Path) -> str | None:
 
 def _settings(*, quick: bool, device: str | None) -> dict[str, Any]:
     """What the report's tables cover: the version, the date, the seed and the command's options."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ondevice_version = version("ondevice")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
-        from ondevice import __version__ as ondevice_version
     return {
-        "version": ondevice_version,
+        "version": __version__,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "seed": SEED,
         "quick": quick,
@@ -275,16 +263,12 @@ def demo(
     """Plan, learn on a stream, federate and report: the whole SDK on the built-in digits."""
     import torch
 
-    from ondevice.report import write_report
-
     configure_logging(verbose)
     problem = check_out_folder(out)
     if problem is not None:
         fail(problem)
         return
     if device is not None:
-        from devices import get_profile
-
         try:
             get_profile(device)  # a typo fails here, before the engine starts or anything trains
         except OnDeviceError as exc:
@@ -296,15 +280,12 @@ def demo(
     timings: dict[str, float] = {}
     figures: dict[str, Any] = {"settings": _settings(quick=quick, device=device)}
     if not skip_federated:
-        from federated import prestart_engine
-
         prestart_engine(verbose=verbose)  # Ray's ~10 s start-up overlaps steps 1 and 2
     try:
         with console.status("[bold]1/4[/] detecting the device and planning the update scheme") as status:
             t0 = time.perf_counter()
             _profile, budget, figures["device"] = _device_step(device)
             figures["settings"]["device"] = figures["device"]["name"]
-            from ondevice.continual import load_scenario
 
             backbone = load_scenario("class-incremental", seed=SEED).backbone(
                 epochs=8 if quick else 20, seed=SEED

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from ondevice.cli._app import app, configure_logging, console, print_json, say
+import devices
+from ondevice.cli._app import app, configure_logging, console, fail, print_json, say
+from ondevice.errors import OnDeviceError
 
 
 def _mib(n: int | None) -> str:
@@ -24,9 +26,6 @@ def devices_command(
 ) -> None:
     """List device profiles and the memory a training step may use on each (or --detect this machine)."""
     configure_logging(verbose)
-    import devices
-    from ondevice.cli._app import fail
-    from ondevice.errors import OnDeviceError
 
     try:
         profiles = [devices.detect()] if detect else devices.list_profiles(kind)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
+from devices.fleet import Bundle, build_wheel, find_backbones, load_inventory, run_fleet, summary
 from ondevice.cli._app import app, configure_logging, console, fail, interrupted, plain, print_json, say
+from ondevice.errors import OnDeviceError
 
 fleet_app = typer.Typer(
     name="fleet",
@@ -43,8 +45,6 @@ def _run(
     **options: object,
 ) -> None:
     configure_logging(verbose)
-    from devices.fleet import load_inventory
-    from ondevice.errors import OnDeviceError
 
     try:
         selected = load_inventory(inventory).select(hosts)
@@ -58,7 +58,6 @@ def _run(
     except ImportError:
         fail("the fleet commands need asyncssh: pip install 'ondevice[fleet]'")
         return
-    from devices.fleet import run_fleet, summary
 
     for host in selected:
         if host.insecure_ignore_host_keys:
@@ -103,8 +102,6 @@ def _run(
 def _bundle(wheel: Path | None, backbones: list[Path] | None) -> object:
     """The wheel (given, or built from this checkout) and the backbone files (given, or the local cache's)."""
     import tempfile
-
-    from devices.fleet import Bundle, build_wheel, find_backbones
 
     if wheel is None:
         with console.status(plain("building the ondevice wheel (pip wheel --no-deps)..."), spinner="dots"):

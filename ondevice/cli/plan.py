@@ -6,8 +6,12 @@ from typing import Annotated, Any
 
 import typer
 
+import memory
+import ondevice
+from devices import get_profile
 from ondevice.cli._app import app, configure_logging, console, fail, print_json
 from ondevice.errors import BudgetExceededError, OnDeviceError, UnknownNameError
+from ondevice.models import create_model, model_defaults
 
 _HELP = """Estimate the memory of one training step (no compute: fake tensors), or plan the update scheme.
 
@@ -98,10 +102,6 @@ def plan_command(
 
 
 def _run(**opts: Any) -> tuple[dict[str, Any], str]:
-    import memory
-    import ondevice
-    from ondevice.models import create_model, model_defaults
-
     kwargs: dict[str, Any] = {"num_classes": opts["num_classes"]}
     accepted = model_defaults(opts["model"])
     if opts["width_mult"] is not None:
@@ -137,11 +137,7 @@ def _budget(device: str | None, size: str | None, *, int8_frozen: bool, count_fr
     --int8-frozen/--count-frozen applied."""
     import dataclasses
 
-    import memory
-
     if device is not None:
-        from devices import get_profile
-
         try:
             budget = get_profile(device).to_budget()
         except UnknownNameError as exc:

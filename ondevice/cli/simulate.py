@@ -16,6 +16,9 @@ import click
 import typer
 from typer.core import TyperCommand
 
+from federated import FederatedConfig
+from federated import simulate as run_simulation
+from memory import format_bytes
 from ondevice.cli._app import (
     INTERRUPTED_EXIT_CODE,
     app,
@@ -86,8 +89,6 @@ class _ShowConfigDefaults(TyperCommand):
     """Shows FederatedConfig's defaults for the options left at ``None`` (read when help is shown)."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from federated import FederatedConfig
-
         defaults = FederatedConfig()
         for param in self.params:
             if param.name in FLAGS and param.default is None and isinstance(param, click.Option):
@@ -150,8 +151,6 @@ def simulate(
         except json.JSONDecodeError as exc:
             fail(f"--scheme {scheme!r} is not valid JSON ({exc}); pass a scheme name or a JSON object")
     try:
-        from federated import FederatedConfig
-
         config = FederatedConfig(**given)
     except OnDeviceError as exc:
         fail(_config_error(exc))
@@ -177,9 +176,6 @@ def simulate(
 def _run(config: Any, *, json_output: bool, verbose: bool) -> Any:
     """Run the simulation with a progress bar (or, when stderr is not a terminal, one line per round)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from federated import simulate as run_simulation
-    from memory import format_bytes
 
     progress = Progress(
         TextColumn("{task.description}"),
@@ -208,8 +204,6 @@ def _run(config: Any, *, json_output: bool, verbose: bool) -> Any:
 def _summary(result: Any) -> None:
     """The table of rounds (those completed, when interrupted) and the final line, on stderr."""
     from rich.table import Table
-
-    from memory import format_bytes
 
     config = result.config
     done = (

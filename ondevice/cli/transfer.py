@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from memory import format_bytes
+from memory.transfer import SchemeOutcome, run_transfer
 from ondevice.cli._app import (
     INTERRUPTED_EXIT_CODE,
     app,
@@ -20,17 +22,13 @@ from ondevice.cli._app import (
     say,
 )
 from ondevice.errors import OnDeviceError
-
-if TYPE_CHECKING:
-    from ondevice.transfer import SchemeOutcome
+from ondevice.schemes import list_schemes, resolve_scheme
 
 _DEFAULT_SCHEMES = "full,last_layer,bias,lite_residual,sparse"
 
 
 def _scheme_names(schemes: str) -> list[str]:
     """The ``--schemes`` list, checked before any work: non-empty, registered names, each once."""
-    from ondevice.schemes import list_schemes, resolve_scheme
-
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     if not names:
         known = ", ".join(list_schemes())
@@ -67,8 +65,6 @@ def transfer(
 
     Ctrl-C stops it, prints the schemes finished so far and exits with status 130.
     """
-    from ondevice.transfer import run_transfer
-
     configure_logging(verbose)
     if compress not in ("none", "int8"):
         fail(f"--compress must be 'none' or 'int8', got {compress!r}")
@@ -132,8 +128,6 @@ def _outcome_dict(outcome: SchemeOutcome) -> dict[str, object]:
 
 def _table(outcomes: list[SchemeOutcome] | tuple[SchemeOutcome, ...], title: str) -> None:
     from rich.table import Table
-
-    from memory import format_bytes
 
     table = Table(title=plain(title))
     for column in ("scheme", "accuracy", "trainable params", "share", "kept for backward", "train time (s)"):

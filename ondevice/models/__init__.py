@@ -17,6 +17,11 @@ from ondevice.models.blocks import (
 )
 from ondevice.models.registry import create_model, list_models, model_defaults, register_model
 
+# The built-in models register themselves on import. Python runs this package's __init__ before any of
+# its submodules, so the zoo is populated whichever module of it a caller imports first; registry.py
+# does not import the zoo (no import cycle).
+from ondevice.models import cnn, cnn1d, mcunet, mobilenetv2, vit  # noqa: F401  isort: skip
+
 __all__ = [
     "ClassifierModel",
     "ConvBNAct",

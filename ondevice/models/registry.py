@@ -48,12 +48,10 @@ def register_model(name: str) -> Callable[[F], F]:
 
 def list_models() -> list[str]:
     """Names of every registered model, sorted."""
-    _ensure_zoo_loaded()
     return sorted(_MODELS)
 
 
 def _get_factory(name: str) -> Factory:
-    _ensure_zoo_loaded()
     try:
         return _MODELS[name]
     except (KeyError, TypeError):
@@ -95,8 +93,3 @@ def create_model(name: str, **kwargs: Any) -> ClassifierModel:
     logger.debug("created model %s with %s", name, kwargs)
     return model
 
-
-def _ensure_zoo_loaded() -> None:
-    # The built-in factories register themselves on import; importing here keeps registry.py free of
-    # import cycles while guaranteeing the zoo is populated whichever module a caller imports first.
-    from ondevice.models import cnn, cnn1d, mcunet, mobilenetv2, vit  # noqa: F401

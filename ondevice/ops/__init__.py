@@ -19,7 +19,6 @@ from ondevice.ops import (
     embedding,
     linear,
     norm,
-    partial,
     pooling,
     sequential,
 )
@@ -53,7 +52,6 @@ __all__ = [
     "linear",
     "norm",
     "op_support",
-    "partial",
     "pooling",
     "register_op",
     "restore",

@@ -9,27 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from ondevice.errors import ConfigError
+from ondevice.schemes._tree import linear_features
 
 __all__ = ["LoRALinear", "frozen_a_seed", "linear_features"]
-
-_CONV1D = "transformers.pytorch_utils.Conv1D"
-"""GPT-2's projection: ``x @ weight + bias`` with ``weight`` stored as (in_features, out_features)."""
-
-
-def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of a layer that applies a linear map to the last dim, else None.
-
-    ``nn.Linear`` (and subclasses, e.g. timm's), and transformers' ``Conv1D`` (GPT-2), recognised by its
-    qualified name so that ondevice never imports transformers.
-    """
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if any(f"{cls.__module__}.{cls.__qualname__}" == _CONV1D for cls in type(module).__mro__):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, Tensor) and weight.dim() == 2:
-            return int(weight.shape[0]), int(weight.shape[1])
-    return None
-
 
 def frozen_a_seed(name: str) -> int:
     """The seed of a frozen ``lora_A`` for the layer named ``name``: its CRC-32 (stable across runs)."""

@@ -1,4 +1,4 @@
-"""Memory-saving op for :class:`ondevice.adapters.partial.PartialChannelUpdate`.
+"""Memory-saving op for :class:`ondevice.schemes.sparse.layers.PartialChannelUpdate`.
 
 When only the weight columns of input channels ``S`` train (tiny-training's sparse channel update, Lin et
 al. 2022, Sec. 3.2), ``dW[:, S] = dy * x[:, S]`` needs only those input channels, so this op keeps
@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ondevice.adapters.partial import PartialChannelUpdate
 from ondevice.ops.conv import _CONV, resolve_padding
 from ondevice.ops.linear import linear_backward
 from ondevice.ops.placeholder import memory_format_of, shape_placeholder
 from ondevice.ops.registry import MemorySavingModule, register_op
+from ondevice.schemes.sparse.layers import PartialChannelUpdate
 
 __all__ = ["MemorySavingPartialChannelUpdate"]
 
