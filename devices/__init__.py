@@ -7,7 +7,7 @@
   format) cut into ``(x, y)`` tensors; :class:`SerialSession` learns from a live sensor with them
   (reconnects, windows, the learner built at the first window, checkpoints, Ctrl-C).
 - :class:`Link`: framed (COBS + CRC32), acknowledged, reconnecting link for parameter deltas and
-  commands; :mod:`devices.emulator` is the device side in Python.
+  commands; :mod:`devices.testing.emulator` is the device side in Python.
 - :mod:`devices.fleet`: inventory and SSH commands for a fleet of Raspberry Pis (needs ``asyncssh``, the
   ``fleet`` extra; imported only when used).
 

@@ -15,7 +15,7 @@ What an ACK means depends on the receiver's ``auto_ack``:
 - ``auto_ack=True`` (the default, right for a host reading replies): the frame is acknowledged as soon
   as it is queued for :meth:`Link.receive`. The ACK says "received", not "processed": a frame still in
   the inbox when the receiver stops is lost although its sender saw ``True``.
-- ``auto_ack=False`` (what a device applying parameter deltas needs, see :mod:`devices.emulator`): the
+- ``auto_ack=False`` (what a device applying parameter deltas needs, see :mod:`devices.testing.emulator`): the
   application calls :meth:`Link.acknowledge` once it has *applied* the frame. Until then a
   retransmission of that frame is counted as a duplicate and neither delivered again nor acknowledged,
   and a frame the receiver never acknowledged (it was closed or unplugged first) is retransmitted by
@@ -89,7 +89,7 @@ class LinkStats:
 
 
 class Link:
-    """One end of a framed, acknowledged serial link (the host's, or a device's in :mod:`devices.emulator`).
+    """One end of a framed, acknowledged serial link (the host's, or a device's: ``devices.testing``).
 
     Args:
         port: a pyserial URL or path, a callable opening a port, or a :class:`ReconnectingPort`.

@@ -5,7 +5,7 @@ or ``loop://``, or a callable). Its ``read``/``write`` never raise on an unplugg
 ``SerialException``/``OSError`` closes the port and the next ``read`` reopens it with exponential
 backoff (:class:`Backoff`), counting ``reconnects``. :func:`open_pty` makes a real pseudo-terminal pair in
 raw mode, and :class:`PtyPort` gives its master end the same small port interface, so tests and examples
-run the device side (:mod:`devices.emulator`) against a host that opens the slave path like a real
+run the device side (:mod:`devices.testing.emulator`) against a host that opens the slave path like a real
 ``/dev/ttyACM0``.
 """
 

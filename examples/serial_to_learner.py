@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from devices.emulator import SensorEmulator, sensor_lines
 from devices.models import WindowModel
 from devices.ports import open_pty
 from devices.session import SerialSession, SessionConfig
+from devices.testing.emulator import SensorEmulator, sensor_lines
 from ondevice import ClassifierModel, Learner, create_learner, prepare
 from ondevice.continual import ObserveResult
 

@@ -23,9 +23,9 @@ import torch
 from typer.testing import CliRunner
 
 import ondevice
-from devices.emulator import sensor_lines
 from devices.lines import parse_line, windows
 from devices.ports import open_pty
+from devices.testing.emulator import sensor_lines
 from ondevice import Learner
 from ondevice.cli import app
 from ondevice.continual.state import read_learner_state

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import ondevice.cli.fleet
-from devices.fleet.standin import StandInFleet, StandInSpec
+from devices.testing.standin import StandInFleet, StandInSpec
 from ondevice.cli._app import app, console
 
 SPECS = [

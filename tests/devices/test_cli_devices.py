@@ -34,7 +34,7 @@ def test_devices_detect() -> None:
 
 def test_import_ondevice_and_devices_stay_light() -> None:
     code = (
-        "import sys, ondevice, devices, devices.fleet, devices.link, devices.emulator; "
+        "import sys, ondevice, devices, devices.fleet, devices.link, devices.testing.emulator; "
         "print(sorted(m for m in ('serial', 'asyncssh', 'flwr') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

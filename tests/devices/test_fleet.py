@@ -23,7 +23,7 @@ from devices.fleet import (
 )
 from devices.fleet.inventory import parse_inventory
 from devices.fleet.remote import provision_script, systemd_quote
-from devices.fleet.standin import StandInFleet, StandInSpec
+from devices.testing.standin import StandInFleet, StandInSpec
 from ondevice.cli._app import app
 from ondevice.errors import UnknownNameError
 

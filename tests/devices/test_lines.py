@@ -8,9 +8,9 @@ import pytest
 import serial
 import torch
 
-from devices.emulator import SensorEmulator, sensor_lines
 from devices.lines import LineError, Sample, SampleStream, parse_line, windows
 from devices.ports import Backoff
+from devices.testing.emulator import SensorEmulator, sensor_lines
 from ondevice.errors import ConfigError
 
 

@@ -10,11 +10,11 @@ import pytest
 import serial
 import torch
 
-from devices.emulator import DeviceEmulator
 from devices.framing import Frame, FrameType, encode_frame
 from devices.link import Link
 from devices.payloads import decode_command, decode_tensors
 from devices.ports import Backoff, PtyPort, ReconnectingPort
+from devices.testing.emulator import DeviceEmulator
 
 
 class Corrupting:
