@@ -8,7 +8,7 @@ Optimization in Heterogeneous Networks", MLSys 2020, Eq. 2) aggregates the same 
 the proximal term each device adds to its local loss, :func:`proximal_term`.
 
 The server may also take the averaged update as a pseudo-gradient and step with momentum,
-:class:`ServerMomentum` (FedAvgM: Hsu et al., "Measuring the Effects of Non-Identical Data Distribution
+:func:`server_step` (FedAvgM: Hsu et al., "Measuring the Effects of Non-Identical Data Distribution
 for Federated Visual Classification", arXiv:1909.06335, 2019; Reddi et al., "Adaptive Federated Optimization",
 ICLR 2021, Alg. 1 with a momentum server optimizer). Momentum 0 and server learning rate 1 is FedAvg.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +29,14 @@ from torch import Tensor
 
 from ondevice.errors import ConfigError
 
-__all__ = ["ServerMomentum", "apply_update", "proximal_term", "update_norm", "weighted_average"]
+__all__ = [
+    "ServerStep",
+    "apply_update",
+    "proximal_term",
+    "server_step",
+    "update_norm",
+    "weighted_average",
+]
 
 
 def weighted_average(
@@ -90,55 +98,64 @@ def apply_update(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray
     return {k: (base[k] + update[k]).astype(base[k].dtype) for k in sorted(base)}
 
 
-class ServerMomentum:
-    """The server's step on the averaged update, with momentum (FedAvgM, see the module docstring).
+@dataclass(frozen=True, eq=False)
+class ServerStep:
+    """What :func:`server_step` returns: the new global tensors and the server's momentum buffer."""
 
-    Each round, with ``delta`` the sample-weighted mean update (:func:`weighted_average`)::
+    arrays: dict[str, np.ndarray]
+    velocity: dict[str, np.ndarray]
+
+
+def server_step(
+    base: Mapping[str, np.ndarray],
+    update: Mapping[str, np.ndarray],
+    velocity: Mapping[str, np.ndarray],
+    *,
+    lr: float = 1.0,
+    momentum: float = 0.0,
+    plain: Iterable[str] = (),
+) -> ServerStep:
+    """The server's step on this round's mean ``update`` (FedAvgM, see the module docstring).
+
+    With ``delta`` the sample-weighted mean update (:func:`weighted_average`) and ``v`` the buffer
+    ``velocity`` (empty at the start of a run)::
 
         v <- momentum * v + delta        (v starts at 0)
         w <- w + lr * v
 
-    for the floating-point tensors, in float64. ``lr=1, momentum=0`` is plain FedAvg. The tensors named in
+    for the floating-point tensors, in float64. This is Flower's ``FedAvgM`` (PyTorch's SGD convention,
+    pseudo-gradient ``w - mean_k w_k = -delta``), with two differences that are ours: the tensors named in
     ``plain`` (running statistics, which are estimates rather than descent directions) and integer tensors
-    take the mean update as it is. A round without an update (too few valid replies) leaves ``v`` as it is.
-    ``v`` lives as long as the server's run: a new run starts from zero.
+    take the mean update as it is, and the arithmetic is float64 rather than the tensors' own dtype.
+    ``lr=1, momentum=0`` is plain FedAvg (``base + update`` per key). ``velocity`` is not changed; the
+    buffer to pass next round is in the result (unchanged when ``momentum`` is 0).
 
     Raises:
-        ConfigError: ``lr`` not > 0 or ``momentum`` outside [0, 1).
+        ConfigError: ``lr`` not > 0, ``momentum`` outside [0, 1), or different keys in base and update.
     """
-
-    def __init__(self, *, lr: float = 1.0, momentum: float = 0.0, plain: Iterable[str] = ()) -> None:
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
-            raise ConfigError(f"the server learning rate must be a number > 0, got {lr!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
-            raise ConfigError(f"the server momentum must be a number in [0, 1), got {momentum!r}")
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.plain = frozenset(plain)
-        self.velocity: dict[str, np.ndarray] = {}
-
-    def _descends(self, key: str, value: np.ndarray) -> bool:
-        return key not in self.plain and np.issubdtype(value.dtype, np.floating)
-
-    def step(self, base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The new global tensors from ``base`` and this round's mean ``update`` (same keys)."""
-        if sorted(base) != sorted(update):
-            raise ConfigError("ServerMomentum.step needs the same keys in base and update")
-        if self.lr == 1.0 and self.momentum == 0.0:
-            return apply_update(base, update)
-        out: dict[str, np.ndarray] = {}
-        for key in sorted(base):
-            value = update[key]
-            if not self._descends(key, value):
-                out[key] = (base[key] + value).astype(base[key].dtype)
-                continue
-            velocity = value.astype(np.float64)
-            if self.momentum:
-                if key in self.velocity:
-                    velocity += self.momentum * self.velocity[key]
-                self.velocity[key] = velocity
-            out[key] = (base[key].astype(np.float64) + self.lr * velocity).astype(base[key].dtype)
-        return out
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
+        raise ConfigError(f"the server learning rate must be a number > 0, got {lr!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+        raise ConfigError(f"the server momentum must be a number in [0, 1), got {momentum!r}")
+    if sorted(base) != sorted(update):
+        raise ConfigError("server_step needs the same keys in base and update")
+    buffer = dict(velocity)
+    if lr == 1.0 and momentum == 0.0:
+        return ServerStep(apply_update(base, update), buffer)
+    plain = frozenset(plain)
+    out: dict[str, np.ndarray] = {}
+    for key in sorted(base):
+        value = update[key]
+        if key in plain or not np.issubdtype(value.dtype, np.floating):
+            out[key] = (base[key] + value).astype(base[key].dtype)
+            continue
+        step = value.astype(np.float64)
+        if momentum:
+            if key in buffer:
+                step += float(momentum) * buffer[key]
+            buffer[key] = step
+        out[key] = (base[key].astype(np.float64) + float(lr) * step).astype(base[key].dtype)
+    return ServerStep(out, buffer)
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:

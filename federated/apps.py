@@ -1,8 +1,9 @@
 """Flower apps built by factories: :func:`make_client_app` and :func:`make_server_app`.
 
-The ServerApp runs its own round loop on Flower's ``Grid`` rather than a stock strategy, because every
-reply is validated (and possibly rejected) before aggregation and the bytes of every message are counted;
-Flower stays the engine that moves the messages. Each round:
+The ServerApp runs Flower's own strategy (``FedAvgM``, or ``FedProx`` when the federation asks for a
+proximal term) with the steps that are ours overridden (:mod:`federated.strategy`): every reply is
+validated (and possibly rejected) before aggregation and the bytes of every message are counted. Flower's
+``Strategy.start`` drives the rounds. Each round:
 
 1. sample devices, send each a ``train`` message: ``"arrays"`` (the global shared tensors, sorted keys)
    and ``"config"`` (round, the federation's JSON, the backbone digest);
@@ -22,44 +23,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
-import random
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from federated.aggregation import ServerMomentum, weighted_average
 from federated.config import FederatedConfig
-from federated.device import (
-    DeviceLearner,
-    backbone_digest,
-    build_model,
-    load_split,
-    statistic_names,
-    tensor_spec,
-)
+from federated.device import DeviceLearner
 from federated.errors import FederatedError, PayloadError
-from federated.payload import (
-    content_bytes,
-    downlink_arrays,
-    encode_update,
-    from_record,
-    to_numpy,
-    to_record,
-)
-from federated.validation import METRICS_RECORD, NUM_EXAMPLES, validate_replies
+from federated.payload import encode_update, from_record, to_record
+from federated.strategy import ARRAYS_RECORD, CONFIG_RECORD, RoundRecord, make_strategy
+from federated.validation import METRICS_RECORD, NUM_EXAMPLES
 from ondevice.checkpoint import atomic_write_bytes
 from ondevice.errors import ConfigError
-from ondevice.trainer import evaluate
+from ondevice.pretrain import default_cache_dir
 
 __all__ = [
     "RoundRecord",
@@ -71,10 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-ARRAYS_RECORD = "arrays"
-CONFIG_RECORD = "config"
-_NODE_WAIT_S = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,7 +75,6 @@ def _state_dir(context: Context, partition_id: int, state_root: str | None) -> P
         return Path(configured).expanduser()
     if state_root is not None:
         return Path(state_root) / f"partition-{partition_id}"
-    from ondevice.pretrain import default_cache_dir
 
     return default_cache_dir() / "federated" / f"partition-{partition_id}"
 
@@ -183,83 +161,12 @@ def make_client_app(config: FederatedConfig | None = None, *, state_root: str | 
 # ---------------------------------------------------------------------------------------------------
 # Server
 # ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RoundRecord:
-    """One round, as the server saw it.
-
-    Attributes:
-        accuracy: the global model's accuracy on the server's test set (None in personalised mode).
-        client_accuracy: sample-weighted mean of the accepted devices' local test accuracy after training.
-        bytes_down / bytes_up: array bytes of the messages sent / replies received this round.
-        asked: the node IDs sampled (sent a train message) this round.
-        rejected: ``(node ID, reason)`` for every reply that was not aggregated, named by the node that
-            was asked (an error reply the SuperLink makes up for an unreachable node carries the
-            SuperLink's own ID as its source; it is named by the node it stands for).
-    """
-
-    round: int
-    accuracy: float | None
-    loss: float | None
-    client_accuracy: float | None
-    sampled: int
-    replies: int
-    accepted: int
-    rejected: tuple[tuple[int, str], ...]
-    bytes_down: int
-    bytes_up: int
-    seconds: float
-    asked: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        payload = asdict(self)
-        payload["rejected"] = [list(r) for r in self.rejected]
-        payload["asked"] = list(self.asked)
-        return payload
-
-    def summary(self, rounds: int | None = None) -> str:
-        """One log line: devices asked, answered, accepted, rejected (node ID: reason), accuracy, bytes."""
-        of = f"/{rounds}" if rounds else ""
-        rejected = "; ".join(f"node {node}: {reason}" for node, reason in self.rejected)
-        accuracy = "-" if self.accuracy is None else f"{self.accuracy:.4f}"
-        devices = "-" if self.client_accuracy is None else f"{self.client_accuracy:.4f}"
-        return (
-            f"round {self.round}{of}: {self.sampled} device(s) asked {list(self.asked)}, {self.replies} "
-            f"answered, {self.accepted} accepted, {len(self.rejected)} rejected"
-            + (f" [{rejected}]" if rejected else "")
-            + f"; accuracy {accuracy} (devices' own {devices}); {self.bytes_down} bytes down, "
-            f"{self.bytes_up} bytes up; {self.seconds:.1f} s"
-        )
-
-
 @dataclass(frozen=True, eq=False)
 class ServerOutcome:
     """What :func:`run_server` ends with: the round records and the final global shared tensors."""
 
     rounds: tuple[RoundRecord, ...]
     arrays: dict[str, np.ndarray]
-
-
-def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= wanted or time.monotonic() >= deadline:
-            return nodes
-        logger.info("waiting for devices: %d connected, %d wanted", len(nodes), wanted)
-        time.sleep(_NODE_WAIT_S)
-
-
-def _asked_node(reply: Message, asked: dict[str, int], sampled: set[int]) -> int:
-    """The node a reply answers for: its source, or (for a reply the SuperLink made up) the node asked."""
-    source = int(reply.metadata.src_node_id)
-    if source in sampled:
-        return source
-    return asked.get(reply.metadata.reply_to_message_id, source)
-
-
-def _weighted_metric(values: list[tuple[float, float]]) -> float | None:
-    total = sum(w for _, w in values)
-    return sum(v * w for v, w in values) / total if total > 0 else None
 
 
 def run_server(
@@ -270,125 +177,28 @@ def run_server(
     min_nodes: int = 1,
     node_wait_s: float | None = None,
 ) -> ServerOutcome:
-    """The server's round loop (see the module docstring): one record per round and the final tensors.
+    """Run the federation's strategy (:func:`federated.strategy.make_strategy`) with Flower's ``start``.
 
     Before each round it waits up to ``node_wait_s`` (default ``config.round_timeout_s``) for
     ``min_nodes`` devices, then goes on with those connected; replies are awaited ``round_timeout_s``.
+    Each round is logged as it ends (:meth:`RoundRecord.summary`) and passed to ``on_round``.
     """
-    wait_s = config.round_timeout_s if node_wait_s is None else float(node_wait_s)
-    torch.manual_seed(config.seed)
-    prepared = build_model(config)
-    spec = tensor_spec(prepared, personalised=config.personalised)
-    statistics = statistic_names(prepared, personalised=config.personalised)
-    digest = backbone_digest(prepared)
-    split = load_split(config, prepared)
-    tensors = prepared.trainable_tensors()
-    global_arrays = to_numpy({k: tensors[k] for k in spec})
-    compression = config.compression_obj
-    if compression.kind == "topk" and compression.error_feedback and config.optimizer == "adam":
-        logger.warning(
-            "top-k uplink with error feedback and Adam on the devices: Adam's normalised steps can make the "
-            "residuals grow round after round, and in some settings accuracy collapses (measurements in "
-            "federated.compression); check the run against compression='int8', which needs no feedback"
-        )
-    server_step = ServerMomentum(lr=config.server_lr, momentum=config.server_momentum, plain=statistics)
-    rng = random.Random(config.seed)
-    records: list[RoundRecord] = []
-    for server_round in range(1, config.rounds + 1):
-        start = time.perf_counter()
-        nodes = _wait_for_nodes(grid, min_nodes, wait_s)
-        if not nodes:
-            raise FederatedError(f"no device connected within {wait_s:g} s")
-        count = max(1, math.ceil(config.fraction_train * len(nodes)))
-        sampled = sorted(rng.sample(nodes, count))
-        instruction = ConfigRecord(
-            {"server-round": server_round, "federation": config.to_json(), "backbone": digest}
-        )
-        broadcast = to_record(downlink_arrays(global_arrays, config.downlink))
-        messages = [
-            Message(
-                content=RecordDict({ARRAYS_RECORD: broadcast, CONFIG_RECORD: instruction}),
-                dst_node_id=node,
-                message_type=MessageType.TRAIN,
-                group_id=str(server_round),
-            )
-            for node in sampled
-        ]
-        bytes_down = sum(content_bytes(m.content) for m in messages)
-        logger.info(
-            "round %d/%d: asking %d of %d connected device(s): %s",
-            server_round,
-            config.rounds,
-            len(sampled),
-            len(nodes),
-            sampled,
-        )
-        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout_s))
-        bytes_up = sum(content_bytes(r.content) for r in replies if r.has_content())
-        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-        answered_by = {id(r): _asked_node(r, asked, set(sampled)) for r in replies}
-        # An error reply (the node is unreachable, its ClientApp failed) is named by the node asked: the
-        # SuperLink makes up the reply for an unreachable node with its own ID as the source.
-        failed = tuple(
-            (answered_by[id(r)], f"error reply: {r.error.reason}") for r in replies if r.has_error()
-        )
-        for node, reason in failed:
-            logger.warning("round %d: rejected the reply of node %s: %s", server_round, node, reason)
-        report = validate_replies(
-            [r for r in replies if not r.has_error()],
-            spec=spec,
-            compression=compression,
-            norm_factor=config.norm_factor,
-            max_examples=len(split.pool),
-            statistics=statistics,
-        )
-        accepted = report.accepted
-        silent = sorted(set(sampled) - set(answered_by.values()))
-        if len(accepted) >= config.min_replies:
-            mean = weighted_average([c.update for c in accepted], [c.num_examples for c in accepted])
-            global_arrays = server_step.step(global_arrays, mean)
-        else:
-            logger.warning(
-                "round %d: %d valid replies (%d needed); the global model is unchanged",
-                server_round,
-                len(accepted),
-                config.min_replies,
-            )
-        accuracy = loss = None
-        if not config.personalised:
-            prepared.load_trainable({k: torch.from_numpy(np.array(v)) for k, v in global_arrays.items()})
-            result = evaluate(prepared, split.test)
-            accuracy, loss = result.accuracy, result.loss
-        client_accuracy = _weighted_metric(
-            [
-                (c.metrics["accuracy-after"], c.metrics.get("test-samples", 1.0))
-                for c in accepted
-                if "accuracy-after" in c.metrics
-            ]
-        )
-        record = RoundRecord(
-            round=server_round,
-            accuracy=accuracy,
-            loss=loss,
-            client_accuracy=client_accuracy,
-            sampled=len(sampled),
-            replies=len(replies),
-            accepted=len(accepted),
-            rejected=(
-                failed
-                + tuple((r.node_id, r.reason) for r in report.rejected)
-                + tuple((node, "no reply") for node in silent)
-            ),
-            bytes_down=bytes_down,
-            bytes_up=bytes_up,
-            seconds=time.perf_counter() - start,
-            asked=tuple(sampled),
-        )
+
+    def each_round(record: RoundRecord) -> None:
         logger.info("%s", record.summary(config.rounds))
-        records.append(record)
         if on_round is not None:
             on_round(record)
-    return ServerOutcome(tuple(records), global_arrays)
+
+    strategy = make_strategy(config, on_round=each_round, min_nodes=min_nodes, node_wait_s=node_wait_s)
+    result = strategy.start(
+        grid,
+        to_record(strategy.initial_arrays),
+        num_rounds=config.rounds,
+        timeout=config.round_timeout_s,
+        evaluate_fn=strategy.evaluate_round,
+    )
+    arrays = from_record(result.arrays) if len(result.arrays) else dict(strategy.initial_arrays)
+    return ServerOutcome(tuple(strategy.records), arrays)
 
 
 def make_server_app(
@@ -398,7 +208,7 @@ def make_server_app(
     on_error: Callable[[BaseException], None] | None = None,
     min_nodes: int | None = None,
 ) -> ServerApp:
-    """A ServerApp running :func:`run_server`.
+    """A ServerApp running :func:`run_server` (Flower's strategy, :mod:`federated.strategy`).
 
     Args:
         config: the federation; None reads it from the run config (``flwr run``, ``[tool.flwr.app.config]``

@@ -81,7 +81,8 @@ class FederatedConfig:
         aggregation: ``"fedavg"`` (McMahan et al. 2017) or ``"fedprox"`` (Li et al. 2020).
         proximal_mu: FedProx's mu (must be > 0 for fedprox, 0 for fedavg).
         server_lr, server_momentum: the server's step on the averaged update (FedAvgM, Hsu et al. 2019,
-            :class:`federated.aggregation.ServerMomentum`); 1 and 0 are plain averaging. Composes with
+            Flower's ``FedAvgM`` via :class:`federated.strategy.SparseFedAvgM`, the step itself
+            :func:`federated.aggregation.server_step`); 1 and 0 are plain averaging. Composes with
             either aggregation.
         compression: uplink codec, ``"none"``, ``"fp16"``, ``"int8"`` or ``"topk:RATIO"``.
         downlink: precision of the global tensors the server broadcasts (the server keeps float32).

@@ -39,8 +39,10 @@ from ondevice.checkpoint import KIND_FEDERATED_DEVICE_STATE, read_tensors, write
 from ondevice.continual import Learner, LearnerConfig, create_learner
 from ondevice.continual.regularizers import Regularizer
 from ondevice.continual.state import load_learner, read_learner_state, save_learner
+from ondevice.data import as_stream, load_digits
 from ondevice.errors import CheckpointError
 from ondevice.prepared import PreparedModel, prepare
+from ondevice.pretrain import pretrain
 from ondevice.trainer import EvalResult, evaluate
 
 __all__ = [
@@ -63,8 +65,6 @@ _RESIDUALS_FORMAT = "ondevice.federated.residuals/1"
 
 def build_model(config: FederatedConfig) -> PreparedModel:
     """The pretrained backbone (cached), a new seeded head for ``config.classes``, prepared for the scheme."""
-    from ondevice.pretrain import pretrain
-
     backbone = pretrain(config.model, classes=config.pretrain_classes, seed=config.seed)
     net = copy.deepcopy(backbone)
     with torch.random.fork_rng(devices=[]):
@@ -113,8 +113,6 @@ def backbone_digest(prepared: PreparedModel) -> str:
 
 def load_split(config: FederatedConfig, prepared: PreparedModel) -> FederatedSplit:
     """The digits laid out for the model, restricted to ``config.classes`` (labels 0..C-1), split."""
-    from ondevice.data import load_digits
-
     input_shape: tuple[int, ...] = prepared.model.input_shape  # type: ignore[assignment]  # zoo models
     shape = tuple(input_shape)
     if len(shape) == 3:
@@ -378,8 +376,6 @@ class DeviceLearner:
         mislead the first steps; measured here, they cost the lite-residual scheme 1-4 points). The
         replay buffer, the regulariser and the metrics carry over.
         """
-        from ondevice.data import as_stream
-
         self.learner.optimizer.state.clear()
         if isinstance(self.learner.regularizer, ProximalRegularizer):
             self.learner.regularizer.anchor_to(self.prepared.trainable_parameters(), anchor)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ondevice.data import TensorData
+from ondevice.data.splits import stratified_split
 from ondevice.errors import ConfigError
 
 __all__ = [
@@ -132,8 +133,6 @@ class ClientData:
 
 def federated_split(data: TensorData, *, test_fraction: float = 0.25, seed: int = 0) -> FederatedSplit:
     """Stratified split into the training pool and the server's test set (same on every machine)."""
-    from ondevice.data.splits import stratified_split
-
     train_idx, test_idx = stratified_split(data.y, test_fraction=test_fraction, seed=seed)
     return FederatedSplit(pool=data.subset(train_idx), test=data.subset(test_idx))
 

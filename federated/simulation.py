@@ -38,6 +38,7 @@ from flwr.serverapp import Grid, ServerApp
 from federated.apps import RoundRecord, make_client_app, make_server_app
 from federated.config import FederatedConfig
 from federated.errors import FederatedError
+from ondevice.pretrain import pretrain
 
 __all__ = ["SimulationInterrupted", "SimulationResult", "prestart_engine", "simulate"]
 
@@ -191,7 +192,14 @@ class _StoppableGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push ``messages`` and pull their replies until all came, ``timeout`` passed or a stop."""
+        """Push ``messages`` and pull their replies until all came, ``timeout`` passed or a stop.
+
+        Nothing to send (the strategy's empty evaluate step) returns at once, even after a stop, so a round
+        whose training replies came in still ends with its record.
+        """
+        messages = list(messages)
+        if not messages:
+            return []
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -313,8 +321,6 @@ def simulate(
             (each device's state is on disk as of its last completed round).
     """
     from flwr.simulation import run_simulation
-
-    from ondevice.pretrain import pretrain
 
     base = config or FederatedConfig()
     if overrides:

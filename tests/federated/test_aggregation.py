@@ -3,11 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvgM
 
 from federated.aggregation import (
-    ServerMomentum,
     apply_update,
     proximal_term,
+    server_step,
     update_norm,
     weighted_average,
 )
@@ -103,7 +105,7 @@ def test_server_momentum_matches_the_fedavgm_recurrence(lr: float, momentum: flo
     expected = _fedavgm_reference(start, deltas, lr, momentum)
     stats_start = np.ones(4, np.float32)
     stats_deltas = [rng.normal(size=4).astype(np.float32) for _ in range(4)]
-    server = ServerMomentum(lr=lr, momentum=momentum, plain=["bn.running_mean"])
+    velocity: dict[str, np.ndarray] = {}
     arrays = {"w": start, "bn.running_mean": stats_start, "bn.num_batches_tracked": np.array(5, np.int64)}
     for i, delta in enumerate(deltas):
         update = {
@@ -111,7 +113,8 @@ def test_server_momentum_matches_the_fedavgm_recurrence(lr: float, momentum: flo
             "bn.running_mean": stats_deltas[i],
             "bn.num_batches_tracked": np.array(2, np.int64),
         }
-        arrays = server.step(arrays, update)
+        step = server_step(arrays, update, velocity, lr=lr, momentum=momentum, plain=["bn.running_mean"])
+        arrays, velocity = step.arrays, step.velocity
         np.testing.assert_allclose(arrays["w"], expected[i], rtol=1e-6, atol=1e-6)
         assert arrays["w"].dtype == np.float32
     # statistics and counters are averaged, never pushed by momentum or the server's learning rate
@@ -132,4 +135,87 @@ def test_server_momentum_matches_the_fedavgm_recurrence(lr: float, momentum: flo
 )
 def test_server_momentum_rejects_bad_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        ServerMomentum(**kwargs)
+        server_step({}, {}, {}, **kwargs)
+
+
+def _server_momentum_before_flower(
+    base: dict[str, np.ndarray],
+    update: dict[str, np.ndarray],
+    velocity: dict[str, np.ndarray],
+    lr: float,
+    momentum: float,
+    plain: frozenset[str],
+) -> dict[str, np.ndarray]:
+    """The server's step as it was before the server became Flower's FedAvgM (``ServerMomentum.step``),
+    written out in numpy: ``velocity`` is updated in place."""
+    if lr == 1.0 and momentum == 0.0:
+        return {k: (base[k] + update[k]).astype(base[k].dtype) for k in sorted(base)}
+    out = {}
+    for key in sorted(base):
+        value = update[key]
+        if key in plain or not np.issubdtype(value.dtype, np.floating):
+            out[key] = (base[key] + value).astype(base[key].dtype)
+            continue
+        v = value.astype(np.float64)
+        if momentum:
+            if key in velocity:
+                v += momentum * velocity[key]
+            velocity[key] = v
+        out[key] = (base[key].astype(np.float64) + lr * v).astype(base[key].dtype)
+    return out
+
+
+@pytest.mark.parametrize(("lr", "momentum"), [(1.0, 0.0), (1.0, 0.5), (0.7, 0.9), (1.5, 0.0)])
+def test_server_step_is_bit_identical_to_the_step_before_flower(lr: float, momentum: float) -> None:
+    rng = np.random.default_rng(11)
+    arrays = {
+        "w": rng.normal(size=(6, 5)).astype(np.float32),
+        "bn.running_var": np.ones(5, np.float32),
+        "bn.num_batches_tracked": np.array(3, np.int64),
+    }
+    reference, velocity, reference_velocity = dict(arrays), {}, {}
+    plain = frozenset({"bn.running_var"})
+    for _ in range(5):
+        update = {
+            "w": (rng.normal(size=(6, 5)) * 0.01).astype(np.float32),
+            "bn.running_var": (rng.normal(size=5) * 0.1).astype(np.float32),
+            "bn.num_batches_tracked": np.array(4, np.int64),
+        }
+        step = server_step(arrays, update, velocity, lr=lr, momentum=momentum, plain=plain)
+        arrays, velocity = step.arrays, step.velocity
+        reference = _server_momentum_before_flower(reference, update, reference_velocity, lr, momentum, plain)
+        for key in reference:
+            assert arrays[key].dtype == reference[key].dtype, key
+            np.testing.assert_array_equal(arrays[key], reference[key], err_msg=key)
+    assert sorted(velocity) == sorted(reference_velocity) == (["w"] if momentum else [])
+
+
+@pytest.mark.parametrize(("lr", "momentum"), [(1.0, 0.0), (0.7, 0.9), (1.5, 0.3)])
+def test_server_step_is_flowers_fedavgm_on_the_weights(loopback_grid, lr: float, momentum: float) -> None:
+    """On float weights the step is Flower's own ``FedAvgM.aggregate_train`` fed the devices' full weights
+    (``loopback_grid`` only gives this process the identity Flower's messages need)."""
+    rng = np.random.default_rng(5)
+    flower = FedAvgM(server_learning_rate=lr, server_momentum=momentum)
+    ours, velocity = {"w": rng.normal(size=(4, 3)).astype(np.float32)}, {}
+    flower.current_arrays = ArrayRecord({"w": Array(ours["w"].copy())})
+    for server_round in range(1, 4):
+        deltas = [(rng.normal(size=(4, 3)) * 0.05).astype(np.float32) for _ in range(3)]
+        weights = [5, 2, 9]
+        replies = []
+        for node, (delta, n) in enumerate(zip(deltas, weights, strict=True), start=1):
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(ours["w"] + delta)}),
+                    "metrics": MetricRecord({"num-examples": n}),
+                }
+            )
+            instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+            replies.append(Message(content, reply_to=instruction))
+        expected, _ = flower.aggregate_train(server_round, replies)
+        assert expected is not None
+        step = server_step(
+            ours, weighted_average([{"w": d} for d in deltas], weights), velocity, lr=lr, momentum=momentum
+        )
+        ours, velocity = step.arrays, step.velocity
+        np.testing.assert_allclose(ours["w"], expected["w"].numpy(), rtol=1e-5, atol=1e-6)
+        flower.current_arrays = ArrayRecord({"w": Array(ours["w"].copy())})

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvgM, FedProx
 
 from federated.apps import make_client_app, run_server
 from federated.config import FederatedConfig
 from federated.device import DeviceLearner, build_model, tensor_spec
-from federated.payload import from_record, to_numpy
+from federated.payload import from_record, to_numpy, to_record
+from federated.strategy import SparseFedAvgM, SparseFedProx, make_strategy
 
 SMALL_LR = {"name": "lite_residual", "expand": 0.125, "kernel_size": 3, "groups": 4}
 
@@ -223,3 +225,30 @@ def test_metric_record_sample_count_is_validated(loopback_grid, tmp_path: Path) 
     grid = loopback_grid(make_client_app(config, state_root=str(tmp_path)), 2, tamper=lie)
     record = run_server(grid, config).rounds[0]
     assert record.accepted == 1 and "num-examples" in dict(record.rejected)[101]
+
+
+@pytest.mark.parametrize(
+    ("extra", "kind", "flower", "mu"),
+    [
+        ({}, SparseFedAvgM, FedAvgM, None),
+        ({"aggregation": "fedprox", "proximal_mu": 0.1}, SparseFedProx, FedProx, 0.1),
+    ],
+)
+def test_the_server_is_flowers_strategy_driven_by_its_start(
+    loopback_grid, tmp_path: Path, extra: dict, kind: type, flower: type, mu: float | None
+) -> None:
+    config = _config(num_clients=2, rounds=2, **extra)
+    strategy = make_strategy(config)
+    assert isinstance(strategy, kind) and isinstance(strategy, flower)
+    grid = loopback_grid(make_client_app(config, state_root=str(tmp_path)), 2)
+    start = to_record(strategy.initial_arrays)
+    instruction = next(iter(strategy.configure_train(1, start, ConfigRecord(), grid)))
+    assert instruction.content["config"].get("proximal-mu") == mu  # FedProx tells the devices its mu
+    strategy = make_strategy(config)
+    result = strategy.start(
+        grid, to_record(strategy.initial_arrays), num_rounds=2, evaluate_fn=strategy.evaluate_round
+    )
+    assert [r.round for r in strategy.records] == [1, 2] and len(grid.replies) == 4
+    assert sorted(result.evaluate_metrics_serverapp) == [1, 2]  # round 0 (the start) is not evaluated
+    assert result.evaluate_metrics_serverapp[2]["accuracy"] == strategy.records[-1].accuracy
+    assert sorted(from_record(result.arrays)) == sorted(strategy.initial_arrays)
