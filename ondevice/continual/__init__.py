@@ -12,7 +12,11 @@ The entry points::
 Pieces: replay buffers (:mod:`~ondevice.continual.buffer`), latent replay
 (:mod:`~ondevice.continual.latent`), LwF and online EWC (:mod:`~ondevice.continual.regularizers`), drift
 detectors (:mod:`~ondevice.continual.drift`), metrics over the accuracy matrix
-(:mod:`~ondevice.continual.metrics`) and digits scenarios (:mod:`~ondevice.continual.scenarios`).
+(:mod:`~ondevice.continual.metrics`) and digits scenarios (:mod:`~ondevice.continual.scenarios`). The
+learner (:mod:`~ondevice.continual.learner`) is built from its settings (:mod:`~.config`), prequential
+counters (:mod:`~.prequential`), input coercion (:mod:`~.inputs`), replay use (:mod:`~.replay`), head
+growth (:mod:`~.head`), drift hooks (:mod:`~.hooks`) and the named strategies (:mod:`~.strategies`);
+its state file is :mod:`~ondevice.continual.state`.
 """
 
 from __future__ import annotations

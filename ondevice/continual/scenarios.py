@@ -34,21 +34,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from ondevice.checkpoint import KIND_PRETRAINED_BACKBONE, read_tensors, write_tensors
+from ondevice.continual.learner import Learner
 from ondevice.continual.metrics import ContinualMetrics
-from ondevice.data import Experience, Stream, TensorData, domain_shift, load_digits
+from ondevice.continual.prequential import ObserveResult
+from ondevice.data import DEFAULT_DOMAIN_SHIFTS, Experience, Stream, TensorData, domain_shift, load_digits
 from ondevice.data.splits import stratified_split
 from ondevice.errors import CheckpointError, ConfigError, UnknownNameError
 from ondevice.models import ClassifierModel, create_model
-
-if TYPE_CHECKING:
-    from ondevice.continual.learner import Learner, ObserveResult
 
 __all__ = [
     "SCENARIOS",
@@ -188,8 +187,6 @@ def load_scenario(name: ScenarioName | str, *, seed: int = 0, image_size: int = 
             description="digits 4-9 (as 0-5) in 3 experiences of 2; cnn pretrained on digits 0-3 only",
         )
     if name == "domain-incremental":
-        from ondevice.data import DEFAULT_DOMAIN_SHIFTS
-
         shifts: list[tuple[tuple[str, float], ...]] = [
             () if s is None else (s,) for s in DEFAULT_DOMAIN_SHIFTS
         ]
