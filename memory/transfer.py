@@ -42,6 +42,8 @@ class SchemeOutcome:
     skipped: str | None = None
     #: What one training step on a batch of ``batch_size`` keeps for backward (``memory.measure``).
     activation_bytes: int | None = None
+    #: Bytes of the frozen parameters as the step holds them (int8 ones at 1 byte, ``memory.measure``).
+    frozen_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class TransferResult:
     outcomes: tuple[SchemeOutcome, ...] = field(default_factory=tuple)
     #: ``"int8"`` when what smooth activations keep was compressed (``prepare(compress=...)``).
     compress: str | None = None
+    #: ``"int8"`` when frozen Conv/Linear weights were held in int8 (``prepare(frozen_weights=...)``).
+    frozen_weights: str = "float"
 
     def outcome(self, scheme: str) -> SchemeOutcome:
         for item in self.outcomes:
@@ -115,6 +119,7 @@ def run_transfer(
     progress: bool = False,
     on_outcome: Callable[[SchemeOutcome], None] | None = None,
     compress: str | None = None,
+    frozen_weights: str = "float",
     **model_kwargs: Any,
 ) -> TransferResult:
     """Pretrain ``model`` on ``source_classes`` (cached), then adapt it to ``target_classes`` per scheme.
@@ -123,8 +128,9 @@ def run_transfer(
     the same training data, optimizer, epochs and seed. Schemes that do not apply to the model (LoRA on
     a network without Linear layers but the head) are reported as skipped. ``compress="int8"`` keeps what
     smooth activations save for backward in 8 bits (lossy; see ``prepare``), so that its
-    accuracy cost can be measured against the same run without it; every outcome reports the bytes one
-    training step keeps for backward.
+    accuracy cost can be measured against the same run without it; ``frozen_weights="int8"`` holds the
+    frozen weights in int8 (see ``prepare``) for the same comparison. Every outcome reports the bytes one
+    training step keeps for backward and the bytes of its frozen parameters.
     """
     config = resolve_optimizer(optimizer, lr=lr)
     resolved = _resolve_schemes(schemes)  # before any work: a typo must not cost a pretraining run
@@ -147,7 +153,8 @@ def run_transfer(
             torch.manual_seed(seed)
             net.replace_head(len(target_classes))
             try:
-                prepared = prepare(net, scheme, copy_model=False, compress=compress)  # type: ignore[arg-type]
+                prepared = prepare(net, scheme, copy_model=False, compress=compress,  # type: ignore[arg-type]
+                                   frozen_weights=frozen_weights)  # type: ignore[arg-type]  # fmt: skip
             except ConfigError as exc:
                 outcome = SchemeOutcome(scheme.name, float("nan"), 0, 0, 0.0, skipped=str(exc).split(";")[0])
                 outcomes.append(outcome)
@@ -160,7 +167,7 @@ def run_transfer(
         # Memory of one training step, measured after the accuracy (the step moves the weights).
         batch = split.target_train.x[:batch_size].to(prepared.dtype)
         prepared.train()
-        kept = measure(prepared, batch, target=split.target_train.y[:batch_size]).activation_bytes
+        step = measure(prepared, batch, target=split.target_train.y[:batch_size])
         prepared.eval()
         report = prepared.report
         outcome = SchemeOutcome(
@@ -169,7 +176,8 @@ def run_transfer(
             trainable_params=report.trainable_params,
             total_params=report.total_params,
             train_seconds=fit.seconds,
-            activation_bytes=kept,
+            activation_bytes=step.activation_bytes,
+            frozen_bytes=step.frozen_param_bytes,
         )
         logger.info("transfer %s/%s: accuracy %.4f in %.1f s", model, scheme.name, accuracy, fit.seconds)
         outcomes.append(outcome)
@@ -185,4 +193,5 @@ def run_transfer(
         optimizer=config.to_dict(),
         outcomes=tuple(outcomes),
         compress=compress,
+        frozen_weights=frozen_weights,
     )

@@ -58,6 +58,10 @@ def transfer(
         str,
         typer.Option(help="none, or int8: keep what smooth activations save in 8 bits (lossy)."),
     ] = "none",
+    frozen_weights: Annotated[
+        str,
+        typer.Option(help="float, or int8: hold the frozen Conv/Linear/Embedding weights in int8 (lossy)."),
+    ] = "float",
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
 ) -> None:
@@ -68,6 +72,8 @@ def transfer(
     configure_logging(verbose)
     if compress not in ("none", "int8"):
         fail(f"--compress must be 'none' or 'int8', got {compress!r}")
+    if frozen_weights not in ("float", "int8"):
+        fail(f"--frozen-weights must be 'float' or 'int8', got {frozen_weights!r}")
     names = _scheme_names(schemes)
     if quick:
         epochs = min(epochs, 2)
@@ -94,6 +100,7 @@ def transfer(
                 progress=not json_output,
                 on_outcome=announce,
                 compress=None if compress == "none" else compress,
+                frozen_weights=frozen_weights,
             )
     except KeyboardInterrupt:
         done = ", ".join(o.scheme for o in finished) or "none"
@@ -115,7 +122,9 @@ def transfer(
         payload["total_seconds"] = total_s
         print_json(payload)
         return
-    packed = ", activations int8" if result.compress else ""
+    packed = (", activations int8" if result.compress else "") + (
+        ", frozen weights int8" if result.frozen_weights == "int8" else ""
+    )
     _table(result.outcomes, f"Transfer digits 0-4 -> 5-9 ({model}, {epochs} epochs, Adam lr {lr:g}{packed})")
     say(f"source accuracy of the pretrained backbone: {result.source_accuracy:.4f}; total {total_s:.1f} s")
 
