@@ -1,8 +1,8 @@
 """The typer application every ``ondevice`` subcommand registers on.
 
-Subcommand modules import :data:`app` and decorate their functions; they import the upper layers
-(``memory``, ``devices``, ``federated``) inside the function bodies so that ``ondevice --help`` stays fast
-and ``import ondevice`` never pulls in Flower, pyserial or asyncssh.
+Subcommand modules import :data:`app` and decorate their functions. ``ondevice/cli/`` is the application
+layer: it imports the upper layers (``memory``, ``devices``, ``federated``) at module level, and nothing
+below it imports ``ondevice.cli``, so ``import ondevice`` never pulls in Flower, pyserial or asyncssh.
 
 Text a user typed (paths, names, values) is never parsed as rich markup: :func:`fail`, :func:`say` and
 :func:`plain` print it as it is, so ``--data '[x].csv'`` is reported as ``'[x].csv'``.
