@@ -6,9 +6,12 @@ validated (and possibly rejected) before aggregation and the bytes of every mess
 ``Strategy.start`` drives the rounds. Each round:
 
 1. sample devices, send each a ``train`` message: ``"arrays"`` (the global shared tensors, sorted keys)
-   and ``"config"`` (round, the federation's JSON, the backbone digest);
+   and ``"config"`` (round, the federation's JSON, the backbone digest); with ``ship_backbone``, a device
+   that has not confirmed the server's backbone also gets ``"backbone"`` (the frozen tensors as held,
+   :mod:`federated.backbone`);
 2. each device loads them, trains on its own stream, replies ``"update"`` + ``"aux"`` (the compressed
-   delta of the shared tensors) and ``"metrics"`` (``num-examples`` and its accuracies);
+   delta of the shared tensors), ``"metrics"`` (``num-examples`` and its accuracies) and ``"device"``
+   (the digest of the backbone it holds);
 3. the server validates every reply (:mod:`federated.validation`), averages the accepted updates weighted
    by samples (FedAvg / FedProx, :mod:`federated.aggregation`), steps with the server's momentum if
    configured (FedAvgM) and evaluates the global model on its
@@ -34,6 +37,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from federated.backbone import BACKBONE_RECORD, DEVICE_RECORD, device_record
 from federated.config import FederatedConfig
 from federated.device import DeviceLearner
 from federated.errors import FederatedError, PayloadError
@@ -109,11 +113,14 @@ def _learner(
         partition_id=partition_id,
         num_partitions=num_partitions,
         state_dir=_state_dir(context, partition_id, state_root),
+        backbone=message.content.get(BACKBONE_RECORD) if config.ship_backbone else None,
+        announced_digest=digest,
     )
     if learner.digest != digest:
         raise FederatedError(
-            f"this device's frozen backbone (digest {learner.digest}) differs from the server's ({digest}); "
-            f"copy the server's pretrained cache file to the device"
+            f"this device's frozen backbone (digest {learner.digest[:16]}...) differs from the server's "
+            f"({digest[:16]}...); copy the server's pretrained cache file to the device, or let the server "
+            f"ship its backbone (run config ship-backbone = true)"
         )
     return learner, server_round
 
@@ -143,7 +150,14 @@ def make_client_app(config: FederatedConfig | None = None, *, state_root: str | 
         learner.residuals = encoded.residuals
         learner.save_state()
         metrics = MetricRecord({NUM_EXAMPLES: int(update.num_examples), **update.metrics})
-        content = RecordDict({"update": encoded.update, "aux": encoded.aux, METRICS_RECORD: metrics})
+        content = RecordDict(
+            {
+                "update": encoded.update,
+                "aux": encoded.aux,
+                METRICS_RECORD: metrics,
+                DEVICE_RECORD: device_record(learner.digest),
+            }
+        )
         return Message(content=content, reply_to=message)
 
     @app.evaluate()

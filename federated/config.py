@@ -21,7 +21,8 @@ from federated.compression import Compression
 from federated.partition import Partition
 from ondevice._jsonable import fields_to_dict
 from ondevice.continual.learner import STRATEGIES, Strategy
-from ondevice.errors import ConfigError, UnknownNameError
+from ondevice.errors import ConfigError, UnknownNameError, format_choices
+from ondevice.quantize import FROZEN_WEIGHT_FORMATS
 from ondevice.schemes import Scheme, resolve_scheme
 
 __all__ = ["CONFIG_VERSION", "FederatedConfig"]
@@ -66,6 +67,13 @@ class FederatedConfig:
     Attributes:
         model: zoo model (pretrained on the digits by :func:`ondevice.pretrain`, cached).
         scheme: update scheme as a dict (a :class:`Scheme` or a name is accepted and normalised).
+        frozen_weights: how devices (and the server) hold the frozen Conv/Linear/Embedding weights:
+            ``"float"`` or ``"int8"`` (int8 with a float32 scale per output channel, about a quarter of
+            the memory; ``ondevice.prepare(..., frozen_weights=...)``). Not with the ``full`` scheme.
+        ship_backbone: the server sends its frozen backbone (as held: int8 + scales under
+            ``frozen_weights="int8"``) once to each device, which then builds the bare architecture and
+            loads it instead of pretraining, and keeps it in its state directory
+            (:mod:`federated.backbone`); off, every device pretrains (or loads its cache) itself.
         pretrain_classes: digits the backbone is pretrained on.
         classes: digits the devices learn (the head has ``len(classes)`` outputs; labels are remapped).
         partition: ``"iid"`` or ``"dirichlet:ALPHA"``.
@@ -95,6 +103,8 @@ class FederatedConfig:
 
     model: str = "cnn"
     scheme: Any = field(default_factory=lambda: {"name": "lite_residual"})
+    frozen_weights: Literal["float", "int8"] = "float"
+    ship_backbone: bool = False
     pretrain_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
     classes: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
     partition: str = "dirichlet:0.3"
@@ -125,6 +135,19 @@ class FederatedConfig:
         object.__setattr__(
             self, "scheme", _field("scheme", self.scheme, lambda s: resolve_scheme(s).to_dict())
         )
+        if self.frozen_weights not in FROZEN_WEIGHT_FORMATS:
+            raise ConfigError(
+                f"FederatedConfig.frozen_weights must be one of {format_choices(FROZEN_WEIGHT_FORMATS)}, got "
+                f"{self.frozen_weights!r}"
+            )
+        if self.frozen_weights == "int8" and self.scheme["name"] == "full":
+            raise ConfigError(
+                "FederatedConfig.frozen_weights='int8' holds frozen weights in int8, but scheme 'full' "
+                "trains every weight; use frozen_weights='float' with 'full', or a scheme that freezes the "
+                "backbone ('bias', 'lite_residual', 'sparse', ...)"
+            )
+        if not isinstance(self.ship_backbone, bool):
+            raise ConfigError(f"FederatedConfig.ship_backbone must be a bool, got {self.ship_backbone!r}")
         for name in ("pretrain_classes", "classes"):
             value = getattr(self, name)
             if isinstance(value, list):

@@ -11,13 +11,17 @@ rebuilt, so it survives a SuperNode restart (Flower's ``Context.state`` does not
   trainable tensors with the personal head, optimizer state, replay buffer, regulariser, metrics), with
   the federation's configuration and the round counters in its ``extra``;
 - ``<state_dir>/residuals.safetensors``: the top-k error-feedback residuals (only with top-k uplink),
-  tagged with the round count so that a crash between the two writes drops them rather than mixing rounds.
+  tagged with the round count so that a crash between the two writes drops them rather than mixing rounds;
+- ``<state_dir>/backbone.safetensors``: the frozen backbone the server shipped (only with
+  ``ship_backbone``, :mod:`federated.backbone`), loaded instead of pretraining.
+
+:func:`backbone_digest` (:func:`ondevice.backbone.backbone_digest`) names the frozen backbone as held:
+server and devices must hold the same one.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import time
@@ -31,16 +35,25 @@ import torch
 from torch import Tensor, nn
 
 from federated.aggregation import proximal_term
+from federated.backbone import BACKBONE_FILE, read_backbone_record
 from federated.config import FederatedConfig
-from federated.errors import PayloadError
+from federated.errors import FederatedError, PayloadError
 from federated.partition import ClientData, FederatedSplit, client_data, federated_split
 from federated.payload import TensorSpec, to_numpy
+from ondevice.backbone import (
+    backbone_digest,
+    backbone_tensors,
+    load_backbone,
+    load_backbone_tensors,
+    save_backbone,
+)
 from ondevice.checkpoint import KIND_FEDERATED_DEVICE_STATE, read_tensors, write_tensors
 from ondevice.continual import Learner, LearnerConfig, create_learner
 from ondevice.continual.regularizers import Regularizer
 from ondevice.continual.state import load_learner, read_learner_state, save_learner
 from ondevice.data import as_stream, load_digits
 from ondevice.errors import CheckpointError
+from ondevice.models import create_model
 from ondevice.prepared import PreparedModel, prepare
 from ondevice.pretrain import pretrain
 from ondevice.trainer import EvalResult, evaluate
@@ -63,14 +76,24 @@ RESIDUALS_FILE = "residuals.safetensors"
 _RESIDUALS_FORMAT = "ondevice.federated.residuals/1"
 
 
-def build_model(config: FederatedConfig) -> PreparedModel:
-    """The pretrained backbone (cached), a new seeded head for ``config.classes``, prepared for the scheme."""
-    backbone = pretrain(config.model, classes=config.pretrain_classes, seed=config.seed)
-    net = copy.deepcopy(backbone)
+def build_model(config: FederatedConfig, *, pretrained: bool = True) -> PreparedModel:
+    """The pretrained backbone (cached), a new seeded head for ``config.classes``, prepared for the scheme
+    with ``config.frozen_weights``.
+
+    ``pretrained=False`` skips pretraining: the bare zoo architecture (seeded weights) is prepared the same
+    way, for a shipped backbone to be loaded into (:mod:`federated.backbone`); its head is the same.
+    """
+    if pretrained:
+        net = copy.deepcopy(pretrain(config.model, classes=config.pretrain_classes, seed=config.seed))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            net = create_model(config.model, num_classes=len(config.pretrain_classes))
+        net.eval()  # as pretrain returns it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net.replace_head(len(config.classes))
-        return prepare(net, config.scheme_obj, copy_model=False)
+        return prepare(net, config.scheme_obj, copy_model=False, frozen_weights=config.frozen_weights)
 
 
 def shared_names(prepared: PreparedModel, *, personalised: bool) -> list[str]:
@@ -97,18 +120,6 @@ def tensor_spec(
         name: (tuple(tensors[name].shape), to_numpy({name: tensors[name]})[name].dtype)
         for name in shared_names(prepared, personalised=personalised)
     }
-
-
-def backbone_digest(prepared: PreparedModel) -> str:
-    """SHA-256 (16 hex) of the frozen tensors' bytes: server and devices must share the same backbone."""
-    trainable = set(prepared.trainable_tensors())
-    digest = hashlib.sha256()
-    for name, tensor in sorted(prepared.model.state_dict().items()):
-        if name in trainable:
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def load_split(config: FederatedConfig, prepared: PreparedModel) -> FederatedSplit:
@@ -184,6 +195,13 @@ class DeviceLearner:
         config: the federation's settings.
         partition_id, num_partitions: which share of the digits this device holds.
         state_dir: where the state is kept (created); None keeps it in memory only.
+        backbone: with ``config.ship_backbone``, the ``"backbone"`` ``ArrayRecord`` the server shipped in
+            this message (None when it sent none: the device loads the one it kept).
+        announced_digest: the backbone digest the server announced; a shipped backbone must match it.
+
+    Raises:
+        PayloadError: a shipped backbone that does not fit or whose digest differs (nothing is kept).
+        FederatedError: ``ship_backbone`` is on and the device holds no usable backbone.
     """
 
     def __init__(
@@ -193,10 +211,15 @@ class DeviceLearner:
         partition_id: int,
         num_partitions: int,
         state_dir: str | os.PathLike[str] | None,
+        backbone: object = None,
+        announced_digest: str | None = None,
     ) -> None:
         self.config = config
         self.partition_id = partition_id
-        self.prepared = build_model(config)
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._kept_backbone: dict[str, Tensor] | None = None  # a shipped backbone, without a state_dir
+        self.backbone_shipped = False  # this learner loaded a backbone shipped in its message
+        self.prepared = self._build_model(backbone, announced_digest)
         self.data: ClientData = client_data(
             load_split(config, self.prepared),
             partition_id,
@@ -208,13 +231,71 @@ class DeviceLearner:
         self.statistics = statistic_names(self.prepared, personalised=config.personalised)
         self.spec: TensorSpec = tensor_spec(self.prepared, personalised=config.personalised)
         self.digest = backbone_digest(self.prepared)
-        self.state_dir = Path(state_dir) if state_dir is not None else None
         self.learner: Learner = self._new_learner()
         self.residuals: dict[str, np.ndarray] = {}
         self.rounds_trained = 0
         self.last_round = 0
         self.state_error: str | None = None  # why a state file on disk was refused, if one was
         self.restored = self._load_state()
+
+    # -- the backbone --------------------------------------------------------------------------------
+    @property
+    def backbone_path(self) -> Path | None:
+        """Where a shipped backbone is kept (None without a state directory)."""
+        return None if self.state_dir is None else self.state_dir / BACKBONE_FILE
+
+    def _build_model(self, shipped: object, announced: str | None) -> PreparedModel:
+        """The prepared model: pretrained here, or (``ship_backbone``) the bare architecture with the
+        backbone shipped in this message (checked, then kept) or the one kept from an earlier message."""
+        if not self.config.ship_backbone:
+            return build_model(self.config)
+        prepared = build_model(self.config, pretrained=False)
+        path = self.backbone_path
+        if shipped is not None:
+            if announced is None:
+                raise PayloadError("a shipped backbone came without the digest the server announced for it")
+            tensors = read_backbone_record(shipped, prepared, digest=announced)
+            load_backbone_tensors(prepared, tensors, source="the shipped backbone")
+            self.backbone_shipped = True
+            if path is None:
+                self._kept_backbone = {k: v.clone() for k, v in backbone_tensors(prepared).items()}
+            else:
+                save_backbone(prepared, path)
+            logger.info("device %d: loaded the shipped backbone (%s)", self.partition_id, announced[:16])
+            return prepared
+        if path is None or not path.exists():
+            raise FederatedError(
+                f"device {self.partition_id}: the federation ships the backbone (ship_backbone=True), but "
+                f"this message carries none and the device keeps none"
+                + ("" if path is None else f" in {path.parent}")
+                + "; the server sends it with its next message to a device that has not confirmed it"
+            )
+        try:
+            load_backbone(prepared, path)
+        except CheckpointError as exc:
+            where = _set_aside(path)
+            raise FederatedError(
+                f"device {self.partition_id}: the backbone kept in {path} is unusable ({exc}); {where}. The "
+                f"server sends the backbone again with its next message to this device"
+            ) from None
+        kept = backbone_digest(prepared)
+        if announced is not None and kept != announced:
+            raise FederatedError(
+                f"device {self.partition_id}: the backbone kept in {path} (digest {kept[:16]}...) is not the "
+                f"server's ({announced[:16]}...); the server sends its backbone again with its next message"
+            )
+        return prepared
+
+    def _fresh_model(self) -> PreparedModel:
+        """The model as the round starts it, before any state is loaded (after a refused state file)."""
+        if not self.config.ship_backbone:
+            return build_model(self.config)
+        prepared = build_model(self.config, pretrained=False)
+        if self._kept_backbone is not None:
+            load_backbone_tensors(prepared, self._kept_backbone)
+        elif self.backbone_path is not None:
+            load_backbone(prepared, self.backbone_path)
+        return prepared
 
     def _new_learner(self) -> Learner:
         config = self.config
@@ -269,7 +350,7 @@ class DeviceLearner:
                 exc,
                 where,
             )
-            self.prepared = build_model(self.config)
+            self.prepared = self._fresh_model()
             self.learner = self._new_learner()
             return False
         counters = extra.get("counters", {})

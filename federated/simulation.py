@@ -276,6 +276,7 @@ class SimulationResult:
             "bytes_per_round": self.bytes_per_round,
             "bytes_up_total": sum(r.bytes_up for r in self.rounds),
             "bytes_down_total": sum(r.bytes_down for r in self.rounds),
+            "backbone_bytes_total": sum(r.backbone_bytes for r in self.rounds),
             "seconds": self.seconds,
             "interrupted": self.interrupted,
         }

@@ -7,7 +7,8 @@ no round loop here. :func:`make_strategy` picks the base Flower ships for the fe
 and momentum 0). Both override the same few steps, :class:`SparseUpdates`:
 
 - ``configure_train``: wait for devices, sample them with the federation's seeded generator, send the
-  global shared tensors at the downlink precision with the federation's instruction, count the bytes;
+  global shared tensors at the downlink precision with the federation's instruction (and, with
+  ``ship_backbone``, the frozen backbone to each device that has not confirmed it), count the bytes;
 - ``aggregate_train``: validate every reply (:mod:`federated.validation`), decode the compressed sparse
   deltas, average them by samples and step with the server's momentum (:func:`federated.aggregation.
   server_step`); count the bytes. Flower's own ``FedAvg``/``FedAvgM`` aggregation cannot be used as it
@@ -36,10 +37,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
 
 from federated.aggregation import server_step, weighted_average
+from federated.backbone import BACKBONE_RECORD, backbone_record, confirmed_backbone
 from federated.config import FederatedConfig
 from federated.device import backbone_digest, build_model, load_split, statistic_names, tensor_spec
 from federated.errors import FederatedError
-from federated.payload import content_bytes, downlink_arrays, from_record, to_numpy, to_record
+from federated.payload import content_bytes, downlink_arrays, from_record, record_bytes, to_numpy, to_record
 from federated.validation import NUM_EXAMPLES, validate_replies
 from ondevice.trainer import evaluate
 
@@ -61,6 +63,8 @@ class RoundRecord:
         client_accuracy: sample-weighted mean of the accepted devices' local test accuracy after training.
         bytes_down / bytes_up: array bytes of the messages sent / replies received this round.
         asked: the node IDs sampled (sent a train message) this round.
+        backbone_sent: the node IDs that were sent the frozen backbone this round (``ship_backbone``).
+        backbone_bytes: array bytes of those backbones (part of ``bytes_down``).
         rejected: ``(node ID, reason)`` for every reply that was not aggregated, named by the node that
             was asked (an error reply the SuperLink makes up for an unreachable node carries the
             SuperLink's own ID as its source; it is named by the node it stands for).
@@ -78,11 +82,14 @@ class RoundRecord:
     bytes_up: int
     seconds: float
     asked: tuple[int, ...] = ()
+    backbone_sent: tuple[int, ...] = ()
+    backbone_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["rejected"] = [list(r) for r in self.rejected]
         payload["asked"] = list(self.asked)
+        payload["backbone_sent"] = list(self.backbone_sent)
         return payload
 
     def summary(self, rounds: int | None = None) -> str:
@@ -95,8 +102,13 @@ class RoundRecord:
             f"round {self.round}{of}: {self.sampled} device(s) asked {list(self.asked)}, {self.replies} "
             f"answered, {self.accepted} accepted, {len(self.rejected)} rejected"
             + (f" [{rejected}]" if rejected else "")
-            + f"; accuracy {accuracy} (devices' own {devices}); {self.bytes_down} bytes down, "
-            f"{self.bytes_up} bytes up; {self.seconds:.1f} s"
+            + f"; accuracy {accuracy} (devices' own {devices}); {self.bytes_down} bytes down"
+            + (
+                f" ({self.backbone_bytes} of them the backbone, to {list(self.backbone_sent)})"
+                if self.backbone_sent
+                else ""
+            )
+            + f", {self.bytes_up} bytes up; {self.seconds:.1f} s"
         )
 
 
@@ -115,6 +127,8 @@ class _Round:
     bytes_up: int = 0
     client_accuracy: float | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    backbone_sent: tuple[int, ...] = ()
+    backbone_bytes: int = 0
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
@@ -174,6 +188,9 @@ class SparseUpdates(FedAvg):
         self._spec = tensor_spec(self._prepared, personalised=config.personalised)
         self._statistics = statistic_names(self._prepared, personalised=config.personalised)
         self._digest = backbone_digest(self._prepared)
+        # ship_backbone: the frozen tensors as held, and the nodes whose last reply confirmed them.
+        self._backbone = backbone_record(self._prepared) if config.ship_backbone else None
+        self._has_backbone: set[int] = set()
         self._split = load_split(config, self._prepared)
         tensors = self._prepared.trainable_tensors()
         self.initial_arrays = to_numpy({k: tensors[k] for k in self._spec})
@@ -220,15 +237,32 @@ class SparseUpdates(FedAvg):
         )
         global_arrays = from_record(arrays)
         broadcast = to_record(downlink_arrays(global_arrays, self.config.downlink))
-        messages = [
-            Message(
-                content=RecordDict({ARRAYS_RECORD: broadcast, CONFIG_RECORD: instruction}),
-                dst_node_id=node,
-                message_type=MessageType.TRAIN,
-                group_id=str(server_round),
+        backbone_to = (
+            tuple(node for node in sampled if node not in self._has_backbone) if self._backbone else ()
+        )
+        messages = []
+        for node in sampled:
+            content = RecordDict({ARRAYS_RECORD: broadcast, CONFIG_RECORD: instruction})
+            if self._backbone is not None and node in backbone_to:
+                content[BACKBONE_RECORD] = self._backbone
+            messages.append(
+                Message(
+                    content=content,
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
             )
-            for node in sampled
-        ]
+        backbone_bytes = len(backbone_to) * record_bytes(self._backbone) if self._backbone else 0
+        if backbone_to:
+            logger.info(
+                "round %d: shipping the frozen backbone (%s, %d bytes) to %d device(s): %s",
+                server_round,
+                self.config.frozen_weights,
+                backbone_bytes // len(backbone_to),
+                len(backbone_to),
+                list(backbone_to),
+            )
         self._round = _Round(
             number=server_round,
             started=started,
@@ -236,6 +270,8 @@ class SparseUpdates(FedAvg):
             messages=messages,
             bytes_down=sum(content_bytes(m.content) for m in messages),
             arrays=global_arrays,
+            backbone_sent=backbone_to,
+            backbone_bytes=backbone_bytes,
         )
         logger.info(
             "round %d/%d: asking %d of %d connected device(s): %s",
@@ -265,6 +301,11 @@ class SparseUpdates(FedAvg):
             m.metadata.message_id: m.metadata.dst_node_id for m in current.messages if m.metadata.message_id
         }
         answered_by = {id(r): _asked_node(r, asked, sampled) for r in replies}
+        for reply in replies:  # a node holds the server's backbone while its replies say so
+            if confirmed_backbone(reply) == self._digest:
+                self._has_backbone.add(answered_by[id(reply)])
+            else:
+                self._has_backbone.discard(answered_by[id(reply)])
         # An error reply (the node is unreachable, its ClientApp failed) is named by the node asked: the
         # SuperLink makes up the reply for an unreachable node with its own ID as the source.
         failed = tuple((answered_by[id(r)], f"error reply: {r.error.reason}") for r in errors)
@@ -346,6 +387,8 @@ class SparseUpdates(FedAvg):
             bytes_up=current.bytes_up,
             seconds=time.perf_counter() - current.started,
             asked=current.sampled,
+            backbone_sent=current.backbone_sent,
+            backbone_bytes=current.backbone_bytes,
         )
         self._round = None
         self.records.append(record)

@@ -28,6 +28,8 @@ from memory.measure import LossFn, check_trainable, training_step_report
 from memory.report import MemoryReport
 from ondevice.errors import ConfigError
 from ondevice.optim import OptimizerConfig, build_optimizer, resolve_optimizer
+from ondevice.prepared import PreparedModel
+from ondevice.quantize import quantize_frozen_weights, quantized_layers
 
 __all__ = ["OptimizerSpec", "default_input_shape", "estimate", "make_optimizer"]
 
@@ -115,6 +117,24 @@ def fakeify(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
     return model
 
 
+def _quantize_copy(work: nn.Module, mode: FakeTensorMode) -> bool:
+    """Hold the frozen weights of the fake copy ``work`` in int8 as ``prepare`` would; returns whether
+    the step must run under ``int8_saved_weights`` itself (a bare module: a ``PreparedModel`` does)."""
+    inner = work.model if isinstance(work, PreparedModel) else work
+    frozen = any(not p.requires_grad for p in inner.parameters())
+    if not frozen:
+        return False
+    with mode:
+        try:
+            names = quantize_frozen_weights(inner)
+        except ConfigError:  # no frozen weight of a layer int8 applies to: counted at 8 bits instead
+            return False
+    if isinstance(work, PreparedModel):
+        work.int8_layers = tuple(names)
+        return False
+    return True
+
+
 def estimate(
     model: nn.Module,
     input_shape: Sequence[int] | None = None,
@@ -145,8 +165,13 @@ def estimate(
         optimizer: what steps (see :data:`OptimizerSpec`); by default ``measure``'s ``SGD(lr=0,
             momentum=0.9)``.
         loss_fn: ``loss_fn(output, target) -> scalar``; by default ``memory.measure.default_loss``.
-        frozen_param_bits: width frozen weights are counted at in ``frozen_param_bytes`` (8: int8 frozen
-            weights on a microcontroller, as TinyTL and tiny-training deploy them; 16; 32: float).
+        frozen_param_bits: width frozen weights are counted at in ``frozen_param_bytes``: 32 as they
+            are; 16 (half the bytes); 8: the step of the model with its frozen weights held in int8,
+            exactly as ``prepare(..., frozen_weights="int8")`` holds them (the copy is quantised before
+            the step, so activations, peak and frozen bytes are those of the int8 model: int8 weights,
+            a float32 scale per output channel, float norms), as TinyTL and tiny-training deploy frozen
+            weights on a microcontroller. A model without a frozen Conv/Linear/Embedding weight counts
+            its frozen parameters at one byte each instead.
         copy_model: work on a copy (default). ``False`` turns ``model``'s own parameters into fake
             tensors for good; for callers that throw the model away (the planner does).
 
@@ -165,6 +190,9 @@ def estimate(
     work = fake_copy(model, mode) if copy_model else fakeify(model, mode)
     for param in work.parameters():
         param.grad = None
+    int8_hooks = False
+    if frozen_param_bits == 8 and not quantized_layers(work):
+        int8_hooks = _quantize_copy(work, mode)
     fake_target = mode.from_tensor(target) if isinstance(target, Tensor) else None
     with mode:
         x = torch.empty(shape, dtype=dtype, device=device)
@@ -178,6 +206,7 @@ def estimate(
             loss_fn=loss_fn,
             source="estimated",
             frozen_param_bits=frozen_param_bits,
+            int8_hooks=int8_hooks,
         )
     logger.debug(
         "estimated %s at %s: %d activation bytes, %d peak bytes",

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -48,6 +48,7 @@ from memory.report import MemoryReport
 from ondevice.errors import ConfigError
 from ondevice.ops.convert import unsupported_leaves
 from ondevice.ops.placeholder import allocating_placeholder
+from ondevice.quantize import int8_saved_weights, quantized_layers
 
 __all__ = [
     "LiveTensorTracker",
@@ -300,6 +301,7 @@ def training_step_report(
     source: Literal["measured", "estimated"] = "measured",
     frozen_param_bits: int = 32,
     read_allocator: bool = False,
+    int8_hooks: bool = False,
 ) -> MemoryReport:
     """Run forward, loss, backward and optimizer step once and report the memory (the shared core).
 
@@ -307,6 +309,12 @@ def training_step_report(
     The model's gradients must be ``None`` on entry; gradients, optimizer state and buffers are left as
     the step leaves them (the callers put them back or throw the model away). With ``read_allocator``
     and a step on a CUDA device, the caching allocator's figures are read too (real tensors only).
+    ``int8_hooks`` runs the forward under :func:`ondevice.quantize.int8_saved_weights`, as a
+    ``PreparedModel`` with int8 frozen weights runs it (for a bare module quantised by ``estimate``).
+
+    A model holding frozen weights in int8 reports them as held: ``frozen_param_bytes`` is the storage of
+    its frozen parameters (int8 weights, their float32 scales, float norms) and ``frozen_param_bits`` 8,
+    whatever ``frozen_param_bits`` asks.
     """
     params = list(model.parameters())
     trainable = check_trainable(model)
@@ -321,7 +329,7 @@ def training_step_report(
     cuda = _cuda_device(model, inputs) if read_allocator else None
     allocator = _AllocatorReading(cuda) if cuda is not None else None
     with live:
-        with saved.track(model):
+        with saved.track(model), int8_saved_weights() if int8_hooks else nullcontext():
             output = model(*inputs)
         if allocator is not None:
             allocator.after_forward()
@@ -334,6 +342,11 @@ def training_step_report(
         optimizer_state_bytes = distinct_storage_bytes(_tensors(list(opt.state.values())))
         if allocator is not None:
             allocator.after_step()
+    if quantized_layers(model):  # int8 storage is what it holds; scales and norms stay float32
+        frozen_param_bits = 8
+        frozen_param_bytes = frozen_bytes(params, 32)
+    else:
+        frozen_param_bytes = frozen_bytes(params, frozen_param_bits)
     return MemoryReport(
         activation_bytes=activation_bytes,
         peak_bytes=baseline_bytes + live.peak_bytes,
@@ -343,7 +356,7 @@ def training_step_report(
         optimizer_state_bytes=optimizer_state_bytes,
         modules=modules,
         source=source,
-        frozen_param_bytes=frozen_bytes(params, frozen_param_bits),
+        frozen_param_bytes=frozen_param_bytes,
         frozen_param_bits=frozen_param_bits,
         stock_modules=stock_autograd_modules(model, modules),
         cuda_allocated_bytes=None if allocator is None else allocator.allocated_bytes,

@@ -23,9 +23,10 @@ or ``Budget.for_process``) the resident memory the eager step adds instead (``me
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ from memory.report import MemoryReport, budget_bytes_needed, device_limits, expl
 from ondevice import prepare
 from ondevice.errors import BudgetExceededError, ConfigError, OnDeviceError
 from ondevice.prepared import find_head
+from ondevice.quantize import quantizable_frozen
 from ondevice.schemes import Scheme, Sparse, resolve_scheme
 from ondevice.schemes._tree import compute_layers
 
@@ -98,6 +100,11 @@ class Plan:
         considered: every named scheme and the best searched sparse schemes, best score first.
         score_source: ``"measured"`` (accuracy gain over training the classifier alone, from the
             contribution analysis on ``data``) or ``"prior"`` (relative, full fine-tuning = 1).
+        frozen_weights: how the frozen weights must be held for the figures to hold: ``"int8"`` when
+            the budget counts them in memory at 8 bits (the report is the step of the model prepared with
+            ``frozen_weights="int8"``), else ``"float"``.
+        float_needed_bytes: with ``frozen_weights="int8"``, what the same scheme needs with float32
+            frozen weights (so whether int8 is what makes it fit); else ``None``.
     """
 
     scheme: Any
@@ -107,6 +114,19 @@ class Plan:
     score: float
     considered: tuple[Candidate, ...] = field(default_factory=tuple)
     score_source: Literal["prior", "measured"] = "prior"
+    frozen_weights: Literal["float", "int8"] = "float"
+    float_needed_bytes: int | None = None
+
+    @property
+    def needs_int8(self) -> bool:
+        """Whether the plan fits only with frozen weights held in int8 (``prepare(..., frozen_weights=
+        "int8")``): with float32 ones the same scheme would exceed the budget."""
+        return self.float_needed_bytes is not None and not self.budget.fits(self.float_needed_bytes)
+
+    def prepare_call(self) -> str:
+        """The ``ondevice.prepare`` call that trains this plan as it was costed."""
+        extra = ', frozen_weights="int8"' if self.frozen_weights == "int8" else ""
+        return f"ondevice.prepare(model, {self.scheme.to_json()}{extra})"
 
     def __post_init__(self) -> None:
         if not isinstance(self.scheme, Scheme):
@@ -146,6 +166,9 @@ class Plan:
             "exceeds_device": device_limits(self.report, self.budget),
             "score": self.score,
             "score_source": self.score_source,
+            "frozen_weights": self.frozen_weights,
+            "float_needed_bytes": self.float_needed_bytes,
+            "needs_int8": self.needs_int8,
             "considered": [c.to_dict() for c in self.considered],
         }
 
@@ -157,6 +180,7 @@ class Plan:
             "",
             f"`{self.scheme.to_json()}`",
             "",
+            *self._frozen_weights_lines(),
             explain_needed(self.report, self.budget),
             "Candidates (needed: the figure compared with the budget):",
             "",
@@ -170,6 +194,21 @@ class Plan:
                 f"| {c.score:.3f} | {c.how} |"
             )
         return "\n".join(lines) + "\n\n" + self.report.to_markdown()
+
+    def _frozen_weights_lines(self) -> list[str]:
+        if self.frozen_weights != "int8":
+            return []
+        if self.float_needed_bytes is None:
+            return []
+        float_needed = format_bytes(self.float_needed_bytes)
+        if self.needs_int8:
+            why = (
+                f"**Needs frozen weights held in int8** to fit: with float32 frozen weights this scheme "
+                f"needs {float_needed}, over the budget."
+            )
+        else:
+            why = f"Costed with frozen weights in int8; it also fits with float32 ones ({float_needed})."
+        return [f"{why} Train it with `{self.prepare_call()}`.", ""]
 
 
 def _tensor_limit(budget: Budget) -> int:
@@ -312,6 +351,22 @@ def _to_scheme(c: _Sparse) -> Any:
 # -- plan -------------------------------------------------------------------------------------------
 
 
+def _int8_hint(budget: Budget, replan: Callable[[Budget], Plan]) -> str:
+    """The end of a "does not fit" message: whether frozen weights held in int8 would make it fit."""
+    try:
+        alternative = replan(dataclasses.replace(budget, frozen_param_bits=8))
+    except BudgetExceededError:
+        return (
+            f", or hold frozen weights in int8 (they count at {budget.frozen_param_bits} bit; in int8 "
+            f"nothing fits either)"
+        )
+    return (
+        f", or hold frozen weights in int8: then {_describe(alternative.scheme.to_dict())} fits, needing "
+        f"{format_bytes(alternative.needed_bytes)} ({alternative.prepare_call()}; `ondevice plan "
+        f"--int8-frozen`)"
+    )
+
+
 def plan(
     model: nn.Module,
     budget: Budget | str | int | HasTrainingBudget,
@@ -447,10 +502,13 @@ def plan(
                 smallest_bytes=0,
             )
         needed, scheme = smallest
-        if not budget.count_frozen_params:
+        if not budget.count_frozen_params and not budget.counts_process:
             frozen = ""
         elif budget.frozen_param_bits > 8:
-            frozen = f", or store frozen weights at 8 bits (they count at {budget.frozen_param_bits})"
+            frozen = _int8_hint(budget, lambda b: plan(
+                model, b, input_shape, data, batch_size=batch_size, candidates=candidates,
+                search_sparse=search_sparse, ratios=ratios, optimizer=optimizer, loss_fn=loss_fn, head=head,
+                steps=steps, lr=lr, weight_layers=weight_layers, seed=seed))  # fmt: skip
         else:
             frozen = ", or keep frozen weights out of the budget (e.g. in flash)"
         raise BudgetExceededError(
@@ -462,6 +520,14 @@ def plan(
             smallest_bytes=needed,
         )
     score, needed, scheme, report = best
+    in_memory = budget.count_frozen_params or budget.counts_process
+    int8 = bits == 8 and in_memory and report.frozen_param_bits == 8 and bool(quantizable_frozen(
+        prepare(model, scheme, head=head).model))  # fmt: skip
+    float_needed = None
+    if int8:
+        floats = estimate(prepare(model, scheme, head=head).model, shape, optimizer=optimizer,
+                          loss_fn=loss_fn, copy_model=False)  # fmt: skip
+        float_needed = budget_bytes_needed(floats, dataclasses.replace(budget, frozen_param_bits=32))
     considered.sort(key=lambda c: (not c.fits, -c.score, c.needed_bytes))
     result = Plan(
         scheme=scheme,
@@ -471,6 +537,8 @@ def plan(
         score=score,
         considered=tuple(considered),
         score_source=gains.source,
+        frozen_weights="int8" if int8 else "float",
+        float_needed_bytes=float_needed,
     )
     logger.info("plan under %s: %s, %d bytes, gain %.3f", budget, _describe(scheme.to_dict()), needed, score)
     return result

@@ -9,12 +9,14 @@ The entry points::
     trainer = ondevice.Trainer(prepared, optimizer="adam")
     trainer.fit(data, epochs=5)
     prepared.save_delta("delta.safetensors")            # only what trains
+    prepared.save_backbone("backbone.safetensors")      # what does not (int8 + scales if so prepared)
 
 ``import ondevice`` never imports Flower, pyserial or asyncssh.
 """
 
 
 from ondevice._version import __version__
+from ondevice.backbone import load_backbone, save_backbone
 from ondevice.continual import (
     ClassBalancedBuffer,
     ContinualMetrics,
@@ -97,10 +99,12 @@ __all__ = [
     "evaluate",
     "list_models",
     "list_schemes",
+    "load_backbone",
     "load_digits",
     "prepare",
     "pretrain",
     "pretrain_with_report",
     "register_model",
     "resolve_scheme",
+    "save_backbone",
 ]

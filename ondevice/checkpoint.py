@@ -1,11 +1,12 @@
 """Tensors on disk: safetensors plus JSON metadata, written atomically, validated on read. Never pickle.
 
 Every file written by :func:`write_tensors` records its **kind** (what wrote it: a delta, a Trainer
-checkpoint, a learner, a federated device's state, a pretrained backbone) and a SHA-256 **digest** over
-tensor names, dtypes, shapes, bytes and the metadata. :func:`read_tensors` verifies both, so a damaged
-file ("damaged") or one of another kind is refused with a :class:`~ondevice.errors.CheckpointError`
-before any of it reaches a model. A write never replaces a file that is not an ondevice checkpoint of the
-same kind, and :func:`check_target` lets a caller validate an output path before any work starts.
+checkpoint, a learner, a federated device's state, a pretrained backbone, a prepared model's frozen
+backbone) and a SHA-256 **digest** over tensor names, dtypes, shapes, bytes and the metadata.
+:func:`read_tensors` verifies both, so a damaged file ("damaged") or one of another kind is refused with
+a :class:`~ondevice.errors.CheckpointError` before any of it reaches a model. A write never replaces a
+file that is not an ondevice checkpoint of the same kind, and :func:`check_target` lets a caller validate
+an output path before any work starts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ondevice.errors import CheckpointError, format_choices
 
 __all__ = [
     "KINDS",
+    "KIND_BACKBONE",
     "KIND_DELTA",
     "KIND_FEDERATED_DEVICE_STATE",
     "KIND_LEARNER",
@@ -58,8 +60,17 @@ KIND_FEDERATED_DEVICE_STATE = "federated-device-state"
 """What a federated device keeps between rounds (its learner and top-k residuals)."""
 KIND_PRETRAINED_BACKBONE = "pretrained-backbone"
 """A cached pretrained backbone (``state_dict`` of a zoo model)."""
+KIND_BACKBONE = "backbone"
+"""The frozen tensors of a prepared model as held, int8 or float (:func:`ondevice.backbone.save_backbone`)."""
 KINDS = frozenset(
-    {KIND_DELTA, KIND_TRAINER, KIND_LEARNER, KIND_FEDERATED_DEVICE_STATE, KIND_PRETRAINED_BACKBONE}
+    {
+        KIND_DELTA,
+        KIND_TRAINER,
+        KIND_LEARNER,
+        KIND_FEDERATED_DEVICE_STATE,
+        KIND_PRETRAINED_BACKBONE,
+        KIND_BACKBONE,
+    }
 )
 """Every kind a checkpoint file can have."""
 
@@ -69,6 +80,7 @@ _HOW_TO_LOAD = {
     KIND_LEARNER: "Learner.load or Learner.restore",
     KIND_FEDERATED_DEVICE_STATE: "a federated device's state directory",
     KIND_PRETRAINED_BACKBONE: "the pretraining cache",
+    KIND_BACKBONE: "PreparedModel.load_backbone (ondevice.backbone.load_backbone)",
 }
 
 

@@ -25,6 +25,7 @@ from ondevice._example import example_spec
 from ondevice._stock import StockLayer, stock_autograd_layers, stock_layers, warn_stock
 from ondevice._version import __version__
 from ondevice.adapters import LiteResidualPlan, lite_residual_plan
+from ondevice.backbone import load_backbone, save_backbone
 from ondevice.checkpoint import KIND_DELTA, read_tensors, write_tensors
 from ondevice.errors import (
     CheckpointMismatchError,
@@ -441,6 +442,14 @@ class PreparedModel(nn.Module):
         self.check_delta_metadata(metadata, source=f"checkpoint {str(path)!r}")
         self.load_trainable(tensors)
         return metadata
+
+    def save_backbone(self, path: str | os.PathLike[str]) -> Path:
+        """Write the frozen tensors as held (int8 + scales, or float); see :mod:`ondevice.backbone`."""
+        return save_backbone(self, path)
+
+    def load_backbone(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load a backbone file, all validated first; returns its metadata. See :mod:`ondevice.backbone`."""
+        return load_backbone(self, path)
 
 
 _NORM_BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked"})

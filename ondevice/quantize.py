@@ -37,6 +37,7 @@ __all__ = [
     "dequantized",
     "int8_saved_weights",
     "is_int8",
+    "quantizable_frozen",
     "quantize_frozen_weights",
     "quantized_layers",
 ]
@@ -135,6 +136,12 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def quantizable_frozen(model: nn.Module) -> list[str]:
+    """Names of the layers of ``model`` whose frozen weight :func:`quantize_frozen_weights` would hold in
+    int8 (empty when every such weight trains)."""
+    return [name for name, module in _candidates(model) if not module.get_parameter("weight").requires_grad]
+
+
 def quantize_frozen_weights(model: nn.Module) -> list[str]:
     """Hold every frozen Conv/Linear/Embedding weight of ``model`` in int8, in place; returns their names.
 
@@ -182,6 +189,10 @@ def int8_saved_weights() -> Iterator[None]:
         source = getattr(tensor, _TAG, None)
         if source is not None:
             return (_TAG, source)
+        base = tensor._base
+        source = None if base is None else getattr(base, _TAG, None)
+        if source is not None:  # a view of one, as F.linear saves weight.t(): rebuilt on unpack
+            return ("view", (source, tuple(tensor.shape), tensor.stride(), tensor.storage_offset()))
         return tensor if outer is None else ("outer", outer[0](tensor))
 
     def unpack(packed: Any) -> Tensor:
@@ -191,6 +202,9 @@ def int8_saved_weights() -> Iterator[None]:
         if kind == _TAG:
             q, scale, dtype = value
             return dequantized(q, scale, dtype)
+        if kind == "view":
+            (q, scale, dtype), shape, stride, offset = value
+            return dequantized(q, scale, dtype).as_strided(shape, stride, offset)
         assert outer is not None
         return outer[1](value)
 

@@ -130,6 +130,8 @@ def test_errors_show_user_text_as_typed_and_never_a_traceback(
         (["--scheme", "{bad"], "--scheme '{bad' is not valid JSON"),
         (["--strategy", "forget"], "--strategy must be one of"),
         (["--buffer-size", "1", "--server-lr", "0"], "--server-lr must be a number > 0"),
+        (["--frozen-weights", "int4"], "--frozen-weights must be one of 'float', 'int8', got 'int4'"),
+        (["--frozen-weights", "int8", "--scheme", "full"], "use --frozen-weights float with 'full'"),
     ],
 )
 def test_simulate_errors_name_the_flags_not_the_api_fields(args: list[str], expected: str) -> None:

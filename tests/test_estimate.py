@@ -136,23 +136,54 @@ def test_int8_frozen_weights_and_budget_accounting() -> None:
     model = ondevice.prepare(_zoo("cnn"), "bias")
     float_report = memory.estimate(model, batch_size=2)
     int8 = memory.estimate(model, batch_size=2, frozen_param_bits=8)
-    frozen_numel = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    assert float_report.frozen_param_bytes == 4 * frozen_numel
-    assert int8.frozen_param_bytes == frozen_numel and int8.frozen_param_bits == 8
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert float_report.frozen_param_bytes == 4 * sum(p.numel() for p in frozen)
+    # At 8 bits the step is that of the int8-held model: each frozen layer weight one byte per element
+    # plus a float32 scale per output channel; the frozen norm parameters stay float32.
+    held = ondevice.prepare(_zoo("cnn"), "bias", frozen_weights="int8")
+    layer_weights = {f"{name}.weight" for name in held.int8_layers}
+    expected = sum(
+        p.numel() + 4 * p.shape[0] if name in layer_weights else 4 * p.numel()
+        for name, p in model.model.named_parameters()
+        if not p.requires_grad
+    )
+    assert int8.frozen_param_bytes == expected and int8.frozen_param_bits == 8
+    assert int8.frozen_param_bytes < 0.3 * float_report.frozen_param_bytes
+    assert int8.activation_bytes == float_report.activation_bytes
     trainable = int8.activation_bytes + int8.trainable_param_bytes + int8.gradient_bytes
     trainable += int8.optimizer_state_bytes
     mcu = Budget(10**6, count_frozen_params=False)
     board = Budget(10**6, count_frozen_params=True, frozen_param_bits=8)
     assert budget_bytes_needed(int8, mcu) == trainable
-    assert (
-        budget_bytes_needed(int8, board)
-        == budget_bytes_needed(float_report, board)
-        == trainable + frozen_numel
-    )
-    assert int8.needed_bytes(Budget(10**6, count_frozen_params=True)) == trainable + 4 * frozen_numel
+    assert budget_bytes_needed(int8, board) == trainable + expected
+    assert int8.needed_bytes(Budget(10**6, count_frozen_params=True)) == trainable + 4 * expected
     assert int8.fits(Budget(trainable)) and not int8.fits(Budget(trainable - 1))
     assert memory.MemoryReport.from_dict(int8.to_dict()) == int8
     assert "frozen parameters at 8 bit" in int8.to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "scheme"),
+    [
+        ("mobilenetv2", {"width_mult": 0.35, "resolution": 128, "num_classes": 10}, "bias"),
+        ("mobilenetv2", {"width_mult": 0.35, "resolution": 64, "num_classes": 10}, "lite_residual"),
+        ("vit", {"num_classes": 10}, "lora"),
+        ("cnn", {"num_classes": 10}, "sparse"),
+    ],
+)
+def test_estimate_at_8_bits_is_the_measured_step_of_the_int8_model(
+    name: str, kwargs: dict[str, object], scheme: str
+) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    held = ondevice.prepare(model, scheme, frozen_weights="int8")
+    measured = memory.measure(held, torch.randn(8, *held.model.input_shape))
+    for subject in (ondevice.prepare(model, scheme), ondevice.prepare(model, scheme).model):
+        estimated = memory.estimate(subject, batch_size=8, frozen_param_bits=8)
+        for field in ("activation_bytes", "peak_bytes", "frozen_param_bytes", "param_bytes"):
+            got, want = getattr(estimated, field), getattr(measured, field)
+            assert abs(got - want) <= 0.02 * want, (field, got, want)
+        assert estimated.frozen_param_bits == measured.frozen_param_bits == 8
 
 
 def test_bad_arguments_are_rejected() -> None:

@@ -149,23 +149,26 @@ def test_fewer_frozen_bits_count_frozen_weights_unless_kept_out_explicitly() -> 
     model = _net()
     prepared = ondevice.prepare(model, "bias")
     report = memory.estimate(prepared, (3, 16, 16), batch_size=2, frozen_param_bits=8)
+    floats = memory.estimate(prepared, (3, 16, 16), batch_size=2)
     base = report.activation_bytes + report.training_state_bytes
+    assert base == floats.activation_bytes + floats.training_state_bytes
+    # At 8 bits: the frozen parameters as the int8-held model holds them (int8 weights, float32 scales
+    # and norms), which is what measure reports of that model.
+    held = ondevice.prepare(model, "bias", frozen_weights="int8")
+    held_bytes = sum(p.numel() * p.element_size() for p in held.model.parameters() if not p.requires_grad)
+    assert report.frozen_param_bytes == held_bytes < _frozen_numel(prepared) * 2
     int8 = Budget(10**7, frozen_param_bits=8)
     assert int8.count_frozen_params is True and Budget(10**7).count_frozen_params is False
-    assert memory.budget_bytes_needed(report, int8) == base + _frozen_numel(prepared)
-    assert memory.budget_bytes_needed(report, Budget(10**7, frozen_param_bits=16)) == (
+    assert memory.budget_bytes_needed(report, int8) == base + held_bytes
+    assert memory.budget_bytes_needed(floats, Budget(10**7, frozen_param_bits=16)) == (
         base + 2 * _frozen_numel(prepared)
     )
     # An explicit False keeps them out of the budget (an MCU stores them in flash), at 8 bits.
     flash = Budget(10**7, count_frozen_params=False, frozen_param_bits=8)
     assert memory.budget_bytes_needed(report, flash) == base
     # The planner's figure follows: 8-bit frozen weights are part of what it compares with the budget.
-    chosen = memory.plan(model, int8, (3, 16, 16), batch_size=2, search_sparse=False)
-    frozen = memory.estimate(ondevice.prepare(model, chosen.scheme), (3, 16, 16), batch_size=2)
-    assert (
-        chosen.needed_bytes
-        == frozen.activation_bytes + frozen.training_state_bytes + (frozen.frozen_param_bytes or 0) // 4
-    )
+    chosen = memory.plan(model, int8, (3, 16, 16), batch_size=2, search_sparse=False, candidates=("bias",))
+    assert chosen.needed_bytes == base + held_bytes
     assert "frozen parameters at 8 bit" in chosen.to_dict()["requirement"]["terms"]
 
 
@@ -280,3 +283,40 @@ def test_cli_plan_budgets_the_process_for_linux_boards_and_process_rss() -> None
     assert result.exit_code == 2 and "--process-rss applies to --budget" in result.output
     result = runner.invoke(app, ["plan", "--model", "cnn", "--budget", "64MiB", "--process-rss"])
     assert result.exit_code == 2 and "smallest achievable" in result.output
+
+
+# -- issue 17: plans that need frozen weights held in int8 -----------------------------------------------
+
+
+def test_a_plan_that_fits_only_in_int8_says_so_and_is_the_int8_models_step() -> None:
+    model = _net()
+    int8 = Budget(3000, count_frozen_params=True, frozen_param_bits=8)
+    chosen = memory.plan(model, int8, (3, 16, 16), batch_size=2, search_sparse=False)
+    assert chosen.scheme.name == "last_layer" and chosen.frozen_weights == "int8"
+    # What it costs with float32 frozen weights, and that this exceeds the budget.
+    floats = memory.estimate(ondevice.prepare(model, "last_layer"), (3, 16, 16), batch_size=2)
+    float32 = Budget(3000, count_frozen_params=True)
+    assert chosen.float_needed_bytes == memory.budget_bytes_needed(floats, float32) > 3000
+    assert chosen.needs_int8 and chosen.to_dict()["needs_int8"] is True
+    assert "Needs frozen weights held in int8" in chosen.to_markdown()
+    assert 'frozen_weights="int8"' in chosen.prepare_call()
+    # The plan's report is the measured step of the model prepared as the plan says.
+    held = ondevice.prepare(model, chosen.scheme, frozen_weights="int8")
+    measured = memory.measure(held, torch.randn(2, 3, 16, 16))
+    assert memory.budget_bytes_needed(measured, int8) == chosen.needed_bytes
+    # With float32 frozen weights nothing fits, and the refusal names the int8 plan that does.
+    with pytest.raises(BudgetExceededError, match=r"hold frozen weights in int8: then last_layer fits"):
+        memory.plan(model, float32, (3, 16, 16), batch_size=2, search_sparse=False)
+    # A roomy budget: int8 is how it was costed, not what makes it fit (full fine-tuning, chosen when it
+    # fits, freezes nothing: it is costed as float).
+    roomy_budget = Budget(10**6, count_frozen_params=True, frozen_param_bits=8)
+    full = memory.plan(model, roomy_budget, (3, 16, 16), batch_size=2, search_sparse=False)
+    assert full.scheme.name == "full" and full.frozen_weights == "float"
+    roomy = memory.plan(model, roomy_budget, (3, 16, 16), batch_size=2, search_sparse=False,
+                        candidates=("bias",))  # fmt: skip
+    assert roomy.frozen_weights == "int8" and not roomy.needs_int8
+    assert "also fits with float32" in roomy.to_markdown()
+    # Frozen weights kept out of the budget (a microcontroller's flash): nothing to hold in int8 here.
+    flash = memory.plan(model, Budget(10**6, count_frozen_params=False, frozen_param_bits=8), (3, 16, 16),
+                        batch_size=2, search_sparse=False)  # fmt: skip
+    assert flash.frozen_weights == "float" and flash.float_needed_bytes is None

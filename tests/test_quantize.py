@@ -165,3 +165,46 @@ def test_a_delta_says_which_frozen_weights_it_was_trained_with(tmp_path) -> None
         int8.load_delta(float_path)
     again = prepare(net, "bias", frozen_weights="int8")
     again.load_delta(path)
+
+
+def test_estimate_at_8_bits_of_bert_is_the_measured_step_of_its_int8_model() -> None:
+    spec = LIBRARY_MODELS["transformers/bert"]
+    model = _bert()
+    ids, labels = spec.example(8), spec.targets(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # library layers on stock autograd: not what this checks
+        held = prepare(model, "lora", frozen_weights="int8")
+        floats = prepare(model, "lora")
+
+    def loss(output: object, target: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(logits_of(output), labels)
+
+    measured = memory.measure(held, ids, target=labels, loss_fn=loss)
+    estimated = memory.estimate(floats, ids.shape, dtype=ids.dtype, frozen_param_bits=8, loss_fn=loss)
+    for field in ("activation_bytes", "peak_bytes", "frozen_param_bytes"):
+        got, want = getattr(estimated, field), getattr(measured, field)
+        assert abs(got - want) <= 0.02 * want, (field, got, want)
+    assert measured.frozen_param_bytes < 0.3 * memory.estimate(
+        floats, ids.shape, dtype=ids.dtype, loss_fn=loss
+    ).frozen_param_bytes
+
+
+@pytest.mark.parametrize("source", ["vit", "transformers/bert"])
+def test_linear_layers_keep_no_float_copy_of_their_int8_weight(source: str) -> None:
+    # F.linear saves weight.t(), a view of the dequantised weight: it must be kept as int8 too.
+    model = _bert() if source == "transformers/bert" else _zoo(source)
+    spec = LIBRARY_MODELS["transformers/bert"]
+    x = spec.example(8) if source == "transformers/bert" else torch.randn(8, *model.input_shape)
+    y = spec.targets(8) if source == "transformers/bert" else torch.zeros(8, dtype=torch.long)
+
+    def loss(output: object, target: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(logits_of(output), y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # library layers on stock autograd: not what this checks
+        reports = [
+            memory.measure(prepare(model, "bias", frozen_weights=kind), x, target=y, loss_fn=loss)
+            for kind in ("float", "int8")
+        ]
+    assert reports[1].activation_bytes == reports[0].activation_bytes > 0
+    assert reports[1].peak_bytes < reports[0].peak_bytes

@@ -51,6 +51,8 @@ FLAGS: dict[str, str] = {
     "compression": "--compression",
     "downlink": "--downlink",
     "personalised": "--personalised",
+    "frozen_weights": "--frozen-weights",
+    "ship_backbone": "--ship-backbone",
     "seed": "--seed",
 }
 
@@ -129,6 +131,13 @@ def simulate(
     downlink: Annotated[str | None, typer.Option(help="Broadcast precision: fp32 or fp16.")] = None,
     personalised: Annotated[
         bool | None, typer.Option("--personalised", help="Keep a local head on each device (never sent).")
+    ] = None,
+    frozen_weights: Annotated[
+        str | None, typer.Option(help="How devices hold frozen weights: float or int8 (a quarter).")
+    ] = None,
+    ship_backbone: Annotated[
+        bool | None,
+        typer.Option("--ship-backbone", help="The server sends its frozen backbone to each device once."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for splits, partition and heads.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,

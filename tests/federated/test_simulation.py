@@ -77,19 +77,23 @@ def test_cli_simulate_json(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "ondevice"
     args = [str(exe), "simulate", "--clients", "3", "--rounds", "1", "--local-epochs", "1"]
     args += ["--partition", "iid", "--scheme", json.dumps(SMALL_LR), "--json"]
+    args += ["--frozen-weights", "int8", "--ship-backbone"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     payload = json.loads(done.stdout)
     config = FederatedConfig.from_dict(payload["config"])
     # The CLI's defaults are the API's: the same options give the same federation (lr, epochs, ...).
     assert config == FederatedConfig(
-        num_clients=3, rounds=1, local_epochs=1, partition="iid", scheme=SMALL_LR
+        num_clients=3, rounds=1, local_epochs=1, partition="iid", scheme=SMALL_LR, frozen_weights="int8",
+        ship_backbone=True,
     )
     assert payload["interrupted"] is False
     (record,) = payload["rounds"]
     assert record["round"] == 1 and record["accepted"] == 3
     assert 0.0 <= record["accuracy"] <= 1.0 and payload["final_accuracy"] == record["accuracy"]
-    assert record["bytes_down"] == 3 * _shared_bytes(config, np.float32)  # fp32 broadcast to 3 devices
+    # fp32 broadcast to 3 devices, and the int8 backbone once to each
+    assert len(record["backbone_sent"]) == 3 and record["backbone_bytes"] > 0
+    assert record["bytes_down"] == 3 * _shared_bytes(config, np.float32) + record["backbone_bytes"]
     assert record["bytes_up"] > 0
     assert payload["bytes_down_total"] == record["bytes_down"]
     assert payload["bytes_up_total"] == record["bytes_up"]
