@@ -25,8 +25,8 @@ from ondevice.data import TensorData
 from ondevice.optim import OptimizerConfig, resolve_optimizer
 
 
-def backbone() -> nn.Module:
-    torch.manual_seed(2)
+def backbone(seed: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
     model = create_model("cnn", num_classes=3, channels=(8, 16, 16))
     model.train()
     with torch.no_grad():
@@ -164,22 +164,31 @@ def test_bad_trainer_arguments() -> None:
 
 
 def test_fit_and_evaluate_on_a_dataset() -> None:
+    """Over seeds 0-2 (backbone initialisation and batch order re-drawn), mean and worst.
+
+    Measured over seeds 0-4 on the default, AVX2 and AVX-512 kernel paths: 0.23-0.46 before, 0.76-0.97
+    after, a gain of at least 0.44; the bounds keep a margin to all of them.
+    """
     from ondevice.data import load_digits
 
     digits = load_digits()
     data = digits.subset(torch.nonzero(digits.y < 3).flatten()[:96])
     x, y = data.x, data.y
-    prepared = prepare(backbone(), "lite_residual")
-    trainer = Trainer(prepared, optimizer="adam", lr=1e-2, batch_size=16)
-    before = trainer.evaluate(data)
-    fit = trainer.fit(data, epochs=4)
-    after = trainer.evaluate(data)
-    assert fit.batches == 4 * 6 and fit.samples == 4 * 96 and fit.optimizer_steps == 24
-    assert fit.epoch_losses[-1] < fit.epoch_losses[0]
-    assert after.accuracy > max(0.8, before.accuracy) and after.samples == 96
-    with torch.no_grad():
-        manual = (prepared.eval()(x).argmax(1) == y).float().mean().item()
-    assert after.accuracy == pytest.approx(manual)
+    accuracies = []
+    for seed in (0, 1, 2):
+        prepared = prepare(backbone(2 + seed), "lite_residual")
+        trainer = Trainer(prepared, optimizer="adam", lr=1e-2, batch_size=16)
+        before = trainer.evaluate(data)
+        fit = trainer.fit(data, epochs=4, seed=seed)
+        after = trainer.evaluate(data)
+        assert fit.batches == 4 * 6 and fit.samples == 4 * 96 and fit.optimizer_steps == 24
+        assert fit.epoch_losses[-1] < fit.epoch_losses[0], f"seed {seed}"
+        assert after.accuracy > before.accuracy + 0.3 and after.samples == 96, f"seed {seed}"
+        with torch.no_grad():
+            manual = (prepared.eval()(x).argmax(1) == y).float().mean().item()
+        assert after.accuracy == pytest.approx(manual)
+        accuracies.append(after.accuracy)
+    assert sum(accuracies) / 3 > 0.85 and min(accuracies) > 0.7, accuracies
 
 
 def test_progress_bar_runs(capsys: pytest.CaptureFixture[str]) -> None:

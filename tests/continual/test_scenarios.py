@@ -55,21 +55,32 @@ def test_domain_scenarios(name: str) -> None:
 
 @pytest.mark.slow
 def test_replay_beats_naive_on_class_incremental_digits(tmp_path: Path) -> None:
-    scenario = load_scenario("class-incremental")
-    data = scenario.pretrain_data
-    backbone = pretrain_backbone("cnn", data, epochs=3, cache_dir=tmp_path, channels=(16, 32, 64))
-    backbone.replace_head(2)
-    results = {}
-    for strategy in ("naive", "latent-replay"):
-        learner = create_learner(
-            ondevice.prepare(backbone, "last_layer"), strategy, optimizer="adam", lr=0.01
-        )
-        results[strategy] = run_scenario(learner, scenario.experiences, batch_size=10)
-    naive, replay = results["naive"].metrics, results["latent-replay"].metrics
-    assert naive.avg_forgetting > 0.8  # catastrophic forgetting
-    assert replay.acc > naive.acc + 0.3
-    assert replay.avg_forgetting < naive.avg_forgetting
-    assert results["latent-replay"].buffer_bytes == 200 * (64 + 8 + 2)
+    """Over seeds 0-2 (scenario split, pretraining and stream order re-drawn), mean and worst.
+
+    Measured over seeds 0-4 on the default, AVX2 and AVX-512 kernel paths: naive forgetting 0.83-0.94
+    (mean of 0-2: 0.87), latent replay's lead in ACC 0.37-0.52 points; the bounds keep a margin to both.
+    """
+    forgetting, leads = [], []
+    for seed in (0, 1, 2):
+        scenario = load_scenario("class-incremental", seed=seed)
+        backbone = pretrain_backbone("cnn", scenario.pretrain_data, epochs=3, cache_dir=tmp_path,
+                                     channels=(16, 32, 64), seed=seed)  # fmt: skip
+        backbone.replace_head(2)
+        results = {}
+        for strategy in ("naive", "latent-replay"):
+            learner = create_learner(
+                ondevice.prepare(backbone, "last_layer"), strategy, optimizer="adam", lr=0.01
+            )
+            results[strategy] = run_scenario(learner, scenario.experiences, batch_size=10, seed=seed)
+        naive, replay = results["naive"].metrics, results["latent-replay"].metrics
+        forgetting.append(naive.avg_forgetting)
+        leads.append(replay.acc - naive.acc)
+        assert replay.avg_forgetting < naive.avg_forgetting, f"seed {seed}"
+        assert results["latent-replay"].buffer_bytes == 200 * (64 + 8 + 2)
+    table = f"naive forgetting {forgetting}, replay's lead in ACC {leads} (seeds 0-2)"
+    assert sum(forgetting) / 3 > 0.8 and min(forgetting) > 0.75, table  # catastrophic forgetting
+    assert sum(leads) / 3 > 0.3 and min(leads) > 0.25, table
+    data = load_scenario("class-incremental").pretrain_data
     # The cache serves the second call.
     again = pretrain_backbone("cnn", data, epochs=3, cache_dir=tmp_path, channels=(16, 32, 64))
     assert torch.equal(
