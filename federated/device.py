@@ -219,7 +219,7 @@ class DeviceLearner:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self._kept_backbone: dict[str, Tensor] | None = None  # a shipped backbone, without a state_dir
         self.backbone_shipped = False  # this learner loaded a backbone shipped in its message
-        self.prepared = self._build_model(backbone, announced_digest)
+        self.prepared, digest = self._build_model(backbone, announced_digest)
         self.data: ClientData = client_data(
             load_split(config, self.prepared),
             partition_id,
@@ -230,7 +230,7 @@ class DeviceLearner:
         self.shared = shared_names(self.prepared, personalised=config.personalised)
         self.statistics = statistic_names(self.prepared, personalised=config.personalised)
         self.spec: TensorSpec = tensor_spec(self.prepared, personalised=config.personalised)
-        self.digest = backbone_digest(self.prepared)
+        self.digest = digest if digest is not None else backbone_digest(self.prepared)
         self.learner: Learner = self._new_learner()
         self.residuals: dict[str, np.ndarray] = {}
         self.rounds_trained = 0
@@ -244,11 +244,12 @@ class DeviceLearner:
         """Where a shipped backbone is kept (None without a state directory)."""
         return None if self.state_dir is None else self.state_dir / BACKBONE_FILE
 
-    def _build_model(self, shipped: object, announced: str | None) -> PreparedModel:
+    def _build_model(self, shipped: object, announced: str | None) -> tuple[PreparedModel, str | None]:
         """The prepared model: pretrained here, or (``ship_backbone``) the bare architecture with the
-        backbone shipped in this message (checked, then kept) or the one kept from an earlier message."""
+        backbone shipped in this message (checked, then kept) or the one kept from an earlier message;
+        and its backbone digest when checking it computed that already (else None)."""
         if not self.config.ship_backbone:
-            return build_model(self.config)
+            return build_model(self.config), None
         prepared = build_model(self.config, pretrained=False)
         path = self.backbone_path
         if shipped is not None:
@@ -262,7 +263,7 @@ class DeviceLearner:
             else:
                 save_backbone(prepared, path)
             logger.info("device %d: loaded the shipped backbone (%s)", self.partition_id, announced[:16])
-            return prepared
+            return prepared, announced  # read_backbone_record checked the tensors against it
         if path is None or not path.exists():
             raise FederatedError(
                 f"device {self.partition_id}: the federation ships the backbone (ship_backbone=True), but "
@@ -284,7 +285,7 @@ class DeviceLearner:
                 f"device {self.partition_id}: the backbone kept in {path} (digest {kept[:16]}...) is not the "
                 f"server's ({announced[:16]}...); the server sends its backbone again with its next message"
             )
-        return prepared
+        return prepared, kept
 
     def _fresh_model(self) -> PreparedModel:
         """The model as the round starts it, before any state is loaded (after a refused state file)."""

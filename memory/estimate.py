@@ -29,7 +29,7 @@ from memory.report import MemoryReport
 from ondevice.errors import ConfigError
 from ondevice.optim import OptimizerConfig, build_optimizer, resolve_optimizer
 from ondevice.prepared import PreparedModel
-from ondevice.quantize import quantize_frozen_weights, quantized_layers
+from ondevice.quantize import quantizable_frozen, quantize_frozen_weights, quantized_layers
 
 __all__ = ["OptimizerSpec", "default_input_shape", "estimate", "make_optimizer"]
 
@@ -121,14 +121,10 @@ def _quantize_copy(work: nn.Module, mode: FakeTensorMode) -> bool:
     """Hold the frozen weights of the fake copy ``work`` in int8 as ``prepare`` would; returns whether
     the step must run under ``int8_saved_weights`` itself (a bare module: a ``PreparedModel`` does)."""
     inner = work.model if isinstance(work, PreparedModel) else work
-    frozen = any(not p.requires_grad for p in inner.parameters())
-    if not frozen:
+    if not quantizable_frozen(inner):  # no frozen layer weight: frozen parameters count at 8 bits instead
         return False
     with mode:
-        try:
-            names = quantize_frozen_weights(inner)
-        except ConfigError:  # no frozen weight of a layer int8 applies to: counted at 8 bits instead
-            return False
+        names = quantize_frozen_weights(inner)
     if isinstance(work, PreparedModel):
         work.int8_layers = tuple(names)
         return False

@@ -196,9 +196,7 @@ class Plan:
         return "\n".join(lines) + "\n\n" + self.report.to_markdown()
 
     def _frozen_weights_lines(self) -> list[str]:
-        if self.frozen_weights != "int8":
-            return []
-        if self.float_needed_bytes is None:
+        if self.frozen_weights != "int8" or self.float_needed_bytes is None:
             return []
         float_needed = format_bytes(self.float_needed_bytes)
         if self.needs_int8:
@@ -520,14 +518,13 @@ def plan(
             smallest_bytes=needed,
         )
     score, needed, scheme, report = best
-    in_memory = budget.count_frozen_params or budget.counts_process
-    int8 = bits == 8 and in_memory and report.frozen_param_bits == 8 and bool(quantizable_frozen(
-        prepare(model, scheme, head=head).model))  # fmt: skip
     float_needed = None
-    if int8:
-        floats = estimate(prepare(model, scheme, head=head).model, shape, optimizer=optimizer,
-                          loss_fn=loss_fn, copy_model=False)  # fmt: skip
-        float_needed = budget_bytes_needed(floats, dataclasses.replace(budget, frozen_param_bits=32))
+    if bits == 8 and (budget.count_frozen_params or budget.counts_process):
+        floats = prepare(model, scheme, head=head).model
+        if quantizable_frozen(floats):  # the report is the int8-held model's: what would float32 need?
+            float_report = estimate(floats, shape, optimizer=optimizer, loss_fn=loss_fn, copy_model=False)
+            float32 = dataclasses.replace(budget, frozen_param_bits=32)
+            float_needed = budget_bytes_needed(float_report, float32)
     considered.sort(key=lambda c: (not c.fits, -c.score, c.needed_bytes))
     result = Plan(
         scheme=scheme,
@@ -537,7 +534,7 @@ def plan(
         score=score,
         considered=tuple(considered),
         score_source=gains.source,
-        frozen_weights="int8" if int8 else "float",
+        frozen_weights="float" if float_needed is None else "int8",
         float_needed_bytes=float_needed,
     )
     logger.info("plan under %s: %s, %d bytes, gain %.3f", budget, _describe(scheme.to_dict()), needed, score)

@@ -33,7 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from ondevice._version import __version__
-from ondevice.checkpoint import KIND_BACKBONE, read_tensors, tensor_digest, write_tensors
+from ondevice.checkpoint import (
+    KIND_BACKBONE,
+    check_model_fingerprint,
+    read_tensors,
+    tensor_digest,
+    write_tensors,
+)
 from ondevice.errors import CheckpointMismatchError
 from ondevice.schemes import Scheme
 
@@ -135,12 +141,10 @@ def check_backbone_metadata(
             f"backbone (or save the backbone again from a model prepared with "
             f"frozen_weights={prepared.frozen_weights!r})"
         )
-    if metadata.get("model_fingerprint") != prepared.fingerprint:
-        raise CheckpointMismatchError(
-            f"{source} belongs to another model ({metadata.get('model_class')}, fingerprint "
-            f"{metadata.get('model_fingerprint')}), not this {type(prepared.model).__qualname__} "
-            f"(fingerprint {prepared.fingerprint}); load it into the architecture it was saved from"
-        )
+    check_model_fingerprint(
+        metadata, prepared.model, prepared.fingerprint, source=source,
+        fix="load it into the architecture it was saved from",
+    )  # fmt: skip
     theirs, ours = metadata.get("int8_layers"), sorted(prepared.int8_layers)
     if theirs != ours:
         found = set(theirs) if isinstance(theirs, list) else set()
@@ -204,6 +208,11 @@ def load_backbone_tensors(
     Nothing is copied unless every tensor fits.
     """
     check_backbone(prepared, tensors, source=source)
+    _copy_into(prepared, tensors)
+
+
+def _copy_into(prepared: BackboneHolder, tensors: Mapping[str, Tensor]) -> None:
+    """Copy checked ``tensors`` into ``prepared``'s live frozen tensors (on their device)."""
     own = _frozen(prepared)
     with torch.no_grad():
         for name, value in tensors.items():
@@ -239,5 +248,5 @@ def load_backbone(prepared: BackboneHolder, path: str | os.PathLike[str]) -> dic
     tensors, metadata = read_tensors(path, kind=KIND_BACKBONE)
     check_backbone_metadata(prepared, metadata, source=source)
     check_backbone(prepared, tensors, source=source, scheme=metadata.get("scheme"))
-    load_backbone_tensors(prepared, tensors, source=source)
+    _copy_into(prepared, tensors)
     return metadata

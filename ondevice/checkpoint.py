@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from ondevice.errors import CheckpointError, format_choices
+from ondevice.errors import CheckpointError, CheckpointMismatchError, format_choices
 
 __all__ = [
     "KINDS",
@@ -37,6 +37,7 @@ __all__ = [
     "KIND_PRETRAINED_BACKBONE",
     "KIND_TRAINER",
     "atomic_write_bytes",
+    "check_model_fingerprint",
     "check_target",
     "payload_digest",
     "read_tensors",
@@ -151,6 +152,19 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     digest = hashlib.sha256()
     _hash_tensors(digest, tensors)
     return digest.hexdigest()
+
+
+def check_model_fingerprint(
+    metadata: Mapping[str, Any], model: object, fingerprint: str, *, source: str, fix: str
+) -> None:
+    """Raise :class:`~ondevice.errors.CheckpointMismatchError` unless ``metadata`` records
+    ``fingerprint`` (the checkpoint belongs to ``model``'s architecture); ``fix`` ends the message."""
+    if metadata.get("model_fingerprint") != fingerprint:
+        raise CheckpointMismatchError(
+            f"{source} belongs to another model ({metadata.get('model_class')}, fingerprint "
+            f"{metadata.get('model_fingerprint')}), not this {type(model).__qualname__} "
+            f"(fingerprint {fingerprint}); {fix}"
+        )
 
 
 def payload_digest(tensors: Mapping[str, Tensor], metadata_json: str) -> str:

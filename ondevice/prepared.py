@@ -26,7 +26,7 @@ from ondevice._stock import StockLayer, stock_autograd_layers, stock_layers, war
 from ondevice._version import __version__
 from ondevice.adapters import LiteResidualPlan, lite_residual_plan
 from ondevice.backbone import load_backbone, save_backbone
-from ondevice.checkpoint import KIND_DELTA, read_tensors, write_tensors
+from ondevice.checkpoint import KIND_DELTA, check_model_fingerprint, read_tensors, write_tensors
 from ondevice.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -409,12 +409,8 @@ class PreparedModel(nn.Module):
             raise CheckpointMismatchError(
                 f"{source} has format {metadata.get('format')!r}, expected {DELTA_FORMAT!r}"
             )
-        if metadata.get("model_fingerprint") != self.fingerprint:
-            raise CheckpointMismatchError(
-                f"{source} belongs to another model ({metadata.get('model_class')}, fingerprint "
-                f"{metadata.get('model_fingerprint')}), not this {type(self.model).__qualname__} "
-                f"(fingerprint {self.fingerprint}); load it into the model it was saved from"
-            )
+        check_model_fingerprint(metadata, self.model, self.fingerprint, source=source,
+                                fix="load it into the model it was saved from")  # fmt: skip
         theirs = metadata.get("scheme")
         if theirs != self.scheme.to_dict():
             raise CheckpointMismatchError(
