@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ondevice import prepare
 from ondevice.errors import ConfigError, OnDeviceError
+from ondevice.loop import optimizer_step
 from ondevice.schemes import Sparse
 
 __all__ = [
@@ -153,13 +154,11 @@ def finetune_accuracy(
         prepared = prepare(copy.deepcopy(model), scheme, copy_model=False)  # type: ignore[arg-type]
     params = list(prepared.trainable_parameters().values())
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    opt.zero_grad(set_to_none=True)  # gradients the copied model may carry
     for _ in range(steps):
         prepared.train()
         idx = torch.randint(0, len(train_x), (min(batch_size, len(train_x)),), generator=generator)
-        loss = nn.functional.cross_entropy(prepared(train_x[idx]), train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(nn.functional.cross_entropy(prepared(train_x[idx]), train_y[idx]), opt)
     return _accuracy(prepared, val_x, val_y)
 
 

@@ -1,4 +1,10 @@
-"""Optimizer settings as data (they ride in checkpoints and Flower ConfigRecords)."""
+"""Optimizer settings as data (they ride in checkpoints and Flower ConfigRecords), and the one codec of
+optimizer state in checkpoints (:class:`~ondevice.Trainer` and :class:`~ondevice.continual.Learner` files).
+
+In a checkpoint, an optimizer's state is keyed by trainable-tensor name, never by position: tensor slots
+(momentum buffers, Adam's moments, its step) are tensors named ``optim/<name>/<slot>``, other slots ride in
+the metadata as ``{name: {slot: value}}``.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,21 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ondevice.errors import ConfigError, UnknownNameError
+from ondevice.errors import CheckpointMismatchError, ConfigError, UnknownNameError
 
-__all__ = ["OptimizerConfig", "build_optimizer", "resolve_optimizer"]
+__all__ = [
+    "OPTIMIZER_PREFIX",
+    "OptimizerConfig",
+    "build_optimizer",
+    "decode_optimizer_state",
+    "encode_optimizer_state",
+    "resolve_optimizer",
+]
+
+#: Prefix of optimizer-state tensors in a checkpoint: ``optim/<trainable name>/<slot>``.
+OPTIMIZER_PREFIX = "optim/"
 
 _KINDS = ("adam", "sgd")
 
@@ -93,3 +109,60 @@ def build_optimizer(config: OptimizerConfig, params: Iterable[nn.Parameter]) -> 
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
+
+
+def encode_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter]
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """``optimizer``'s state by the names of ``params``: tensor slots as ``"optim/<name>/<slot>"``, and the
+    other slots (numbers) as ``{name: {slot: value}}`` for JSON metadata."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    by_param = {id(p): name for name, p in params.items()}
+    for param, slots in optimizer.state.items():
+        name = by_param[id(param)]
+        for slot, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"{OPTIMIZER_PREFIX}{name}/{slot}"] = value
+            else:
+                scalars.setdefault(name, {})[slot] = value
+    return tensors, scalars
+
+
+def decode_optimizer_state(
+    tensors: Mapping[str, Tensor],
+    scalars: Mapping[str, Any],
+    *,
+    shapes: Mapping[str, tuple[int, ...]],
+    source: str,
+) -> dict[str, dict[str, Any]]:
+    """Saved optimizer state (what :func:`encode_optimizer_state` wrote) by trainable-tensor name, checked.
+
+    Args:
+        tensors: a checkpoint's tensors; only the ``optim/`` ones are read (cloned).
+        scalars: the saved non-tensor slots.
+        shapes: the shape of every tensor the state may belong to, by name; a slot of more than one element
+            must have its tensor's shape.
+        source: names the checkpoint in errors.
+
+    Raises:
+        CheckpointMismatchError: state for a tensor not in ``shapes``, or of another shape.
+    """
+    slots_by_name: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(OPTIMIZER_PREFIX):
+            continue
+        name, _, slot = key[len(OPTIMIZER_PREFIX) :].rpartition("/")
+        if name not in shapes:
+            raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
+        if value.numel() > 1 and tuple(value.shape) != tuple(shapes[name]):
+            raise CheckpointMismatchError(
+                f"{source} has optimizer state {slot!r} of shape {tuple(value.shape)} for {name!r}, whose "
+                f"shape is {tuple(shapes[name])}"
+            )
+        slots_by_name.setdefault(name, {})[slot] = value.clone()
+    for name, slots in scalars.items():
+        if name not in shapes or not isinstance(slots, dict):
+            raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
+        slots_by_name.setdefault(name, {}).update(slots)
+    return slots_by_name

@@ -2,9 +2,13 @@
 
 ``pretrain("cnn")`` builds ``create_model("cnn", num_classes=5)``, trains it on the digits 0-4 (laid out
 to the model's ``input_shape``: resized, channels repeated, or scanned into a sequence) and stores the
-``state_dict`` as ``<cache>/pretrained/<model>-<hash>.safetensors`` with its provenance in the
-safetensors metadata. The next call with the same arguments loads the file instead of training. The
-cache directory is ``cache_dir``, else ``$ONDEVICE_CACHE_DIR``, else ``~/.cache/ondevice``.
+``state_dict`` as ``<cache>/pretrained/<model>-<hash>.safetensors``, a checkpoint of kind
+``pretrained-backbone`` (:mod:`ondevice.checkpoint`: digest-checked) with its provenance in the metadata.
+The next call with the same arguments loads the file instead of training; a damaged, outdated or foreign
+file is a miss, retrained and rewritten. The cache directory is ``cache_dir``, else
+``$ONDEVICE_CACHE_DIR``, else ``~/.cache/ondevice``. :func:`pretrain_backbone` trains on the caller's
+data (the continual scenarios' factory pools) through the same loop (:func:`ondevice.loop.train_epochs`)
+and the same cache.
 
 Recipe (version :data:`RECIPE_VERSION`): AdamW (weight decay 1e-4) with a one-cycle schedule (15 %
 warm-up, cosine decay) at a per-model peak learning rate and epoch count (:data:`RECIPES`), batch 32,
@@ -24,22 +28,21 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ondevice.checkpoint import KIND_PRETRAINED_BACKBONE, read_tensors, write_tensors
 from ondevice.data.digits import load_digits
 from ondevice.data.splits import stratified_split
 from ondevice.data.tensordata import TensorData
 from ondevice.errors import CheckpointError, ConfigError
+from ondevice.loop import EpochRecipe, train_epochs
 from ondevice.models import ClassifierModel, InvertedResidual, create_model, model_defaults
 
 __all__ = [
@@ -49,8 +52,10 @@ __all__ = [
     "RECIPE_VERSION",
     "PretrainResult",
     "Recipe",
+    "data_digest",
     "default_cache_dir",
     "pretrain",
+    "pretrain_backbone",
     "pretrain_with_report",
     "pretrained_path",
 ]
@@ -84,7 +89,7 @@ _BATCH_SIZE = 32
 _WEIGHT_DECAY = 1e-4
 _LABEL_SMOOTHING = 0.05
 _TEST_FRACTION = 0.25
-_FORMAT = "ondevice.pretrained/1"
+_WARMUP = 0.15
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,22 +149,30 @@ def _resolve(
     return cls, epochs, full
 
 
-def _cache_key(model: str, classes: tuple[int, ...], epochs: int, seed: int, kwargs: dict[str, Any]) -> str:
-    spec = {
-        "classes": list(classes),
-        "epochs": epochs,
-        "kwargs": kwargs,
-        "model": model,
-        "recipe": RECIPE_VERSION,
-        "seed": int(seed),
-    }
+def _cache_path(cache_dir: str | os.PathLike[str] | None, model: str, spec: dict[str, Any]) -> Path:
+    """``<cache>/pretrained/<model>-<hash of spec>.safetensors``."""
     try:
         text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     except TypeError as exc:
         raise ConfigError(
-            f"pretrain needs JSON-serialisable model arguments to key its cache: {exc}"
+            f"pretraining needs JSON-serialisable model arguments to key its cache: {exc}"
         ) from None
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "pretrained" / f"{model}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _digits_spec(
+    model: str, classes: tuple[int, ...], epochs: int, seed: int, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """What a digits-pretrained model depends on: its cache key and its provenance in the file."""
+    return {
+        "model": model,
+        "model_kwargs": kwargs,
+        "classes": list(classes),
+        "seed": int(seed),
+        "epochs": epochs,
+        "recipe_version": RECIPE_VERSION,
+    }
 
 
 def pretrained_path(
@@ -173,8 +186,7 @@ def pretrained_path(
 ) -> Path:
     """The cache file :func:`pretrain` uses for these arguments (it may not exist yet)."""
     cls, epochs, full = _resolve(model, classes, epochs, model_kwargs)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "pretrained" / f"{model}-{_cache_key(model, cls, epochs, seed, full)}.safetensors"
+    return _cache_path(cache_dir, model, _digits_spec(model, cls, epochs, seed, full))
 
 
 def _digits_for(input_shape: tuple[int, ...]) -> TensorData:
@@ -246,83 +258,66 @@ def _zero_init_residuals(model: ClassifierModel) -> None:
                 torch.nn.init.zeros_(last.weight)
 
 
-def _train(
-    model: ClassifierModel,
-    train: TensorData,
+def data_digest(data: TensorData) -> str:
+    """A short SHA-256 over ``data``'s inputs and labels (part of a cache key)."""
+    digest = hashlib.sha256()
+    for t in (data.x, data.y):
+        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Cached:
+    model: ClassifierModel
+    metadata: dict[str, Any]
+    cached: bool
+
+
+def _cached_training(
+    path: Path,
+    build: Callable[[], ClassifierModel],
+    train: Callable[[ClassifierModel], dict[str, Any]],
     *,
-    name: str,
-    epochs: int,
+    spec: dict[str, Any],
     seed: int,
-    progress: bool,
-) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    lr = RECIPES.get(name, FALLBACK_RECIPE).lr
-    _zero_init_residuals(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=_WEIGHT_DECAY)
-    steps_per_epoch = sum(1 for s in range(0, len(train), _BATCH_SIZE) if len(train) - s >= 2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15
-    )
-    model.train()
-    with _progress(progress, epochs, f"pretraining {name}") as advance:
-        for _ in range(epochs):
-            order = torch.randperm(len(train), generator=gen)
-            for start in range(0, len(train), _BATCH_SIZE):
-                idx = order[start : start + _BATCH_SIZE]
-                if idx.numel() < 2:  # BatchNorm needs more than one sample
-                    continue
-                x = _augment(train.x[idx], gen)
-                loss = F.cross_entropy(model(x), train.y[idx], label_smoothing=_LABEL_SMOOTHING)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-            advance()
+) -> _Cached:
+    """The one pretraining cache: load ``path`` into a model built by ``build`` after ``torch.manual_seed
+    (seed)``, or train that model (``train`` returns metadata to keep) and write it to ``path``.
+
+    Global RNG state is restored afterwards. A damaged, outdated or foreign entry is a miss: it is logged,
+    removed and rewritten by the retrained model, which is trained from the same seed.
+    """
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        net = build()
+        if path.exists() or path.is_symlink():
+            try:
+                tensors, metadata = read_tensors(path, kind=KIND_PRETRAINED_BACKBONE)
+                if metadata.get("spec") != json.loads(json.dumps(spec)):  # as JSON holds it
+                    raise CheckpointError(f"{path} was trained with other settings ({metadata.get('spec')})")
+                net.load_state_dict(tensors, strict=True)
+            except (CheckpointError, RuntimeError) as exc:
+                logger.warning("pretraining cache entry %s is unusable, retraining: %s", path, exc)
+                _drop_cache_entry(path)
+                torch.manual_seed(seed)
+                net = build()
+            else:
+                net.eval()
+                logger.info("loaded pretrained %s from %s", type(net).__name__, path)
+                return _Cached(net, metadata, True)
+        extra = train(net)
+    net.eval()
+    metadata = {"spec": spec, **extra}
+    write_tensors(path, net.state_dict(), metadata, kind=KIND_PRETRAINED_BACKBONE)
+    return _Cached(net, metadata, False)
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _save(path: Path, model: ClassifierModel, metadata: dict[str, str]) -> None:
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    metadata = {**metadata, "format": _FORMAT, "sha256": _digest(tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    os.close(fd)
+def _drop_cache_entry(path: Path) -> None:
+    """Remove an unusable cache entry so that the retrained model can be written in its place."""
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _load(path: Path, model: ClassifierModel) -> dict[str, str]:
-    """Load ``path`` into ``model``; raise CheckpointError if it is not a valid, intact cache entry."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    if metadata.get("format") != _FORMAT:
-        raise CheckpointError(
-            f"{path} is not an ondevice pretrained file (format {metadata.get('format')!r})"
-        )
-    if metadata.get("sha256") != _digest(tensors):
-        raise CheckpointError(f"{path} fails its checksum (corrupt or modified)")
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the model: {exc}") from exc
-    return metadata
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # the write that follows then says what is in the way
+        logger.warning("could not remove the unusable cache entry %s: %s", path, exc)
 
 
 def pretrain_with_report(
@@ -337,54 +332,95 @@ def pretrain_with_report(
 ) -> PretrainResult:
     """Like :func:`pretrain`, returning a :class:`PretrainResult` (model, accuracy, cache status)."""
     cls, epochs, full = _resolve(model, classes, epochs, model_kwargs)
-    path = pretrained_path(model, classes=cls, epochs=epochs, seed=seed, cache_dir=cache_dir, **model_kwargs)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-        torch.manual_seed(seed)
-        net = create_model(model, num_classes=len(cls), **model_kwargs)
-
-        if path.exists():
-            try:
-                meta = _load(path, net)
-            except CheckpointError as exc:
-                logger.warning("pretrained cache entry is unusable, retraining: %s", exc)
-            else:
-                net.eval()
-                logger.info("loaded pretrained %s from %s", model, path)
-                return PretrainResult(
-                    net,
-                    float(meta["source_accuracy"]),
-                    True,
-                    path,
-                    epochs,
-                    float(meta.get("train_time_s", "nan")),
-                )
-            torch.manual_seed(seed)
-            net = create_model(model, num_classes=len(cls), **model_kwargs)
-
-        data = _digits_for(net.input_shape)
-        train, test = _source_split(data, cls, seed)
-        logger.info("pretraining %s on digits %s (%d samples, %d epochs)", model, cls, len(train), epochs)
-        start = time.perf_counter()
-        _train(net, train, name=model, epochs=epochs, seed=seed, progress=progress)
-        train_time_s = time.perf_counter() - start
-        accuracy = _accuracy(net, test)
-    logger.info("pretrained %s: source accuracy %.4f in %.1f s", model, accuracy, train_time_s)
-    _save(
-        path,
-        net,
-        {
-            "model": model,
-            "model_kwargs": json.dumps(full, sort_keys=True),
-            "classes": json.dumps(list(cls)),
-            "seed": str(seed),
-            "epochs": str(epochs),
-            "recipe_version": str(RECIPE_VERSION),
-            "source_accuracy": repr(accuracy),
-            "train_time_s": f"{train_time_s:.3f}",
-        },
+    spec = _digits_spec(model, cls, epochs, seed, full)
+    path = _cache_path(cache_dir, model, spec)
+    recipe = EpochRecipe(
+        epochs=epochs,
+        lr=RECIPES.get(model, FALLBACK_RECIPE).lr,
+        batch_size=_BATCH_SIZE,
+        weight_decay=_WEIGHT_DECAY,
+        label_smoothing=_LABEL_SMOOTHING,
+        warmup=_WARMUP,
     )
-    net.eval()
-    return PretrainResult(net, accuracy, False, path, epochs, train_time_s)
+
+    def train(net: ClassifierModel) -> dict[str, Any]:
+        train_part, test_part = _source_split(_digits_for(net.input_shape), cls, seed)
+        logger.info(
+            "pretraining %s on digits %s (%d samples, %d epochs)", model, cls, len(train_part), epochs
+        )
+        start = time.perf_counter()
+        _zero_init_residuals(net)
+        with _progress(progress, epochs, f"pretraining {model}") as advance:
+            train_epochs(
+                net,
+                train_part.x,
+                train_part.y,
+                recipe,
+                generator=torch.Generator().manual_seed(seed),
+                augment=_augment,
+                after_epoch=advance,
+            )
+        seconds = time.perf_counter() - start
+        accuracy = _accuracy(net, test_part)
+        logger.info("pretrained %s: source accuracy %.4f in %.1f s", model, accuracy, seconds)
+        return {"source_accuracy": accuracy, "train_time_s": round(seconds, 3)}
+
+    out = _cached_training(
+        path, lambda: create_model(model, num_classes=len(cls), **model_kwargs), train, spec=spec, seed=seed
+    )
+    return PretrainResult(
+        out.model,
+        float(out.metadata["source_accuracy"]),
+        out.cached,
+        path,
+        epochs,
+        float(out.metadata.get("train_time_s", "nan")),
+    )
+
+
+def pretrain_backbone(
+    model: str,
+    data: TensorData,
+    *,
+    epochs: int = 20,
+    seed: int = 0,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **model_kwargs: Any,
+) -> ClassifierModel:
+    """A zoo model trained on ``data`` (its labels must be ``0..k-1``), cached by content.
+
+    The same loop and cache as :func:`pretrain`, on the caller's data: AdamW (weight decay 1e-4), one-cycle
+    schedule (30 % warm-up), label smoothing 0.05, no augmentation. The file lives in the same cache
+    (``<cache>/pretrained/``), keyed by the model, its arguments, a digest of ``data``, the epochs, the
+    seed, the learning rate, the batch size and the recipe version.
+    """
+    classes = data.classes
+    if classes != tuple(range(len(classes))) or len(classes) < 2:
+        raise ConfigError(f"pretraining labels must be 0..k-1 with k >= 2, got classes {classes}")
+    recipe = EpochRecipe(epochs=epochs, lr=lr, batch_size=batch_size)
+    spec = {
+        "model": model,
+        "model_kwargs": model_kwargs,
+        "data": data_digest(data),
+        "epochs": epochs,
+        "seed": seed,
+        "lr": lr,
+        "batch_size": batch_size,
+        "recipe_version": RECIPE_VERSION,
+    }
+    path = _cache_path(cache_dir, model, spec)
+
+    def train(net: ClassifierModel) -> dict[str, Any]:
+        start = time.perf_counter()
+        train_epochs(net, data.x, data.y, recipe, generator=torch.Generator().manual_seed(seed))
+        seconds = time.perf_counter() - start
+        logger.info("pretrained backbone %s on %d samples in %.1f s -> %s", model, len(data), seconds, path)
+        return {"train_time_s": round(seconds, 3)}
+
+    build = lambda: create_model(model, num_classes=len(classes), **model_kwargs)  # noqa: E731
+    return _cached_training(path, build, train, spec=spec, seed=seed).model
 
 
 def pretrain(

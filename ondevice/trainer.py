@@ -30,7 +30,15 @@ from ondevice.errors import (
     InputShapeError,
     NonFiniteBatchError,
 )
-from ondevice.optim import OptimizerConfig, build_optimizer, resolve_optimizer
+from ondevice.loop import optimizer_step
+from ondevice.optim import (
+    OPTIMIZER_PREFIX,
+    OptimizerConfig,
+    build_optimizer,
+    decode_optimizer_state,
+    encode_optimizer_state,
+    resolve_optimizer,
+)
 from ondevice.prepared import PreparedModel
 
 __all__ = ["EvalResult", "FitResult", "StepResult", "Trainer", "TrainerState", "logits_of"]
@@ -38,7 +46,7 @@ __all__ = ["EvalResult", "FitResult", "StepResult", "Trainer", "TrainerState", "
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-_OPTIM_PREFIX = "optimizer/"
+_LEGACY_PREFIX = "optimizer/"  # the Trainer's own optimizer-state prefix before the shared codec
 
 
 @dataclass(frozen=True)
@@ -160,25 +168,26 @@ class Trainer:
         loss = self.loss_fn(_loss_precision(logits), y)
         if not bool(torch.isfinite(loss)):
             return self._skip("nonfinite_loss", x)
-        (loss / self.accumulate_steps).backward()
-        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._params.values()):
-            self._zero_grad()
+        stepped = self._pending + 1 >= self.accumulate_steps
+        if not optimizer_step(
+            loss, self.optimizer, check=self._params.values(), divide_by=self.accumulate_steps, step=stepped
+        ):
             self._pending = 0
             return self._skip("nonfinite_gradient", x)
         self.state.batches += 1
         self.state.samples += int(x.shape[0])
-        self._pending += 1
-        stepped = False
-        if self._pending >= self.accumulate_steps:
-            self._optimizer_step()
-            stepped = True
+        self._pending = 0 if stepped else self._pending + 1
+        self.state.optimizer_steps += int(stepped)
         return StepResult(loss=float(loss.detach()), skipped=False, reason=None, optimizer_stepped=stepped)
 
     def flush(self) -> bool:
         """Apply an optimizer step for gradients accumulated since the last one; True if it stepped."""
         if self._pending == 0:
             return False
-        self._optimizer_step()
+        self.optimizer.step()
+        self._zero_grad()
+        self._pending = 0
+        self.state.optimizer_steps += 1
         return True
 
     # -- loops ---------------------------------------------------------------------------------------
@@ -255,16 +264,8 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Save the delta, the optimizer state and the counters to one safetensors file, atomically."""
-        tensors: dict[str, Tensor] = dict(self.model.trainable_tensors())
-        scalars: dict[str, dict[str, Any]] = {}
-        by_param = {id(p): name for name, p in self._params.items()}
-        for param, state in self.optimizer.state.items():
-            name = by_param[id(param)]
-            for key, value in state.items():
-                if isinstance(value, Tensor):
-                    tensors[f"{_OPTIM_PREFIX}{name}/{key}"] = value
-                else:
-                    scalars.setdefault(name, {})[key] = value
+        optim_tensors, scalars = encode_optimizer_state(self.optimizer, self._params)
+        tensors: dict[str, Tensor] = {**self.model.trainable_tensors(), **optim_tensors}
         metadata = self.model.delta_metadata()
         metadata["trainer"] = {
             "optimizer": self.config.to_dict(),
@@ -303,25 +304,24 @@ class Trainer:
                 f"{source} was trained with optimizer {trainer_meta.get('optimizer')}, this trainer uses "
                 f"{self.config.to_dict()}; create the Trainer with the same optimizer kind"
             )
-        delta = {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}
-        state: dict[Any, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if not key.startswith(_OPTIM_PREFIX):
-                continue
-            name, _, slot = key[len(_OPTIM_PREFIX) :].rpartition("/")
-            param = self._params.get(name)
-            if param is None:
-                raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
-            if value.numel() > 1 and tuple(value.shape) != tuple(param.shape):
-                raise CheckpointMismatchError(
-                    f"{source} has optimizer state {slot!r} of shape {tuple(value.shape)} for {name!r}, "
-                    f"whose shape is {tuple(param.shape)}"
-                )
-            state.setdefault(param, {})[slot] = value.to(param.device).clone()
-        for name, extra in (trainer_meta.get("optimizer_scalars") or {}).items():
-            if name not in self._params or not isinstance(extra, dict):
-                raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
-            state.setdefault(self._params[name], {}).update(extra)
+        # Trainer files written before the shared codec named the slots "optimizer/<name>/<slot>": read them.
+        tensors = {
+            OPTIMIZER_PREFIX + k[len(_LEGACY_PREFIX) :] if k.startswith(_LEGACY_PREFIX) else k: v
+            for k, v in tensors.items()
+        }
+        delta = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
+        by_name = decode_optimizer_state(
+            tensors,
+            trainer_meta.get("optimizer_scalars") or {},
+            shapes={name: tuple(p.shape) for name, p in self._params.items()},
+            source=source,
+        )
+        state = {
+            self._params[name]: {
+                k: v.to(self._params[name].device) if isinstance(v, Tensor) else v for k, v in by_slot.items()
+            }
+            for name, by_slot in by_name.items()
+        }
         counters = trainer_meta.get("state") or {}
         try:
             restored = TrainerState(
@@ -343,12 +343,6 @@ class Trainer:
         self._zero_grad()
 
     # -- internals -----------------------------------------------------------------------------------
-    def _optimizer_step(self) -> None:
-        self.optimizer.step()
-        self._zero_grad()
-        self._pending = 0
-        self.state.optimizer_steps += 1
-
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -260,7 +260,7 @@ def test_unusable_backbone_cache_entry_is_a_miss_that_is_rewritten(
 
     data = TensorData(digits.x[:96], digits.y[:96] % 2)
     first = pretrain_backbone("cnn", data, epochs=1, cache_dir=tmp_path, channels=(4, 8, 16))
-    (entry,) = (tmp_path / "continual").glob("*.safetensors")
+    (entry,) = (tmp_path / "pretrained").glob("*.safetensors")
     if damage == "flip":
         _flip_payload(entry)
     elif damage == "text":

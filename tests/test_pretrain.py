@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from sklearn.linear_model import LogisticRegression
 
+from ondevice.checkpoint import KIND_PRETRAINED_BACKBONE, read_tensors
 from ondevice.data import load_digits, transfer_split
 from ondevice.errors import ConfigError, UnknownModelError
 from ondevice.models import ClassifierModel
@@ -43,16 +44,19 @@ def test_second_call_loads_the_cache(tmp_path: Path) -> None:
 def test_cache_file_is_safetensors_with_provenance(tmp_path: Path) -> None:
     result = pretrain_with_report("cnn", cache_dir=tmp_path, seed=3, **TINY)
     with safe_open(str(result.path), framework="pt") as f:
-        meta = f.metadata()
+        header = f.metadata()
         keys = set(f.keys())
     assert keys == set(result.model.state_dict())
-    assert meta["model"] == "cnn" and json.loads(meta["classes"]) == [0, 1, 2, 3, 4]
-    assert meta["seed"] == "3" and meta["epochs"] == "2" and meta["recipe_version"] == str(RECIPE_VERSION)
-    assert json.loads(meta["model_kwargs"])["channels"] == [8, 16]
-    assert float(meta["source_accuracy"]) == result.source_accuracy
+    tensors, meta = read_tensors(result.path, kind=KIND_PRETRAINED_BACKBONE)  # digest-checked
+    spec = meta["spec"]
+    assert spec["model"] == "cnn" and spec["classes"] == [0, 1, 2, 3, 4]
+    assert spec["seed"] == 3 and spec["epochs"] == 2 and spec["recipe_version"] == RECIPE_VERSION
+    assert spec["model_kwargs"]["channels"] == [8, 16]
+    assert meta["source_accuracy"] == result.source_accuracy
+    assert all(torch.equal(tensors[k], v) for k, v in result.model.state_dict().items())
     raw = result.path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, then JSON
-    assert raw[8:9] == b"{" and json.loads(raw[8 : 8 + header_len])["__metadata__"] == meta
+    assert raw[8:9] == b"{" and json.loads(raw[8 : 8 + header_len])["__metadata__"] == header
 
 
 def test_training_is_deterministic_and_leaves_global_rng_alone(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from ondevice.continual.head import linear_head
 from ondevice.continual.prequential import LearnerState
 from ondevice.continual.regularizers import Regularizer, regularizer_from_dict
 from ondevice.errors import CheckpointError, CheckpointMismatchError
-from ondevice.optim import OptimizerConfig, resolve_optimizer
+from ondevice.optim import OptimizerConfig, decode_optimizer_state, resolve_optimizer
 from ondevice.prepared import PreparedModel
 
 __all__ = [
@@ -32,8 +32,6 @@ __all__ = [
     "check_setup",
     "check_state",
     "learner_settings",
-    "optimizer_slots",
-    "optimizer_state",
     "read_counters",
     "strip",
 ]
@@ -42,23 +40,6 @@ __all__ = [
 def strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The tensors whose names start with ``prefix``, by the rest of their names."""
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def optimizer_state(
-    optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter]
-) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
-    """``optimizer``'s state by parameter name: tensor slots as ``"<name>/<slot>"``, other slots by name."""
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    by_param = {id(p): name for name, p in params.items()}
-    for param, slots in optimizer.state.items():
-        name = by_param[id(param)]
-        for key, value in slots.items():
-            if isinstance(value, Tensor):
-                tensors[f"{name}/{key}"] = value
-            else:
-                scalars.setdefault(name, {})[key] = value
-    return tensors, scalars
 
 
 def check_setup(
@@ -134,34 +115,6 @@ def check_delta(
             )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointMismatchError(f"{source}: tensor {name!r} holds NaN or Inf; refusing to load it")
-
-
-def optimizer_slots(
-    tensors: Mapping[str, Tensor],
-    scalars: Mapping[str, Any],
-    *,
-    names: Mapping[str, object],
-    delta: Mapping[str, Tensor],
-    source: str,
-) -> dict[str, dict[str, Any]]:
-    """Saved optimizer state by trainable-tensor name (names survive a grown head), tensor slots
-    (``"<name>/<slot>"``, cloned) checked against the saved tensors' shapes; ``names`` are the learner's."""
-    slots_by_name: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        name, _, slot = key.rpartition("/")
-        if name not in names or name not in delta:
-            raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
-        if value.numel() > 1 and tuple(value.shape) != tuple(delta[name].shape):
-            raise CheckpointMismatchError(
-                f"{source} has optimizer state {slot!r} of shape {tuple(value.shape)} for {name!r}, whose "
-                f"shape is {tuple(delta[name].shape)}"
-            )
-        slots_by_name.setdefault(name, {})[slot] = value.clone()
-    for name, slots in scalars.items():
-        if name not in names or not isinstance(slots, dict):
-            raise CheckpointMismatchError(f"{source} has optimizer state for unknown tensor {name!r}")
-        slots_by_name.setdefault(name, {}).update(slots)
-    return slots_by_name
 
 
 def read_counters(
@@ -244,7 +197,8 @@ def check_state(
     delta = strip(tensors, "delta/")
     check_delta(model.trainable_tensors(), delta, num_classes, current_classes, source)
     scalars = (metadata.get("optimizer") or {}).get("scalars") or {}
-    slots = optimizer_slots(strip(tensors, "optim/"), scalars, names=params, delta=delta, source=source)
+    shapes = {name: tuple(delta[name].shape) for name in params if name in delta}  # a grown head's too
+    slots = decode_optimizer_state(tensors, scalars, shapes=shapes, source=source)
     lr, counters = read_counters(metadata, default_lr=optimizer_config.lr, source=source)
     loaded_drift = None
     if drift is not None:

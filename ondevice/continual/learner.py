@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ondevice.continual._state_dict import check_state, learner_settings, optimizer_state
+from ondevice.continual._state_dict import check_state, learner_settings
 from ondevice.continual.buffer import BufferConfig, ReplayBuffer, buffer_from_config
 from ondevice.continual.config import RECIPES, LearnerConfig, Recipe
 from ondevice.continual.drift import DriftDetector
@@ -57,7 +57,8 @@ from ondevice.continual.state import load_learner, read_learner_state, save_lear
 from ondevice.continual.strategies import STRATEGIES, RegularizerOptions, Strategy, strategy_recipe
 from ondevice.data import as_stream
 from ondevice.errors import ConfigError, InputShapeError, NonFiniteBatchError
-from ondevice.optim import OptimizerConfig, build_optimizer, resolve_optimizer
+from ondevice.loop import optimizer_step
+from ondevice.optim import OptimizerConfig, build_optimizer, encode_optimizer_state, resolve_optimizer
 from ondevice.prepared import PreparedModel
 
 __all__ = [
@@ -284,15 +285,17 @@ class Learner:
             extra = self.regularizer.loss(self.model.model, x, logits)
             if extra is not None:
                 loss = loss + extra
+        regularizer = self.regularizer
+
+        def correct_gradients() -> None:  # e.g. online EWC's Fisher update, after the gradient check
+            if regularizer is not None:
+                regularizer.after_backward(self._params, batch_size)
+
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._params.values()):
-            self.optimizer.zero_grad(set_to_none=True)
+        if not optimizer_step(
+            loss, self.optimizer, check=self._params.values(), before_step=correct_gradients
+        ):
             return False
-        if self.regularizer is not None:
-            self.regularizer.after_backward(self._params, batch_size)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.state.optimizer_steps += 1
         return True
 
@@ -419,8 +422,8 @@ class Learner:
         counters, drift detector). :func:`ondevice.continual.state.snapshot_learner` copies it for a file.
         """
         tensors: dict[str, Tensor] = {f"delta/{k}": v for k, v in self.model.trainable_tensors().items()}
-        optim_tensors, scalars = optimizer_state(self.optimizer, self._params)
-        tensors.update({f"optim/{k}": v for k, v in optim_tensors.items()})
+        optim_tensors, scalars = encode_optimizer_state(self.optimizer, self._params)
+        tensors.update(optim_tensors)
         metadata: dict[str, Any] = {
             "delta": self.model.delta_metadata(),
             "head": self.model.head,

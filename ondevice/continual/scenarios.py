@@ -25,12 +25,8 @@ measures every experience's test accuracy to build the accuracy matrix (:mod:`~o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +34,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from ondevice.checkpoint import KIND_PRETRAINED_BACKBONE, read_tensors, write_tensors
 from ondevice.continual.learner import Learner
 from ondevice.continual.metrics import ContinualMetrics
 from ondevice.continual.prequential import ObserveResult
 from ondevice.data import DEFAULT_DOMAIN_SHIFTS, Experience, Stream, TensorData, domain_shift, load_digits
 from ondevice.data.splits import stratified_split
-from ondevice.errors import CheckpointError, ConfigError, UnknownNameError
-from ondevice.models import ClassifierModel, create_model
+from ondevice.errors import ConfigError, UnknownNameError
+from ondevice.models import ClassifierModel
+from ondevice.pretrain import pretrain_backbone
 
 __all__ = [
     "SCENARIOS",
@@ -63,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 ScenarioName = Literal["class-incremental", "class-incremental-novel", "domain-incremental", "sensor"]
 SCENARIOS: tuple[str, ...] = ("class-incremental", "class-incremental-novel", "domain-incremental", "sensor")
-_RECIPE = 1
 _SENSOR_SHIFTS: tuple[tuple[tuple[str, float], ...], ...] = (
     (),
     (("contrast", 0.5),),
@@ -213,102 +207,6 @@ def load_scenario(name: ScenarioName | str, *, seed: int = 0, image_size: int = 
         initial_classes=10,
         description=f"digits 0-9 under {what}; {model} pretrained on held-out clean digits",
     )
-
-
-def _data_digest(data: TensorData) -> str:
-    digest = hashlib.sha256()
-    for t in (data.x, data.y):
-        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _default_cache() -> Path:
-    env = os.environ.get("ONDEVICE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ondevice"
-
-
-def pretrain_backbone(
-    model: str,
-    data: TensorData,
-    *,
-    epochs: int = 20,
-    seed: int = 0,
-    lr: float = 3e-3,
-    batch_size: int = 32,
-    cache_dir: str | os.PathLike[str] | None = None,
-    **model_kwargs: Any,
-) -> ClassifierModel:
-    """A zoo model trained on ``data`` (its labels must be ``0..k-1``), cached by content.
-
-    AdamW (weight decay 1e-4), one-cycle schedule, label smoothing 0.05, no augmentation. The result is
-    cached under ``<cache>/continual/`` (``$ONDEVICE_CACHE_DIR`` or ``~/.cache/ondevice``), keyed by the
-    model, its arguments, a digest of ``data``, the epochs, the seed and the recipe version.
-    """
-    classes = data.classes
-    if classes != tuple(range(len(classes))) or len(classes) < 2:
-        raise ConfigError(f"pretraining labels must be 0..k-1 with k >= 2, got classes {classes}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
-    spec = {
-        "model": model,
-        "kwargs": model_kwargs,
-        "data": _data_digest(data),
-        "epochs": epochs,
-        "seed": seed,
-        "lr": lr,
-        "batch_size": batch_size,
-        "recipe": _RECIPE,
-    }
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache()
-    path = root / "continual" / f"{model}-{key}.safetensors"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = create_model(model, num_classes=len(classes), **model_kwargs)
-        if path.exists():
-            try:
-                tensors, _ = read_tensors(path, kind=KIND_PRETRAINED_BACKBONE)
-                net.load_state_dict(tensors, strict=True)
-                net.eval()
-                logger.info("loaded pretrained backbone %s from %s", model, path)
-                return net
-            except (CheckpointError, RuntimeError) as exc:
-                # A damaged, outdated or foreign cache entry is a miss: drop it, retrain and rewrite it.
-                logger.warning("backbone cache entry %s is unusable, retraining: %s", path, exc)
-                _drop_cache_entry(path)
-                torch.manual_seed(seed)
-                net = create_model(model, num_classes=len(classes), **model_kwargs)
-        started = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-        steps = epochs * math.ceil(len(data) / batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
-        net.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(data), generator=gen)
-            for start in range(0, len(data), batch_size):
-                idx = order[start : start + batch_size]
-                if idx.numel() >= 2:  # BatchNorm needs two samples
-                    loss = F.cross_entropy(net(data.x[idx]), data.y[idx], label_smoothing=0.05)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                schedule.step()
-        net.eval()
-    seconds = time.perf_counter() - started
-    write_tensors(
-        path, net.state_dict(), {"spec": spec, "train_seconds": seconds}, kind=KIND_PRETRAINED_BACKBONE
-    )
-    logger.info("pretrained backbone %s on %d samples in %.1f s -> %s", model, len(data), seconds, path)
-    return net
-
-
-def _drop_cache_entry(path: Path) -> None:
-    """Remove an unusable cache entry so that the retrained backbone can be written in its place."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:  # the write that follows then says what is in the way
-        logger.warning("could not remove the unusable cache entry %s: %s", path, exc)
 
 
 @dataclass(frozen=True)
