@@ -14,7 +14,6 @@ The entry points::
 ``import ondevice`` never imports Flower, pyserial or asyncssh.
 """
 
-
 from ondevice._version import __version__
 from ondevice.backbone import load_backbone, save_backbone
 from ondevice.continual import (

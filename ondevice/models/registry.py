@@ -92,4 +92,3 @@ def create_model(name: str, **kwargs: Any) -> ClassifierModel:
     model.model_kwargs = dict(kwargs)
     logger.debug("created model %s with %s", name, kwargs)
     return model
-

@@ -45,8 +45,6 @@ def shape_placeholder(
     """An uninitialised tensor of ``shape`` in ``memory_format``, with ``like``'s dtype and device."""
     _state.active = True
     try:
-        return torch.empty(
-            tuple(shape), dtype=like.dtype, device=like.device, memory_format=memory_format
-        )
+        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device, memory_format=memory_format)
     finally:
         _state.active = False

@@ -12,6 +12,7 @@ from ondevice.schemes.lora.layers import LoRALinear
 
 __all__: list[str] = []
 
+
 def _read_by_parent(model: nn.Module) -> set[str]:
     """Linear layers whose parent reads their weight instead of calling them (``MultiheadAttention``'s
     ``out_proj``): wrapping them would change nothing the parent computes, or break it."""
@@ -48,9 +49,7 @@ def _apply_lora(model: nn.Module, scheme: Scheme, ctx: ApplyContext) -> None:
     else:
         skip = _read_by_parent(model)
         targets = [
-            n
-            for n, m in leaves(model)
-            if linear_features(m) is not None and n != ctx.head and n not in skip
+            n for n, m in leaves(model) if linear_features(m) is not None and n != ctx.head and n not in skip
         ]
     if not targets:
         raise ConfigError(

@@ -13,6 +13,7 @@ from ondevice.schemes._tree import linear_features
 
 __all__ = ["LoRALinear", "frozen_a_seed", "linear_features"]
 
+
 def frozen_a_seed(name: str) -> int:
     """The seed of a frozen ``lora_A`` for the layer named ``name``: its CRC-32 (stable across runs)."""
     return zlib.crc32(name.encode())

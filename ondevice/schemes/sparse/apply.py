@@ -12,6 +12,7 @@ from ondevice.schemes.sparse.layers import PartialChannelUpdate, select_input_ch
 
 __all__: list[str] = []
 
+
 def _resolve_layer(layers: list[tuple[str, nn.Module]], ref: int | str) -> str:
     names = [n for n, _ in layers]
     if isinstance(ref, int):
