@@ -42,6 +42,7 @@ from federated.config import FederatedConfig
 from federated.device import backbone_digest, build_model, load_split, statistic_names, tensor_spec
 from federated.errors import FederatedError
 from federated.payload import content_bytes, downlink_arrays, from_record, record_bytes, to_numpy, to_record
+from federated.roster import Roster
 from federated.validation import NUM_EXAMPLES, validate_replies
 from ondevice.trainer import evaluate
 
@@ -131,13 +132,28 @@ class _Round:
     backbone_bytes: int = 0
 
 
-def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
+def _wait_for_nodes(
+    grid: Grid, roster: Roster, wanted: int, timeout_s: float, server_round: int
+) -> list[int]:
+    """The connected devices that still answer, once ``wanted`` of them are there or ``timeout_s`` passed.
+
+    When none of them is there in time but some connected devices stopped answering earlier, those are
+    returned: asking them is better than ending the run.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= wanted or time.monotonic() >= deadline:
-            return nodes
-        logger.info("waiting for devices: %d connected, %d wanted", len(nodes), wanted)
+        connected = sorted(grid.get_node_ids())
+        roster.observe(connected, server_round)
+        ready = roster.available(connected)
+        if len(ready) >= wanted or time.monotonic() >= deadline:
+            return ready or connected
+        logger.info(
+            "round %d: waiting for devices: %d connected and answering, %d wanted (up to %g s more)",
+            server_round,
+            len(ready),
+            wanted,
+            max(0.0, deadline - time.monotonic()),
+        )
         time.sleep(_NODE_WAIT_S)
 
 
@@ -208,6 +224,8 @@ class SparseUpdates(FedAvg):
         self._rng = random.Random(config.seed)
         self._velocity: dict[str, np.ndarray] = {}
         self._round: _Round | None = None
+        self.roster = Roster()
+        self._gathered = False  # the first round's wait for min_nodes is done
         self.records = []
 
     def configure_train(
@@ -215,16 +233,23 @@ class SparseUpdates(FedAvg):
     ) -> Iterable[Message]:
         """Sample devices with the federation's seed and send each the global tensors and instruction.
 
-        Waits up to ``node_wait_s`` for ``min_nodes`` devices, then goes on with those connected. The
-        entries of ``config`` (Flower's train config, e.g. FedProx's ``proximal-mu``) ride along.
+        Before the first round it waits up to ``node_wait_s`` for ``min_nodes`` devices, then goes on with
+        those connected. Later rounds ask the connected devices that still answer (:mod:`federated.roster`)
+        without waiting, unless none is there: then it waits up to ``node_wait_s`` for one. The entries
+        of ``config`` (Flower's train config, e.g. FedProx's ``proximal-mu``) ride along.
 
         Raises:
             FederatedError: no device connected in time.
         """
         started = time.perf_counter()
-        nodes = _wait_for_nodes(grid, self._min_nodes, self._node_wait_s)
+        wanted = 1 if self._gathered else self._min_nodes
+        nodes = _wait_for_nodes(grid, self.roster, wanted, self._node_wait_s, server_round)
+        self._gathered = True
         if not nodes:
-            raise FederatedError(f"no device connected within {self._node_wait_s:g} s")
+            raise FederatedError(
+                f"round {server_round}: no device connected within node-wait-s={self._node_wait_s:g} s; "
+                "check that the SuperNodes run (`ondevice fleet status`) and reach the SuperLink"
+            )
         count = max(1, math.ceil(self.config.fraction_train * len(nodes)))
         sampled = sorted(self._rng.sample(nodes, count))
         instruction = ConfigRecord(
@@ -311,6 +336,13 @@ class SparseUpdates(FedAvg):
         failed = tuple((answered_by[id(r)], f"error reply: {r.error.reason}") for r in errors)
         for node, reason in failed:
             logger.warning("round %d: rejected the reply of node %s: %s", server_round, node, reason)
+        for reply in replies:  # a reply the SuperLink made up means the node is gone; any other, it answers
+            node = answered_by[id(reply)]
+            if int(reply.metadata.src_node_id) == node:
+                self.roster.answered(node)
+            else:
+                why = (reply.error.reason or "no reason given") if reply.has_error() else "no content"
+                self.roster.stopped(node, f"the SuperLink answered for it: {why}", server_round)
         report = validate_replies(
             valid,
             spec=self._spec,
@@ -321,6 +353,10 @@ class SparseUpdates(FedAvg):
         )
         accepted = report.accepted
         silent = sorted(sampled - set(answered_by.values()))
+        for node in silent:
+            self.roster.stopped(
+                node, f"no reply within round-timeout-s={self.config.round_timeout_s:g} s", server_round
+            )
         current.replies = len(replies)
         current.accepted = len(accepted)
         current.bytes_up = sum(content_bytes(r.content) for r in replies if r.has_content())

@@ -68,10 +68,13 @@ def test_each_round_is_logged_and_written_as_it_ends(loopback_grid, tmp_path: Pa
     assert seen == [[1], [1, 2]]  # written after every round, not only at the end
     payload = json.loads(results.read_text())
     assert FederatedConfig.from_dict(payload["config"]) == config
+    first_round, second_round = payload["rounds"]
+    assert first_round["asked"] == [101, 102, 103] and first_round["accepted"] == 2
+    # The dead node is named by its own ID, not by the SuperLink's.
+    assert first_round["rejected"] == [[103, "error reply: node unavailable"]]
+    # It stopped answering: the next round neither waits for it (min-nodes=3) nor asks it.
+    assert second_round["asked"] == [101, 102] and second_round["rejected"] == []
     for record in payload["rounds"]:
-        assert record["asked"] == [101, 102, 103] and record["accepted"] == 2
-        # The dead node is named by its own ID, not by the SuperLink's.
-        assert record["rejected"] == [[103, "error reply: node unavailable"]]
         assert record["bytes_down"] > 0 and record["bytes_up"] > 0 and record["accuracy"] is not None
     lines = [r.getMessage() for r in caplog.records if r.name == "federated.apps"]
     summaries = [line for line in lines if line.startswith("round ") and "answered" in line]
@@ -83,6 +86,11 @@ def test_each_round_is_logged_and_written_as_it_ends(loopback_grid, tmp_path: Pa
     assert "[node 103: error reply: node unavailable]" in first
     assert "accuracy 0." in first and "bytes down" in first and "bytes up" in first
     assert not any(f"node {SUPERLINK_NODE_ID}:" in line for line in lines)
+    gone = [r.getMessage() for r in caplog.records if r.name == "federated.roster"]
+    assert any(
+        line.startswith("round 1: node 103 stopped answering (the SuperLink answered") for line in gone
+    )
+    assert not any("waiting for devices" in r.getMessage() for r in caplog.records)
     # Flower's console handler shows them (what `flwr log` prints) only while the ServerApp runs.
     from flwr.common.logger import console_handler
 
