@@ -92,33 +92,38 @@ class SessionConfig:
     model: WindowModel = field(default_factory=WindowModel)
 
     def __post_init__(self) -> None:
+        problem = self._problem()
+        if problem is not None:
+            field_name, what = problem
+            raise ConfigError(f"SessionConfig.{field_name} {what}")
+
+    def _problem(self) -> tuple[str, str] | None:
+        """The first invalid field and what is wrong with it, or None."""
         if not self.url.strip():
-            raise ConfigError("--serial needs a port or pyserial URL, e.g. /dev/ttyACM0, COM3 or loop://")
+            return "url", "needs a port or pyserial URL, e.g. /dev/ttyACM0, COM3 or loop://"
         if self.window < 1:
-            raise ConfigError(
-                f"--window must be at least 1 reading, got {self.window}; e.g. --window 32 (0.32 s at 100 Hz)"
-            )
+            return "window", f"must be at least 1 reading, got {self.window}; e.g. 32 (0.32 s at 100 Hz)"
         if self.hop is not None and self.hop < 1:
-            raise ConfigError(
-                f"--hop must be at least 1 reading, got {self.hop}; --hop {self.window} (the window) makes "
+            return "hop", (
+                f"must be at least 1 reading, got {self.hop}; a hop of {self.window} (the window) makes "
                 f"windows that do not overlap"
             )
         if self.baudrate < 1:
-            raise ConfigError(
-                f"--baud must be a positive line speed, got {self.baudrate}; e.g. --baud 115200"
-            )
+            return "baudrate", f"must be a positive line speed, got {self.baudrate}; e.g. 115200"
         if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(f"--max-samples must be at least 1, got {self.max_samples}; omit it to run on")
+            return "max_samples", f"must be at least 1, got {self.max_samples}; leave it unset to run on"
         if self.duration_s is not None and not 0 < self.duration_s < float("inf"):
-            raise ConfigError(f"--duration must be a positive number of seconds, got {self.duration_s}")
+            return "duration_s", f"must be a positive number of seconds, got {self.duration_s}"
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
-            raise ConfigError(f"--labels names a class twice: {','.join(self.labels)}; list each class once")
+            return "labels", f"names a class twice: {','.join(self.labels)}; list each class once"
         if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1 window, got {self.batch_size}")
+            return "batch_size", f"must be at least 1 window, got {self.batch_size}"
         if self.checkpoint_every < 0:
-            raise ConfigError(
-                f"--checkpoint-every must be >= 0 windows (0: only at the end), got {self.checkpoint_every}"
+            return (
+                "checkpoint_every",
+                f"must be >= 0 windows (0: only at the end), got {self.checkpoint_every}",
             )
+        return None
 
     @property
     def step(self) -> int:
@@ -205,7 +210,7 @@ def _open_hint(error: BaseException) -> str:
     if isinstance(error, ValueError):
         return (
             "pyserial rejects it: give a device path such as /dev/ttyACM0 or COM3, or a URL such as loop:// "
-            "or socket://HOST:PORT, and a standard --baud such as 115200"
+            "or socket://HOST:PORT, and a standard line speed (SessionConfig.baudrate) such as 115200"
         )
     if code in (errno.EACCES, errno.EPERM):
         return (
@@ -230,8 +235,8 @@ def _check_window_fits(learner: Learner, window: int) -> None:
             net(torch.zeros(1, 1, window))
     except ValueError as error:
         raise ConfigError(
-            f"--window {window} is too short to train the cnn1d on one window ({error}); use a longer "
-            f"--window, e.g. 16"
+            f"SessionConfig.window {window} is too short to train the cnn1d on one window ({error}); use a "
+            f"longer window, e.g. 16"
         ) from None
 
 
@@ -384,8 +389,8 @@ class SerialSession:
             self.learner.save(path, extra=self.checkpoint_extra())
         except OSError as error:
             raise ConfigError(
-                f"cannot write the checkpoint {path!r}: {error}; pass a --checkpoint path in a writable "
-                f"directory"
+                f"cannot write the checkpoint {path!r}: {error}; set SessionConfig.checkpoint to a path in a "
+                f"writable directory"
             ) from None
         self._since_save = 0
         self.saved_to = path
@@ -399,8 +404,8 @@ class SerialSession:
         examples = ", ".join(repr(name) for name in names[-3:])
         raise ConfigError(
             f"label column {config.label_column} of {config.url!r} gave {len(names)} different labels (e.g. "
-            f"{examples}): it looks like a sensor value, not a class name. Pass --label-column INDEX of the "
-            f"column with the class name, or --labels a,b,... to learn only those classes"
+            f"{examples}): it looks like a sensor value, not a class name. Choose the column with the class "
+            f"name (SessionConfig.label_column INDEX), or the classes to learn (SessionConfig.labels a,b,...)"
         )
 
     # -- the run ------------------------------------------------------------------------------------------

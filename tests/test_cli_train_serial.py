@@ -25,10 +25,13 @@ from typer.testing import CliRunner
 import ondevice
 from devices.lines import parse_line, windows
 from devices.ports import open_pty
+from devices.session import SessionConfig
 from devices.testing.emulator import sensor_lines
 from ondevice import Learner
 from ondevice.cli import app
+from ondevice.cli.train import _as_flags
 from ondevice.continual.state import read_learner_state
+from ondevice.errors import ConfigError
 
 runner = CliRunner()
 
@@ -311,3 +314,27 @@ def test_bad_serial_input_is_a_clear_error_not_a_traceback(args: list[str], need
         assert needle in text
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("url", " ", "--serial"),
+        ("window", 0, "--window"),
+        ("hop", 0, "--hop"),
+        ("baudrate", 0, "--baud"),
+        ("max_samples", 0, "--max-samples"),
+        ("duration_s", -1.0, "--duration"),
+        ("labels", ("idle", "idle"), "--labels"),
+        ("batch_size", 0, "--batch-size"),
+        ("checkpoint_every", -1, "--checkpoint-every"),
+    ],
+)
+def test_session_config_names_its_fields_and_the_cli_its_flags(field: str, value: Any, flag: str) -> None:
+    """The library's error names the field a program sets; the CLI's names the flag its user typed."""
+    kwargs: dict[str, Any] = {"url": "loop://", field: value}
+    with pytest.raises(ConfigError) as caught:
+        SessionConfig(**kwargs)
+    message = str(caught.value)
+    assert message.startswith(f"SessionConfig.{field} ") and "--" not in message
+    assert _as_flags(message).startswith(f"{flag} ") and "SessionConfig" not in _as_flags(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
@@ -236,7 +237,7 @@ def train(
                 progress=progress,
             )
     except OnDeviceError as exc:
-        fail(exc)
+        fail(_as_flags(str(exc)))
         return
     except KeyboardInterrupt:  # before the learning loop (loading, pretraining) or a second Ctrl-C
         console.print("interrupted; --checkpoint keeps what was last saved", markup=False, highlight=False)
@@ -433,6 +434,28 @@ def _split_labels(text: str | None) -> tuple[str, ...] | None:
     if not all(names):
         raise ConfigError(f"--labels must be comma-separated class names such as idle,wave; got {text!r}")
     return names
+
+
+#: The flag of each SessionConfig field: the library names fields, the CLI's user typed flags.
+_SESSION_FLAGS = {
+    "url": "--serial",
+    "window": "--window",
+    "hop": "--hop",
+    "baudrate": "--baud",
+    "label_column": "--label-column",
+    "labels": "--labels",
+    "max_samples": "--max-samples",
+    "duration_s": "--duration",
+    "batch_size": "--batch-size",
+    "checkpoint": "--checkpoint",
+    "checkpoint_every": "--checkpoint-every",
+    "seed": "--seed",
+}
+
+
+def _as_flags(message: str) -> str:
+    """``message`` with every ``SessionConfig.<field>`` it names replaced by that field's flag."""
+    return re.sub(r"SessionConfig\.(\w+)", lambda m: _SESSION_FLAGS.get(m.group(1), m.group(0)), message)
 
 
 def _run_serial(
