@@ -24,10 +24,10 @@ from ondevice.checkpoint import (
     write_tensors,
 )
 from ondevice.continual import create_learner
-from ondevice.continual.scenarios import pretrain_backbone
 from ondevice.data import load_digits
 from ondevice.errors import CheckpointError, CheckpointMismatchError
 from ondevice.prepared import PreparedModel
+from ondevice.pretrain import pretrain_backbone
 from ondevice.trainer import Trainer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ondevice.data import (
     domain_incremental,
     domain_shift,
     load_digits,
+    load_table,
     stratified_split,
     transfer_split,
 )
@@ -399,3 +401,15 @@ def test_as_stream_rejects_bad_items_and_options() -> None:
         as_stream(iter([(x10[0], 0)]), epochs=2)
     with pytest.raises(ConfigError, match="batch_size"):
         as_stream(TensorData(x10, y10), batch_size=0)
+
+
+def test_load_table_turns_unreadable_files_into_config_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"cannot read .*folder\.csv.*IsADirectoryError"):
+        load_table(folder)
+    truncated = tmp_path / "cut.npy"
+    np.save(truncated, np.zeros((4, 3), dtype=np.float32))
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    with pytest.raises(ConfigError, match=r"cut\.npy"):
+        load_table(truncated)

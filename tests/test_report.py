@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ondevice.cli import app
 from ondevice.cli.demo import _settings, check_out_folder
-from ondevice.report import markdown_text, write_report
+from ondevice.cli.demo_report import markdown_text, write_report
 
 PLAN_TABLE = "| what | bytes |\n|---|---:|\n| activations | 10 |\n"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ondevice.report import write_report
+from ondevice.cli.demo_report import write_report
 
 ROW = {
     "scheme": "bias",

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,8 @@ from ondevice.continual import (
     PageHinkley,
     Scenario,
 )
-from ondevice.continual.scenarios import load_table
 from ondevice.continual.state import read_learner_state
-from ondevice.data import Stream, TensorData
+from ondevice.data import Stream, TensorData, load_table
 from ondevice.errors import CheckpointError, ConfigError, UnknownNameError
 
 __all__ = [
@@ -136,15 +136,12 @@ class LearnerOptions:
 
 def load_data(path: str) -> TensorData:
     """The --data table, every way it can fail turned into an error that names --data."""
+    if Path(path).is_dir():
+        raise ConfigError(f"--data cannot read {path!r}: it is a directory; pass a .csv or .npy file")
     try:
         table = load_table(path)
-    except ConfigError as error:
+    except ConfigError as error:  # it names the file and what is wrong (no permission, a truncated .npy)
         raise ConfigError(f"--data: {error}") from None
-    except (OSError, EOFError, ValueError) as error:  # a directory, no permission, a truncated .npy
-        raise ConfigError(
-            f"--data cannot read {path!r} ({type(error).__name__}: {error}); pass a readable .csv or .npy "
-            f"file"
-        ) from None
     if int(table.y.max()) >= _MAX_DATA_CLASSES:
         raise ConfigError(
             f"--data: the last column of {path!r} holds label {int(table.y.max())}; labels must be class "

@@ -26,9 +26,9 @@ from memory import Budget, measure, plan
 from memory.report import device_limits, explain_needed
 from ondevice._version import __version__
 from ondevice.cli._app import app, configure_logging, console, fail, print_json
+from ondevice.cli.demo_report import write_report
 from ondevice.continual import LearnerConfig, create_learner, load_scenario, run_scenario
 from ondevice.errors import OnDeviceError
-from ondevice.report import write_report
 
 MEMORY_SCHEMES = ("full", "last_layer", "bias", "lite_residual", "sparse")
 SEED = 0

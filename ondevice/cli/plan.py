@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -78,12 +80,13 @@ def plan_command(
             "of them (a microcontroller's --device already keeps int8 weights in flash and checks them there)"
         )
         return
+    request = PlanRequest(
+        model=model, width_mult=width_mult, resolution=resolution, num_classes=num_classes,
+        batch_size=batch_size, scheme=scheme, budget=budget, device=device, int8_frozen=int8_frozen,
+        count_frozen=count_frozen, optimizer=optimizer, process_rss=process_rss,
+    )  # fmt: skip
     try:
-        payload, text = _run(
-            model=model, width_mult=width_mult, resolution=resolution, num_classes=num_classes,
-            batch_size=batch_size, scheme=scheme, budget=budget, device=device, int8_frozen=int8_frozen,
-            count_frozen=count_frozen, optimizer=optimizer, progress=not json_output, process_rss=process_rss,
-        )  # fmt: skip
+        payload, text = _run(request, progress=not json_output)
     except BudgetExceededError as exc:
         fail(
             f"{exc}. Flags: --budget or --device, --batch-size, --resolution, --int8-frozen, "
@@ -101,53 +104,70 @@ def plan_command(
         console.print(Markdown(text), soft_wrap=False)
 
 
-def _run(**opts: Any) -> tuple[dict[str, Any], str]:
-    kwargs: dict[str, Any] = {"num_classes": opts["num_classes"]}
-    accepted = model_defaults(opts["model"])
-    if opts["width_mult"] is not None:
-        kwargs["width_mult"] = opts["width_mult"]
-    if opts["resolution"] is not None:
-        key = next((k for k in ("resolution", "image_size", "length") if k in accepted), "resolution")
-        kwargs[key] = opts["resolution"]
-    net = create_model(opts["model"], **kwargs)
-    bits = 8 if opts["int8_frozen"] else 32
-    if opts["scheme"] is not None:
-        prepared = ondevice.prepare(net, opts["scheme"])
+@dataclass(frozen=True)
+class PlanRequest:
+    """What ``ondevice plan`` was asked, one field per flag (checked by the command before it is built)."""
+
+    model: str
+    width_mult: float | None
+    resolution: int | None
+    num_classes: int
+    batch_size: int
+    scheme: str | None
+    budget: str | None
+    device: str | None
+    int8_frozen: bool
+    count_frozen: bool | None
+    optimizer: str | None
+    process_rss: bool
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The zoo model's arguments: the head, and the width and resolution where given."""
+        kwargs: dict[str, Any] = {"num_classes": self.num_classes}
+        if self.width_mult is not None:
+            kwargs["width_mult"] = self.width_mult
+        if self.resolution is not None:
+            accepted = model_defaults(self.model)
+            key = next((k for k in ("resolution", "image_size", "length") if k in accepted), "resolution")
+            kwargs[key] = self.resolution
+        return kwargs
+
+
+def _run(request: PlanRequest, *, progress: bool) -> tuple[dict[str, Any], str]:
+    kwargs = request.model_kwargs()
+    net = create_model(request.model, **kwargs)
+    head = {"model": request.model, "model_kwargs": kwargs, "batch_size": request.batch_size}
+    if request.scheme is not None:
+        prepared = ondevice.prepare(net, request.scheme)
         report = memory.estimate(
-            prepared, batch_size=opts["batch_size"], optimizer=opts["optimizer"], frozen_param_bits=bits
+            prepared,
+            batch_size=request.batch_size,
+            optimizer=request.optimizer,
+            frozen_param_bits=8 if request.int8_frozen else 32,
         )
-        payload = {"model": opts["model"], "model_kwargs": kwargs, "batch_size": opts["batch_size"],
-                   "scheme": prepared.scheme.to_dict(), "report": report.to_dict()}  # fmt: skip
-        return payload, report.to_markdown()
-    budget = _budget(opts["device"], opts["budget"], int8_frozen=opts["int8_frozen"],
-                     count_frozen=opts["count_frozen"],
-                     process_rss=opts.get("process_rss", False))  # fmt: skip
+        return {**head, "scheme": prepared.scheme.to_dict(), "report": report.to_dict()}, report.to_markdown()
+    budget = _budget(request)
     with console.status("planning (estimating candidate schemes on fake tensors)", spinner="dots") as status:
-        if not opts["progress"]:
+        if not progress:
             status.stop()
-        chosen = memory.plan(net, budget, batch_size=opts["batch_size"], optimizer=opts["optimizer"])
-    payload = {"model": opts["model"], "model_kwargs": kwargs, "batch_size": opts["batch_size"],
-               "plan": chosen.to_dict()}  # fmt: skip
-    return payload, chosen.to_markdown()
+        chosen = memory.plan(net, budget, batch_size=request.batch_size, optimizer=request.optimizer)
+    return {**head, "plan": chosen.to_dict()}, chosen.to_markdown()
 
 
-def _budget(device: str | None, size: str | None, *, int8_frozen: bool, count_frozen: bool | None,
-            process_rss: bool = False) -> Any:  # fmt: skip
+def _budget(request: PlanRequest) -> memory.Budget:
     """The budget of --device (its own convention) or --budget (of the process with --process-rss), with
     --int8-frozen/--count-frozen applied."""
-    import dataclasses
-
-    if device is not None:
+    if request.device is not None:
         try:
-            budget = get_profile(device).to_budget()
+            budget = get_profile(request.device).to_budget()
         except UnknownNameError as exc:
-            fail(f"--device {device!r}: {exc}; `ondevice devices` lists them")
-    elif process_rss:
-        budget = memory.Budget.for_process(size or "")
+            fail(f"--device {request.device!r}: {exc}; `ondevice devices` lists them")
+    elif request.process_rss:
+        budget = memory.Budget.for_process(request.budget or "")
     else:
-        budget = memory.Budget.parse(size or "", count_frozen_params=False)
-    if int8_frozen:
+        budget = memory.Budget.parse(request.budget or "", count_frozen_params=False)
+    if request.int8_frozen:
         return dataclasses.replace(budget, count_frozen_params=True, frozen_param_bits=8)
-    if count_frozen is not None:
-        return dataclasses.replace(budget, count_frozen_params=count_frozen)
+    if request.count_frozen is not None:
+        return dataclasses.replace(budget, count_frozen_params=request.count_frozen)
     return budget

@@ -1,4 +1,5 @@
-"""Data for on-device learning: the shipped digits, transfer/continual splits, domain shifts, streams."""
+"""Data for on-device learning: the shipped digits, transfer/continual splits, domain shifts, streams,
+and tables of samples on disk (``.csv``/``.npy``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ondevice.data.splits import (
     transfer_split,
 )
 from ondevice.data.stream import IterableStream, Stream, as_stream
+from ondevice.data.tables import load_table
 from ondevice.data.tensordata import TensorData
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "domain_incremental",
     "domain_shift",
     "load_digits",
+    "load_table",
     "stratified_split",
     "transfer_split",
 ]

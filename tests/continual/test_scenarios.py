@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 import ondevice
 from ondevice.cli import app
 from ondevice.continual import create_learner, load_scenario, run_scenario
-from ondevice.continual.scenarios import _three_way, load_table, pretrain_backbone
-from ondevice.data import load_digits
+from ondevice.continual.scenarios import _three_way
+from ondevice.data import load_digits, load_table
 from ondevice.errors import ConfigError, UnknownNameError
+from ondevice.pretrain import pretrain_backbone
 
 runner = CliRunner()
 
