@@ -3,6 +3,10 @@
 A strategy is data: whether it replays (raw inputs or latents at the frozen front's boundary), whether
 its buffer keeps logits (DER++), and which regulariser it adds. :data:`STRATEGY_RECIPES` is the one place
 they are declared; :data:`STRATEGIES` and :func:`strategy_recipe` read it.
+
+"Strategy" is meant in the continual-learning sense (Avalanche's): how a learner trains on a stream. The
+server algorithms Flower calls strategies (FedAvgM, FedProx) are :mod:`federated.strategy`'s, chosen by
+``FederatedConfig.aggregation``; a federation's ``FederatedConfig.strategy`` is the devices' continual one.
 """
 
 from __future__ import annotations
