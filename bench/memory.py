@@ -131,15 +131,16 @@ def training_step(model: nn.Module, batch: Any) -> Callable[[], None]:
 class ProcessSettings:
     """How a subprocess case runs: glibc's mmap threshold, oneDNN, a trim after each step, the optimizer.
 
-    ``optimizer="plain"`` is SGD with momentum written out as in-place tensor ops (the same update as
-    ``torch.optim.SGD``); ``"torch"`` is ``torch.optim.SGD`` itself, whose construction imports
+    ``optimizer="sdk"`` is the SGD the SDK's Trainer and Learner build on CPU
+    (:class:`ondevice.optim.LeanSGD`: ``torch.optim.SGD``'s update bit for bit, without importing
+    ``torch._dynamo``); ``"torch"`` is ``torch.optim.SGD`` itself, whose construction imports
     ``torch._dynamo`` (about 70 MiB of RSS, see bench/README.md).
     """
 
     mmap_threshold_bytes: int | None = None
     mkldnn: bool = True
     trim: bool = False
-    optimizer: str = "plain"
+    optimizer: str = "sdk"
 
     def label(self) -> str:
         mmap = (
@@ -166,24 +167,6 @@ ABLATION = {
 }
 
 
-def _plain_sgd_step(params: list[torch.Tensor], lr: float, momentum: float) -> Callable[[], None]:
-    buffers: dict[int, torch.Tensor] = {}
-
-    def update() -> None:
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                if p.grad is None:
-                    continue
-                buf = buffers.get(i)
-                if buf is None:
-                    buffers[i] = buf = p.grad.detach().clone()
-                else:
-                    buf.mul_(momentum).add_(p.grad)
-                p.add_(buf, alpha=-lr)
-
-    return update
-
-
 def run_case(spec: ModelSpec, scheme: str, variant: str, *, batch: int, threads: int, steps: int,
              settings: ProcessSettings) -> dict[str, Any]:  # fmt: skip
     """In this process, just after ``import torch, ondevice, memory``: RSS over ``steps`` training steps.
@@ -196,6 +179,7 @@ def run_case(spec: ModelSpec, scheme: str, variant: str, *, batch: int, threads:
     ``rss_step_cpu_ms`` (median CPU time of the steps after the first).
     """
     from memory import process
+    from ondevice.optim import LeanSGD
 
     torch.set_num_threads(threads)
     import_bytes = process.current_rss_bytes()
@@ -206,10 +190,8 @@ def run_case(spec: ModelSpec, scheme: str, variant: str, *, batch: int, threads:
     torch.backends.mkldnn.enabled = settings.mkldnn
     model, (x, y) = build(spec, scheme, variant, batch=batch)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if settings.optimizer == "torch":
-        update = torch.optim.SGD(trainable, lr=1e-6, momentum=0.9).step
-    else:
-        update = _plain_sgd_step(trainable, 1e-6, 0.9)
+    sgd = torch.optim.SGD if settings.optimizer == "torch" else LeanSGD
+    update = sgd(trainable, lr=1e-6, momentum=0.9).step
     cpu_ms: list[float] = []
     first_step = 0
     for i in range(steps):

@@ -19,6 +19,8 @@ from ondevice.errors import CheckpointMismatchError, ConfigError, UnknownNameErr
 
 __all__ = [
     "OPTIMIZER_PREFIX",
+    "LeanAdam",
+    "LeanSGD",
     "OptimizerConfig",
     "build_optimizer",
     "decode_optimizer_state",
@@ -94,21 +96,150 @@ def resolve_optimizer(spec: OptimizerConfig | str | Mapping[str, Any], **overrid
 
 
 def build_optimizer(config: OptimizerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """The torch optimizer for ``config`` over ``params``."""
+    """The optimizer for ``config`` over ``params``.
+
+    On CPU it is :class:`LeanSGD` / :class:`LeanAdam`: the same update as ``torch.optim.SGD`` / ``Adam``
+    (bit for bit: their single-tensor code, which torch runs on CPU), without importing ``torch._dynamo``,
+    which torch's optimizers do on construction (about 70 MiB of resident memory, more than a small
+    model's whole training step; bench/README.md). Parameters on another device get torch's own optimizer
+    and its fused multi-tensor kernels.
+    """
     params = list(params)
     if not params:
         raise ConfigError("there is nothing to optimise: the prepared model has no trainable parameter")
+    lean = all(p.device.type == "cpu" for p in params)
     if config.kind == "adam":
-        return torch.optim.Adam(
+        adam = LeanAdam if lean else torch.optim.Adam
+        return adam(
             params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
         )
-    return torch.optim.SGD(
+    sgd = LeanSGD if lean else torch.optim.SGD
+    return sgd(
         params,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
+
+
+class _Lean(torch.optim.Optimizer):
+    """A torch optimizer whose construction, ``zero_grad`` and ``step`` never import ``torch._dynamo``.
+
+    torch wraps ``Optimizer.add_param_group`` and ``zero_grad`` in ``torch._disable_dynamo``, which imports
+    the compiler stack on first call; these overrides do the same work without it. It stays a
+    ``torch.optim.Optimizer`` (learning-rate schedulers accept it); ``state_dict``/``load_state_dict``
+    are torch's own (and do import it; ondevice's checkpoints use :func:`encode_optimizer_state`).
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen = {id(p) for group in self.param_groups for p in group["params"]}
+        for param in params:
+            if not isinstance(param, Tensor) or not param.is_leaf:
+                raise ValueError(
+                    f"{type(self).__name__} can only optimise leaf tensors, got {type(param).__name__}"
+                )
+            if id(param) in seen:
+                raise ValueError("some parameters appear in more than one parameter group")
+            seen.add(id(param))
+        group = {**self.defaults, **param_group, "params": params}
+        self.param_groups.append(group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.detach_().requires_grad_(False)
+                    param.grad.zero_()
+
+
+class LeanSGD(_Lean):
+    """``torch.optim.SGD`` (momentum, Nesterov, weight decay; no dampening) without ``torch._dynamo``.
+
+    The update is torch's single-tensor SGD, operation for operation, so results are bit-identical on CPU.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                if decay != 0:
+                    grad = grad.add(param, alpha=decay)
+                if momentum != 0:
+                    state = self.state[param]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = grad.detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(grad, alpha=1)
+                    grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+                param.add_(grad, alpha=-lr)
+
+
+class LeanAdam(_Lean):
+    """``torch.optim.Adam`` (Kingma and Ba 2015; L2 weight decay, no AMSGrad) without ``torch._dynamo``.
+
+    The update is torch's single-tensor Adam, operation for operation (the step count a float tensor as in
+    torch), so results and state are bit-identical on CPU.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=step_dtype)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                grad = param.grad
+                exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                step_t += 1
+                if decay != 0:
+                    grad = grad.add(param, alpha=decay)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step = step_t.item()
+                step_size = lr / (1 - beta1**step)
+                bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 def encode_optimizer_state(
