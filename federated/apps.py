@@ -125,6 +125,13 @@ def _learner(
     return learner, server_round
 
 
+def _state_note(learner: DeviceLearner) -> str | None:
+    """What the device tells the server about a saved state it could not (wholly) keep."""
+    if learner.state_error is not None:
+        return f"its state file was refused ({learner.state_error}); it starts from the shared start"
+    return learner.state_note
+
+
 def make_client_app(config: FederatedConfig | None = None, *, state_root: str | None = None) -> ClientApp:
     """A ClientApp whose devices train their prepared model and send the (compressed) shared update.
 
@@ -155,7 +162,7 @@ def make_client_app(config: FederatedConfig | None = None, *, state_root: str | 
                 "update": encoded.update,
                 "aux": encoded.aux,
                 METRICS_RECORD: metrics,
-                DEVICE_RECORD: device_record(learner.digest),
+                DEVICE_RECORD: device_record(learner.digest, state_note=_state_note(learner)),
             }
         )
         return Message(content=content, reply_to=message)

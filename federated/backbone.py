@@ -42,6 +42,7 @@ __all__ = [
     "confirmed_backbone",
     "device_record",
     "read_backbone_record",
+    "reported_state_note",
 ]
 
 BACKBONE_RECORD = "backbone"
@@ -88,9 +89,26 @@ def read_backbone_record(record: object, prepared: BackboneHolder, *, digest: st
     return tensors
 
 
-def device_record(digest: str) -> ConfigRecord:
-    """The reply's ``"device"`` record: the digest of the backbone the device holds."""
-    return ConfigRecord({BACKBONE_RECORD: digest})
+STATE_NOTE = "state"
+"""The key of the reply's ``"device"`` record that says what of its saved state a device could not keep."""
+
+
+def device_record(digest: str, *, state_note: str | None = None) -> ConfigRecord:
+    """The reply's ``"device"`` record: the digest of the backbone the device holds and, when its saved
+    state could not be (wholly) kept, why (:attr:`federated.device.DeviceLearner.state_note`)."""
+    record = ConfigRecord({BACKBONE_RECORD: digest})
+    if state_note:
+        record[STATE_NOTE] = state_note
+    return record
+
+
+def reported_state_note(reply: Message) -> str | None:
+    """What a reply says its device could not keep of its saved state, or None."""
+    if reply.has_error() or not reply.has_content():
+        return None
+    record = reply.content.get(DEVICE_RECORD)
+    value = record.get(STATE_NOTE) if isinstance(record, ConfigRecord) else None
+    return value if isinstance(value, str) and value else None
 
 
 def confirmed_backbone(reply: Message) -> str | None:

@@ -25,7 +25,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,7 +52,7 @@ from ondevice.continual import Learner, LearnerConfig, create_learner
 from ondevice.continual.regularizers import Regularizer
 from ondevice.continual.state import load_learner, read_learner_state, save_learner
 from ondevice.data import as_stream, load_digits
-from ondevice.errors import CheckpointError
+from ondevice.errors import CheckpointError, CheckpointMismatchError
 from ondevice.models import create_model
 from ondevice.prepared import PreparedModel, prepare
 from ondevice.pretrain import pretrain
@@ -74,6 +74,14 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "device.safetensors"
 RESIDUALS_FILE = "residuals.safetensors"
 _RESIDUALS_FORMAT = "ondevice.federated.residuals/1"
+TENSOR_FIELDS = ("model", "scheme", "frozen_weights", "pretrain_classes", "classes")
+"""The :class:`FederatedConfig` fields that decide what a device trains: the architecture, the update
+scheme (which tensors train, and their shapes), how frozen weights are held and the head's classes. With
+the backbone's digest they key a device's saved state: a state saved under other values cannot be used.
+Any other field (``rounds``, ``lr``, ``local_epochs``, compression, timeouts, ...) may change between runs
+and the device keeps its state; a changed learner set-up (``strategy``, ``optimizer``, ``buffer_size``,
+``batch_size``, ``aggregation``, ``seed``) keeps the trained tensors and round counters and starts the
+learner's own state (optimizer moments, replay buffer, regulariser) afresh."""
 
 
 def build_model(config: FederatedConfig, *, pretrained: bool = True) -> PreparedModel:
@@ -178,6 +186,11 @@ class ProximalRegularizer(Regularizer):
         return proximal_term(self._params, self._anchor, self.config.mu)
 
 
+def _changes(saved: Mapping[str, Any], current: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+    """``"name old -> new"`` for each of ``names`` whose value differs between two config dicts."""
+    return [f"{n} {saved.get(n)!r} -> {current.get(n)!r}" for n in names if saved.get(n) != current.get(n)]
+
+
 def _set_aside(path: Path) -> str:
     """Move a refused state file to ``<name>.unusable`` (kept for inspection); says what happened."""
     aside = path.with_name(path.name + ".unusable")
@@ -236,6 +249,7 @@ class DeviceLearner:
         self.rounds_trained = 0
         self.last_round = 0
         self.state_error: str | None = None  # why a state file on disk was refused, if one was
+        self.state_note: str | None = None  # what of a saved state could not be kept, and why
         self.restored = self._load_state()
 
     # -- the backbone --------------------------------------------------------------------------------
@@ -327,22 +341,57 @@ class DeviceLearner:
     def _load_state(self) -> bool:
         """Restore the learner from the state file; False (and a fresh learner) when there is none.
 
-        A damaged, foreign or outdated state file is refused with a logged error, moved aside to
-        ``<name>.unusable`` (kept for inspection, and so that the next save can write) and the device
-        starts from the shared start; :attr:`state_error` says why.
+        The state is kept across a change of run configuration that does not change what is trained
+        (:data:`TENSOR_FIELDS` and the backbone digest); the learner then runs with the new settings
+        (its learning rate is the new ``lr``). A changed learner set-up keeps the trained tensors and
+        counters only. A state trained for something else is not used (the device starts afresh and
+        :attr:`state_note` says why; the server logs it from the reply). A damaged, foreign or outdated
+        state file is refused with a logged error, moved aside to ``<name>.unusable`` (kept for
+        inspection, and so that the next save can write) and the device starts from the shared start;
+        :attr:`state_error` says why.
         """
         path = self.state_path
         if path is None or not (path.exists() or path.is_symlink()):
             return False
         try:
-            _, metadata = read_learner_state(path, kind=KIND_FEDERATED_DEVICE_STATE)
+            tensors, metadata = read_learner_state(path, kind=KIND_FEDERATED_DEVICE_STATE)
             extra = metadata.get("extra") or {}
-            if extra.get("federation") != self.config.to_dict():
-                logger.warning("device state %s belongs to another run configuration; starting afresh", path)
+            saved = extra.get("federation") or {}
+            current = self.config.to_dict()
+            changed = _changes(saved, current, TENSOR_FIELDS)
+            if extra.get("backbone") not in (None, self.digest):
+                changed.append(f"backbone {str(extra['backbone'])[:16]}... -> {self.digest[:16]}...")
+            if changed:
+                self.state_note = (
+                    f"its saved state was trained with another {', '.join(changed)} and cannot be used; "
+                    "it starts afresh and its next save replaces it"
+                )
+                logger.warning("device %d: state %s: %s", self.partition_id, path, self.state_note)
                 return False
-            load_learner(self.learner, path, kind=KIND_FEDERATED_DEVICE_STATE)
+            others = _changes(saved, current, sorted(set(saved) | set(current)))
+            try:
+                load_learner(self.learner, path, kind=KIND_FEDERATED_DEVICE_STATE)
+            except CheckpointMismatchError as exc:  # the learner's set-up changed: keep what was trained
+                delta = {k.removeprefix("delta/"): v for k, v in tensors.items() if k.startswith("delta/")}
+                self.prepared.load_trainable(delta)
+                self.state_note = (
+                    f"the learner's set-up changed ({', '.join(others) or exc}): it kept its trained tensors "
+                    "and round counts; optimizer state, replay buffer and regulariser start afresh"
+                )
+                logger.warning("device %d: state %s: %s", self.partition_id, path, self.state_note)
+            else:
+                for group in self.learner.optimizer.param_groups:  # the run's lr, not the saved one
+                    group["lr"] = self.config.lr
+                if others:
+                    logger.info(
+                        "device %d: restored state %s; run configuration changed (%s), not what it trains",
+                        self.partition_id,
+                        path,
+                        ", ".join(others),
+                    )
         except (CheckpointError, ValueError) as exc:  # CheckpointMismatchError is a ValueError
             self.state_error = str(exc)
+            self.state_note = None
             where = _set_aside(path)
             logger.error(
                 "device %d: state file %s refused (%s); %s and starting from the shared start",
@@ -375,6 +424,14 @@ class DeviceLearner:
         if metadata.get("format") != _RESIDUALS_FORMAT or not fresh:
             logger.warning("top-k residuals %s are from another round than the learner; dropping them", path)
             return {}
+        if metadata.get("compression", self.config.compression) != self.config.compression:
+            logger.warning(
+                "top-k residuals %s were left by compression %r, this run uses %r; dropping them",
+                path,
+                metadata.get("compression"),
+                self.config.compression,
+            )
+            return {}
         return {k: v.numpy() for k, v in tensors.items() if k in self.spec}
 
     def save_state(self) -> Path | None:
@@ -387,13 +444,18 @@ class DeviceLearner:
             write_tensors(
                 residuals_path,
                 {k: torch.from_numpy(np.asarray(v)) for k, v in self.residuals.items()},
-                {"format": _RESIDUALS_FORMAT, "rounds_trained": self.rounds_trained},
+                {
+                    "format": _RESIDUALS_FORMAT,
+                    "rounds_trained": self.rounds_trained,
+                    "compression": self.config.compression,
+                },
                 kind=KIND_FEDERATED_DEVICE_STATE,
             )
         elif residuals_path.exists():
             residuals_path.unlink()
         extra = {
             "federation": self.config.to_dict(),
+            "backbone": self.digest,
             "partition_id": self.partition_id,
             "counters": {"rounds_trained": self.rounds_trained, "last_round": self.last_round},
         }

@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
 
 from federated.aggregation import server_step, weighted_average
-from federated.backbone import BACKBONE_RECORD, backbone_record, confirmed_backbone
+from federated.backbone import BACKBONE_RECORD, backbone_record, confirmed_backbone, reported_state_note
 from federated.config import FederatedConfig
 from federated.device import backbone_digest, build_model, load_split, statistic_names, tensor_spec
 from federated.errors import FederatedError
@@ -327,6 +327,9 @@ class SparseUpdates(FedAvg):
         }
         answered_by = {id(r): _asked_node(r, asked, sampled) for r in replies}
         for reply in replies:  # a node holds the server's backbone while its replies say so
+            note = reported_state_note(reply)
+            if note is not None:
+                logger.warning("round %d: node %s: %s", server_round, answered_by[id(reply)], note)
             if confirmed_backbone(reply) == self._digest:
                 self._has_backbone.add(answered_by[id(reply)])
             else:

@@ -167,10 +167,17 @@ def test_device_state_survives_a_restart(tmp_path: Path) -> None:
     again = DeviceLearner(config, partition_id=0, num_partitions=2, state_dir=tmp_path)
     assert again.restored and again.rounds_trained == 1 and again.last_round == 1
     np.testing.assert_array_equal(again.residuals["classifier.weight"], np.ones((10, 128), np.float32))
+    # Another lr (and no top-k uplink): what is trained is the same, so the state is kept; the residuals
+    # of the top-k codec are not.
     other = DeviceLearner(
         _config(num_clients=2, lr=0.1), partition_id=0, num_partitions=2, state_dir=tmp_path
     )
-    assert not other.restored  # state of another configuration is not reused
+    assert other.restored and other.rounds_trained == 1 and other.residuals == {}
+    # Another scheme trains other tensors: that state is not reused.
+    scheme = DeviceLearner(
+        _config(num_clients=2, scheme="bias"), partition_id=0, num_partitions=2, state_dir=tmp_path
+    )
+    assert not scheme.restored and scheme.state_note and "scheme" in scheme.state_note
 
 
 def test_replay_learner_state_survives_a_restart(tmp_path: Path) -> None:
