@@ -200,8 +200,10 @@ def run_server(
 ) -> ServerOutcome:
     """Run the federation's strategy (:func:`federated.strategy.make_strategy`) with Flower's ``start``.
 
-    Before each round it waits up to ``node_wait_s`` (default ``config.round_timeout_s``) for
-    ``min_nodes`` devices, then goes on with those connected; replies are awaited ``round_timeout_s``.
+    Before the first round it waits up to ``node_wait_s`` (default ``config.round_timeout_s``) for
+    ``min_nodes`` devices, then goes on with those connected; later rounds ask the connected devices
+    that still answer, without waiting for one that stopped answering until it reconnects
+    (:mod:`federated.roster`); replies are awaited ``round_timeout_s``.
     Each round is logged as it ends (:meth:`RoundRecord.summary`) and passed to ``on_round``.
     """
 
@@ -236,11 +238,12 @@ def make_server_app(
             in kebab-case, see :meth:`FederatedConfig.to_run_config`).
         on_round: called with each :class:`RoundRecord` (progress bars, collecting results).
         on_error: called with an exception that ends the run (Flower itself only logs it).
-        min_nodes: devices to wait for before each round (default: run config ``min-nodes``, else 1).
+        min_nodes: devices to wait for before the first round (default: run config ``min-nodes``, else 1).
 
-    The run config may also set ``node-wait-s``: how long to wait for ``min-nodes`` devices before each
-    round (default ``round-timeout-s``). If the run config has ``results-path``, the rounds so far are
-    written there as JSON after every round (atomically, see :func:`write_results`). Each round is logged
+    The run config may also set ``node-wait-s``: how long to wait for ``min-nodes`` devices before the
+    first round, or for any device when none is left (default ``round-timeout-s``). If the run config
+    has ``results-path``, the rounds so far are written there as JSON after every round (atomically, see
+    :func:`write_results`). Each round is logged
     as it ends (devices asked, answered, accepted, rejected with node IDs and reasons, accuracy, bytes)
     and, while the ServerApp runs, this package's log lines go to Flower's console, so ``flwr log`` shows
     the run as it goes.

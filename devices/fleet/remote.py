@@ -51,7 +51,13 @@ def cache_dir(host: Host) -> str:
     return f"{host.remote_root}/cache"
 
 
-RESTART_SEC = 10
+RESTART_SEC = 30
+"""Seconds systemd waits before restarting the SuperNode. With node authentication a restarted SuperNode
+keeps its node ID, and after a crash (not a clean stop, which deactivates the node) Flower 1.41's
+SuperLink refuses to activate that ID ("Failed to activate SuperNode", exit code 305) until it has
+marked the node offline: two missed 30 s heartbeats, at most 60 s after the last one (measured on
+loopback: refused for about 45 s after a SIGKILL). Waiting one heartbeat interval between tries
+rejoins within about a minute of a crash with one or two refused tries, rather than a burst of them."""
 
 
 def render_supernode_unit(host: Host) -> str:
@@ -61,7 +67,8 @@ def render_supernode_unit(host: Host) -> str:
     private key when ``auth_key`` is set (``flwr supernode register KEY.pub`` on the SuperLink side) and
     runs as the SSH user with the ``dialout`` group, so the learner can open serial sensors. Its node
     config is what the ClientApp reads (``partition-id``, ``num-partitions``, ``state-dir``). systemd
-    restarts it whatever the exit (``Restart=always``, ``RestartSec``), and never gives up
+    restarts it whatever the exit (``Restart=always``, after :data:`RESTART_SEC`: long enough for the
+    SuperLink to let an authenticated node back in after a crash) and never gives up
     (``StartLimitIntervalSec=0``). ``PATH`` starts with the venv: the SuperNode starts
     ``flower-superexec`` and ``flwr-clientapp`` by name. ``ONDEVICE_CACHE_DIR`` is where provisioning put
     the shared pretrained backbone.

@@ -302,7 +302,7 @@ def test_render_unit_quotes_and_flags() -> None:
     )
     unit = render_supernode_unit(host)
     assert "SupplementaryGroups=dialout" in unit and "User=pi" in unit
-    assert "Restart=always" in unit.splitlines() and "RestartSec=10" in unit.splitlines()
+    assert "Restart=always" in unit.splitlines() and "RestartSec=30" in unit.splitlines()
     assert "StartLimitIntervalSec=0" in unit.splitlines()  # systemd never stops restarting it
     assert "Environment=PATH=/home/pi/ondevice/venv/bin:/usr/local/bin:/usr/bin:/bin" in unit.splitlines()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
