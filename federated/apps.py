@@ -263,12 +263,18 @@ def make_server_app(
         settings = config if config is not None else FederatedConfig.from_run_config(context.run_config)
         wanted = min_nodes if min_nodes is not None else context.run_config.get("min-nodes", 1)
         if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
-            raise ConfigError(f"min-nodes must be a positive int, got {wanted!r}")
+            raise ConfigError(
+                f"run config min-nodes must be a positive int (devices to wait for before the first round), "
+                f'got {wanted!r}; pass e.g. --run-config "min-nodes=3"'
+            )
         node_wait = context.run_config.get("node-wait-s")
         if node_wait is not None and (
             isinstance(node_wait, bool) or not isinstance(node_wait, int | float) or node_wait < 0
         ):
-            raise ConfigError(f"node-wait-s must be a number >= 0, got {node_wait!r}")
+            raise ConfigError(
+                f"run config node-wait-s must be a number of seconds >= 0, got {node_wait!r}; pass e.g. "
+                '--run-config "node-wait-s=120.0"'
+            )
         target = context.run_config.get("results-path")
         done: list[RoundRecord] = []
 

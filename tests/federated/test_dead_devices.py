@@ -170,3 +170,23 @@ def test_roster_by_itself() -> None:
     roster.stopped(2, "no reply", 5)
     roster.answered(2)  # it answered after all (e.g. asked when nobody else was left)
     assert roster.available([1, 2, 3]) == [1, 2, 3] and roster.lost == {}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("min-nodes", 0, r"min-nodes must be a positive int .*got 0; pass e.g. --run-config \"min-nodes=3\""),
+        ("min-nodes", True, r"min-nodes must be a positive int .*got True"),
+        ("node-wait-s", -1.0, r"node-wait-s must be a number of seconds >= 0, got -1.0; pass e.g."),
+        ("node-wait-s", "60", r"node-wait-s must be a number of seconds >= 0, got '60'"),
+    ],
+)
+def test_bad_wait_settings_say_what_was_given_and_how_to_fix(
+    loopback_grid, tmp_path: Path, key: str, value: object, match: str
+) -> None:
+    from ondevice.errors import ConfigError
+
+    config = _config(rounds=1)
+    grid = loopback_grid(make_client_app(config, state_root=str(tmp_path)), 1)
+    with pytest.raises(ConfigError, match=match):
+        make_server_app(config)(grid, _context({key: value}))
