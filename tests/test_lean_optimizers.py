@@ -46,7 +46,8 @@ def test_lean_steps_equal_torch_bit_for_bit(lean: type, stock: type, kwargs: dic
     for a, b in zip(mine, theirs, strict=True):  # the same state, slot for slot (checkpoints carry it)
         assert opt_mine.state[a].keys() == opt_theirs.state[b].keys()
         for slot, value in opt_theirs.state[b].items():
-            assert torch.equal(opt_mine.state[a][slot], value) and opt_mine.state[a][slot].dtype == value.dtype
+            mine_slot = opt_mine.state[a][slot]
+            assert torch.equal(mine_slot, value) and mine_slot.dtype == value.dtype
 
 
 def test_build_optimizer_is_lean_on_cpu_and_schedulers_accept_it() -> None:
