@@ -198,7 +198,7 @@ class Row:
 
 def _run(name: str, role: str, overrides: dict[str, Any]) -> Row:
     import federated
-    from federated.device import build_model, tensor_spec
+    from federated.client import build_model, tensor_spec
 
     config = federated.FederatedConfig(**{**COMMON, **overrides})
     prepared = build_model(config)

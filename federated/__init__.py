@@ -11,9 +11,9 @@ Only this package imports Flower; ``import ondevice`` never does.
 """
 
 from federated.apps import RoundRecord, make_client_app, make_server_app
+from federated.client import DeviceLearner
 from federated.compression import Compression
 from federated.config import FederatedConfig
-from federated.device import DeviceLearner
 from federated.errors import FederatedError, PayloadError
 from federated.partition import Partition
 from federated.simulation import SimulationInterrupted, SimulationResult, prestart_engine, simulate

@@ -38,10 +38,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from federated.backbone import BACKBONE_RECORD, DEVICE_RECORD, device_record
+from federated.client import DeviceLearner
 from federated.config import FederatedConfig
-from federated.device import DeviceLearner
 from federated.errors import FederatedError, PayloadError
-from federated.payload import encode_update, from_record, to_record
+from federated.records import encode_update, from_record, to_record
 from federated.strategy import ARRAYS_RECORD, CONFIG_RECORD, RoundRecord, make_strategy
 from federated.validation import METRICS_RECORD, NUM_EXAMPLES
 from ondevice.checkpoint import atomic_write_bytes

@@ -7,7 +7,7 @@ them (:func:`ondevice.backbone.backbone_tensors`: int8 weights with their float3
 message a device gets, and the device:
 
 1. builds the bare architecture from the zoo (seeded; no pretraining) and prepares it as the federation
-   says (:func:`federated.device.build_model` with ``pretrained=False``);
+   says (:func:`federated.client.build_model` with ``pretrained=False``);
 2. checks the arrays on arrival (:func:`read_backbone_record`): decoded without pickle, exactly the names,
    shapes and dtypes of its own backbone, finite, and the SHA-256 digest the server announced in the
    message's config record (``"backbone"``); a payload that fails is refused with a
@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch import Tensor
 
 from federated.errors import PayloadError
-from federated.payload import from_record, to_numpy, to_record
+from federated.records import from_record, to_numpy, to_record
 from federated.validation import check_update
 from ondevice.backbone import BackboneHolder, backbone_tensors
 from ondevice.checkpoint import tensor_digest
@@ -95,7 +95,7 @@ STATE_NOTE = "state"
 
 def device_record(digest: str, *, state_note: str | None = None) -> ConfigRecord:
     """The reply's ``"device"`` record: the digest of the backbone the device holds and, when its saved
-    state could not be (wholly) kept, why (:attr:`federated.device.DeviceLearner.state_note`)."""
+    state could not be (wholly) kept, why (:attr:`federated.client.DeviceLearner.state_note`)."""
     record = ConfigRecord({BACKBONE_RECORD: digest})
     if state_note:
         record[STATE_NOTE] = state_note

@@ -38,10 +38,10 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
 
 from federated.aggregation import server_step, weighted_average
 from federated.backbone import BACKBONE_RECORD, backbone_record, confirmed_backbone, reported_state_note
+from federated.client import backbone_digest, build_model, load_split, statistic_names, tensor_spec
 from federated.config import FederatedConfig
-from federated.device import backbone_digest, build_model, load_split, statistic_names, tensor_spec
 from federated.errors import FederatedError
-from federated.payload import content_bytes, downlink_arrays, from_record, record_bytes, to_numpy, to_record
+from federated.records import content_bytes, downlink_arrays, from_record, record_bytes, to_numpy, to_record
 from federated.roster import Roster
 from federated.validation import NUM_EXAMPLES, validate_replies
 from ondevice.trainer import evaluate

@@ -21,7 +21,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from federated.aggregation import update_norm
 from federated.compression import Compression
 from federated.errors import PayloadError
-from federated.payload import TensorSpec, decode_update
+from federated.records import TensorSpec, decode_update
 
 __all__ = [
     "Candidate",

@@ -11,9 +11,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvgM, FedProx
 
 from federated.apps import make_client_app, run_server
+from federated.client import DeviceLearner, build_model, tensor_spec
 from federated.config import FederatedConfig
-from federated.device import DeviceLearner, build_model, tensor_spec
-from federated.payload import from_record, to_numpy, to_record
+from federated.records import from_record, to_numpy, to_record
 from federated.strategy import SparseFedAvgM, SparseFedProx, make_strategy
 
 SMALL_LR = {"name": "lite_residual", "expand": 0.125, "kernel_size": 3, "groups": 4}

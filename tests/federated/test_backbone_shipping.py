@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message
 
-import federated.device
+import federated.client
 from federated.apps import make_client_app, run_server
 from federated.backbone import BACKBONE_FILE, BACKBONE_RECORD, backbone_record
+from federated.client import DeviceLearner, build_model
 from federated.config import FederatedConfig
-from federated.device import DeviceLearner, build_model
 from federated.errors import FederatedError, PayloadError
-from federated.payload import from_record, record_bytes, to_record
+from federated.records import from_record, record_bytes, to_record
 from federated.strategy import make_strategy
 from ondevice.backbone import backbone_digest
 from ondevice.errors import ConfigError
@@ -49,13 +49,13 @@ def _tamper_backbone(message: Message, how: str) -> None:
 
 def _counting_pretrain(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = federated.device.pretrain
+    real = federated.client.pretrain
 
     def counted(*args: object, **kwargs: object) -> object:
         calls.append(str(args[0]))
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(federated.device, "pretrain", counted)
+    monkeypatch.setattr(federated.client, "pretrain", counted)
     return calls
 
 

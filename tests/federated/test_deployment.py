@@ -329,8 +329,8 @@ def test_flwr_run_on_a_superlink_with_two_supernodes(cluster: Cluster, tmp_path:
 
 @pytest.mark.timeout(900)
 def test_a_supernode_killed_mid_run_and_restarted(cluster: Cluster, tmp_path: Path) -> None:
+    from federated.client import DeviceLearner
     from federated.config import FederatedConfig
-    from federated.device import DeviceLearner
 
     cluster.start_superlink()
     cluster.start_supernode(0, 2)

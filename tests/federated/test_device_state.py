@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from federated.client import STATE_FILE, DeviceLearner, build_model, tensor_spec
 from federated.config import FederatedConfig
-from federated.device import STATE_FILE, DeviceLearner, build_model, tensor_spec
-from federated.payload import to_numpy
+from federated.records import to_numpy
 from ondevice.checkpoint import KIND_FEDERATED_DEVICE_STATE, read_tensors
 
 SMALL_LR = {"name": "lite_residual", "expand": 0.125, "kernel_size": 3, "groups": 4}
@@ -56,7 +56,7 @@ def test_unusable_device_state_is_refused_logged_and_kept_aside(
         state.unlink()
         trained.learner.save(state)
     broken = state.read_bytes()
-    with caplog.at_level(logging.ERROR, logger="federated.device"):
+    with caplog.at_level(logging.ERROR, logger="federated.client"):
         device = DeviceLearner(_config(), partition_id=0, num_partitions=2, state_dir=tmp_path)
     assert not device.restored and device.state_error
     assert "refused" in caplog.text and "starting from the shared start" in caplog.text
@@ -89,7 +89,7 @@ def test_state_survives_a_change_that_does_not_change_what_is_trained(
     trained = _trained_device(tmp_path)
     kept = _saved_tensors(trained)
     config = dataclasses.replace(_config(), **change)
-    with caplog.at_level(logging.INFO, logger="federated.device"):
+    with caplog.at_level(logging.INFO, logger="federated.client"):
         device = DeviceLearner(config, partition_id=0, num_partitions=2, state_dir=tmp_path)
     assert device.restored and device.state_note is None and device.state_error is None
     assert device.rounds_trained == 1
@@ -113,7 +113,7 @@ def test_state_trained_for_something_else_is_not_used_and_the_log_says_why(
 ) -> None:
     _trained_device(tmp_path)
     config = dataclasses.replace(_config(), **change)
-    with caplog.at_level(logging.WARNING, logger="federated.device"):
+    with caplog.at_level(logging.WARNING, logger="federated.client"):
         device = DeviceLearner(config, partition_id=0, num_partitions=2, state_dir=tmp_path)
     assert not device.restored and device.rounds_trained == 0 and device.state_error is None
     assert device.state_note is not None and f"trained with another {named} " in device.state_note
@@ -127,7 +127,7 @@ def test_a_changed_learner_setup_keeps_the_trained_tensors_and_counts(
     trained = _trained_device(tmp_path)
     kept = _saved_tensors(trained)
     config = dataclasses.replace(_config(), strategy="replay", buffer_size=50)
-    with caplog.at_level(logging.WARNING, logger="federated.device"):
+    with caplog.at_level(logging.WARNING, logger="federated.client"):
         device = DeviceLearner(config, partition_id=0, num_partitions=2, state_dir=tmp_path)
     assert device.restored and device.rounds_trained == 1
     assert device.state_note is not None and "strategy 'naive' -> 'replay'" in device.state_note

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
+from federated.client import DeviceLearner, build_model, tensor_spec
 from federated.config import FederatedConfig
-from federated.device import DeviceLearner, build_model, tensor_spec
 from federated.simulation import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("flower")]

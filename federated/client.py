@@ -39,7 +39,7 @@ from federated.backbone import BACKBONE_FILE, read_backbone_record
 from federated.config import FederatedConfig
 from federated.errors import FederatedError, PayloadError
 from federated.partition import ClientData, FederatedSplit, client_data, federated_split
-from federated.payload import TensorSpec, to_numpy
+from federated.records import TensorSpec, to_numpy
 from ondevice.backbone import (
     backbone_digest,
     backbone_tensors,

@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from federated.compression import Compression
 from federated.errors import PayloadError
-from federated.payload import content_bytes, decode_update, encode_update, from_record, to_record
+from federated.records import content_bytes, decode_update, encode_update, from_record, to_record
 
 
 def test_round_trip_sorted_keys_and_scalars() -> None:
