@@ -9,7 +9,6 @@ supervisor and SuperNode).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,9 +16,9 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from flower_loopback import Cluster, make_node_key, make_tls
 from process_standins import ProcessStandInFleet
 
 from devices.fleet import Bundle, Outcome, load_inventory, run_fleet
@@ -28,21 +27,10 @@ from devices.testing.standin import StandInSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("deployment")]
 
-ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("pi-a", "pi-b", "pi-c")
 # Far above what a healthy run takes; a server that waited node-wait-s (600 s) for the killed device in
 # every later round could not finish within it.
 RUN_LIMIT_S = 480
-
-
-def _deployment_helpers() -> ModuleType:
-    """The SuperLink launcher, CA and node keys of tests/federated/test_deployment.py (one copy of them)."""
-    path = ROOT / "tests" / "federated" / "test_deployment.py"
-    spec = importlib.util.spec_from_file_location("_deployment_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _journal(hosts) -> str:  # type: ignore[no-untyped-def]
@@ -59,15 +47,14 @@ def _wait_until(predicate, timeout_s: float, what: str, logs=lambda: "") -> None
 
 @pytest.mark.timeout(900)
 def test_provisioned_standins_run_a_federation_and_survive_a_dead_device(tmp_path: Path) -> None:
-    helpers = _deployment_helpers()
     backbones = tuple(p for p in find_backbones() if p.name.startswith("cnn-"))
     if not backbones:
         pytest.skip("no pretrained cnn backbone in this machine's cache (run tests/federated first)")
     wheel = build_wheel(tmp_path / "dist")
     bundle = Bundle(wheel=wheel, backbones=backbones)
 
-    tls = helpers._make_tls(tmp_path)
-    cluster = helpers.Cluster(tmp_path / "server", tls=tls)
+    tls = make_tls(tmp_path)
+    cluster = Cluster(tmp_path / "server", tls=tls)
     standins = ProcessStandInFleet(tmp_path / "fleet", [StandInSpec(name) for name in NAMES])
 
     def logs() -> str:
@@ -82,7 +69,7 @@ def test_provisioned_standins_run_a_federation_and_survive_a_dead_device(tmp_pat
         cluster.start_superlink()
         standins.start()
         for name in NAMES:  # each Pi's key pair; the operator registers the public halves
-            private, public = helpers._make_node_key(standins.hosts[name].home, "supernode.key")
+            private, public = make_node_key(standins.hosts[name].home, "supernode.key")
             os.chmod(private, 0o600)
             out = cluster.flwr("supernode", "register", str(public), "local", "--format", "json")
             assert out.returncode == 0, out.stdout + out.stderr
