@@ -16,6 +16,7 @@ Not covered, as for ``measure``: memory a kernel allocates for itself and alloca
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from memory.flops import FlopCount
 from memory.measure import LossFn, check_trainable, training_step_report
 from memory.report import MemoryReport
 from ondevice.errors import ConfigError
@@ -194,16 +196,18 @@ def estimate(
         x = torch.empty(shape, dtype=dtype, device=device)
         trainable = [p for p in work.parameters() if p.requires_grad]
         opt = make_optimizer(optimizer, trainable)
-        report = training_step_report(
-            work,
-            (x,),
-            target=fake_target,
-            optimizer=opt,
-            loss_fn=loss_fn,
-            source="estimated",
-            frozen_param_bits=frozen_param_bits,
-            int8_hooks=int8_hooks,
-        )
+        with FlopCount() as flops:
+            report = training_step_report(
+                work,
+                (x,),
+                target=fake_target,
+                optimizer=opt,
+                loss_fn=loss_fn,
+                source="estimated",
+                frozen_param_bits=frozen_param_bits,
+                int8_hooks=int8_hooks,
+            )
+    report = dataclasses.replace(report, step_flops=flops.total)
     logger.debug(
         "estimated %s at %s: %d activation bytes, %d peak bytes",
         type(model).__name__,

@@ -15,7 +15,12 @@ tiny-training's recipe (Lin et al., NeurIPS 2022, Sec. 3.2), whose search code w
    cost table was optimistic it is searched again under the budget less the overshoot.
 
 The named schemes (``last_layer``, ``bias``, ``lite_residual``, ``full``) compete too, each estimated (or
-skipped when its trainable state alone exceeds the budget). What counts against the budget is
+skipped when its trainable state alone exceeds the budget), and, on a model with blocks, each named scheme
+once more with exact recomputation (``prepare(..., recompute=True)``: the same gradients, so the same
+predicted gain, for less memory on transformers and one more forward of each block). Every estimate counts
+the step's compute too (``MemoryReport.step_flops``), so among candidates that fit with the same gain the
+one that computes least wins, then the one that needs least: recomputation is chosen where it is what makes
+a scheme fit, never for free. What counts against the budget is
 :func:`memory.budget_bytes_needed`: activations + trainable parameters + gradients + optimizer state
 (+ frozen parameters at the budget's width when it counts them); for a process budget (a Linux board's,
 or ``Budget.for_process``) the resident memory the eager step adds instead (``memory.process``).
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,8 +37,9 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from memory._cost_table import _CostTable, _layer_infos, _Sparse
+from memory._search import _every_weight, _evolve, _options, _to_scheme
 from memory.budget import Budget, HasTrainingBudget, format_bytes
-from memory.contribution import Contributions, measure_contributions, prior_contributions
+from memory.contribution import measure_contributions, prior_contributions
 from memory.estimate import OptimizerSpec, _batch_shape, estimate
 from memory.measure import LossFn, distinct_storage_bytes
 from memory.report import MemoryReport, budget_bytes_needed, device_limits, explain_needed, needed_terms
@@ -42,6 +47,7 @@ from ondevice import prepare
 from ondevice.errors import BudgetExceededError, ConfigError, OnDeviceError
 from ondevice.prepared import find_head
 from ondevice.quantize import quantizable_frozen
+from ondevice.recompute import find_blocks, recomputed_blocks
 from ondevice.schemes import Scheme, Sparse, resolve_scheme
 from ondevice.schemes._tree import compute_layers
 
@@ -64,6 +70,8 @@ class Candidate:
         fits: whether ``needed_bytes`` fits the budget.
         how: ``"estimated"`` (a fake-tensor step), ``"cost-table"`` (the per-layer table) or ``"bound"``
             (trainable state alone already exceeds the budget, so no step was run).
+        recompute: whether the scheme runs with its blocks recomputed (``prepare(..., recompute=True)``).
+        step_flops: the FLOPs of one training step (``MemoryReport.step_flops``; ``None`` for a bound).
     """
 
     scheme: dict[str, Any]
@@ -71,6 +79,8 @@ class Candidate:
     score: float
     fits: bool
     how: Literal["estimated", "cost-table", "bound"] = "estimated"
+    recompute: bool = False
+    step_flops: int | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -84,7 +94,8 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme, "needed_bytes": self.needed_bytes, "score": self.score,
-                "fits": self.fits, "how": self.how}  # fmt: skip
+                "fits": self.fits, "how": self.how, "recompute": self.recompute,
+                "step_flops": self.step_flops}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,11 @@ class Plan:
             ``frozen_weights="int8"``), else ``"float"``.
         float_needed_bytes: with ``frozen_weights="int8"``, what the same scheme needs with float32
             frozen weights (so whether int8 is what makes it fit); else ``None``.
+        recompute: the blocks the plan recomputes (``prepare(..., recompute=True)``); empty when it runs
+            with exact memory-saving ops alone.
+        exact_flops: with ``recompute``, the step's FLOPs of the same scheme without it (what the
+            recomputation costs: ``report.step_flops / exact_flops``); else ``None``.
+        exact_needed_bytes: with ``recompute``, what the same scheme needs without it; else ``None``.
     """
 
     scheme: Any
@@ -116,6 +132,9 @@ class Plan:
     score_source: Literal["prior", "measured"] = "prior"
     frozen_weights: Literal["float", "int8"] = "float"
     float_needed_bytes: int | None = None
+    recompute: tuple[str, ...] = ()
+    exact_flops: int | None = None
+    exact_needed_bytes: int | None = None
 
     @property
     def needs_int8(self) -> bool:
@@ -126,6 +145,7 @@ class Plan:
     def prepare_call(self) -> str:
         """The ``ondevice.prepare`` call that trains this plan as it was costed."""
         extra = ', frozen_weights="int8"' if self.frozen_weights == "int8" else ""
+        extra += ", recompute=True" if self.recompute else ""
         return f"ondevice.prepare(model, {self.scheme.to_json()}{extra})"
 
     def __post_init__(self) -> None:
@@ -136,6 +156,7 @@ class Plan:
         if self.needed_bytes > self.budget.total_bytes:
             raise ConfigError(f"Plan.needed_bytes {self.needed_bytes} exceeds the budget {self.budget}")
         object.__setattr__(self, "considered", tuple(self.considered))
+        object.__setattr__(self, "recompute", tuple(self.recompute))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict.
@@ -169,31 +190,55 @@ class Plan:
             "frozen_weights": self.frozen_weights,
             "float_needed_bytes": self.float_needed_bytes,
             "needs_int8": self.needs_int8,
+            "recompute": list(self.recompute),
+            "exact_flops": self.exact_flops,
+            "exact_needed_bytes": self.exact_needed_bytes,
+            "prepare_call": self.prepare_call(),
             "considered": [c.to_dict() for c in self.considered],
         }
 
     def to_markdown(self, *, top: int | None = 10) -> str:
         """The chosen scheme, which figure is the requirement, the candidates and the memory report."""
+        chosen = _describe(self.scheme.to_dict(), bool(self.recompute))
         lines = [
-            f"Plan for a budget of {self.budget}: **{self.scheme.name}**, predicted gain {self.score:.3f} "
+            f"Plan for a budget of {self.budget}: **{chosen}**, "
+            f"predicted gain {self.score:.3f} "
             f"({self.score_source})",
             "",
             f"`{self.scheme.to_json()}`",
             "",
             *self._frozen_weights_lines(),
+            *self._recompute_lines(),
             explain_needed(self.report, self.budget),
-            "Candidates (needed: the figure compared with the budget):",
+            "Candidates (needed: the figure compared with the budget; compute: FLOPs of one step):",
             "",
-            "| candidate | needed | fits | gain | how |",
-            "|---|---:|:---:|---:|---|",
+            "| candidate | needed | fits | gain | compute | how |",
+            "|---|---:|:---:|---:|---:|---|",
         ]
         shown = self.considered if top is None else self.considered[:top]
         for c in shown:
             lines.append(
-                f"| {_describe(c.scheme)} | {format_bytes(c.needed_bytes)} | {'yes' if c.fits else 'no'} "
-                f"| {c.score:.3f} | {c.how} |"
+                f"| {_describe(c.scheme, c.recompute)} | {format_bytes(c.needed_bytes)} | "
+                f"{'yes' if c.fits else 'no'} | {c.score:.3f} | {_gflops(c.step_flops)} | {c.how} |"
             )
         return "\n".join(lines) + "\n\n" + self.report.to_markdown()
+
+    def _recompute_lines(self) -> list[str]:
+        if not self.recompute:
+            return []
+        cost = ""
+        if self.exact_flops and self.report.step_flops is not None:
+            cost = f" for {self.report.step_flops / self.exact_flops:.2f}x the compute of a step without it"
+        without = ""
+        if self.exact_needed_bytes is not None:
+            over = "" if self.budget.fits(self.exact_needed_bytes) else ", over the budget"
+            without = f" (without it this scheme needs {format_bytes(self.exact_needed_bytes)}{over})"
+        n = len(self.recompute)
+        return [
+            f"**Recomputes {n} block{'s' if n != 1 else ''}** in backward "
+            f"(exact gradients){cost}{without}. Train it with `{self.prepare_call()}`.",
+            "",
+        ]
 
     def _frozen_weights_lines(self) -> list[str]:
         if self.frozen_weights != "int8" or self.float_needed_bytes is None:
@@ -217,7 +262,13 @@ def _tensor_limit(budget: Budget) -> int:
     return max(0, int((budget.total_bytes - budget.process_overhead_bytes) / budget.rss_per_tensor_byte))
 
 
-def _describe(scheme: dict[str, Any]) -> str:
+def _gflops(flops: int | None) -> str:
+    return "-" if flops is None else f"{flops / 1e9:.3g} GFLOP"
+
+
+def _describe(scheme: dict[str, Any], recompute: bool = False) -> str:
+    if recompute:
+        return _describe(scheme) + " + recompute"
     if scheme.get("name") != "sparse":
         return str(scheme.get("name"))
     weights = ", ".join(
@@ -231,122 +282,23 @@ def _describe(scheme: dict[str, Any]) -> str:
     return f"sparse (bias last {scheme.get('bias_last_k')}, weights [{weights}])"
 
 
-# -- search -----------------------------------------------------------------------------------------
-
-
-def _options(table: _CostTable, ratios: Sequence[float]) -> dict[int, list[float]]:
-    return {info.index: [float(r) for r in ratios if r >= 1.0 or info.groups == 1] for info in table.layers}
-
-
-def _every_weight(c: _Sparse, n: int) -> bool:
-    """Whether ``c`` trains every layer's weights at full width: full fine-tuning, not a sparse update."""
-    return len(c.weights) == n and all(r >= 1.0 for _, r in c.weights)
-
-
-def _fitness(c: _Sparse, table: _CostTable, gains: Contributions, limit: int, exclude_full: bool) -> float:
-    if table.needed(c) > limit or (exclude_full and _every_weight(c, len(table.layers))):
-        return float("-inf")
-    return gains.gain(c.bias_k, c.weights)
-
-
-def _greedy(
-    table: _CostTable,
-    gains: Contributions,
-    options: dict[int, list[float]],
-    limit: int,
-    exclude_full: bool = False,
-) -> _Sparse:
-    n = len(table.layers)
-    best = _Sparse(0, ())
-    for k in range(n + 1):
-        if table.needed(_Sparse(k, ())) <= limit and gains.bias_gain[k] >= gains.bias_gain[best.bias_k]:
-            best = _Sparse(k, ())
-    while True:
-        current = dict(best.weights)
-        base_gain, base_cost = gains.gain(best.bias_k, best.weights), table.needed(best)
-        step, step_value = None, 0.0
-        for i, rs in options.items():
-            for r in rs:
-                if current.get(i, 0.0) >= r:
-                    continue
-                trial = _Sparse(best.bias_k, tuple(sorted({**current, i: r}.items())))
-                cost = table.needed(trial)
-                if cost > limit or (exclude_full and _every_weight(trial, n)):
-                    continue
-                value = (gains.gain(trial.bias_k, trial.weights) - base_gain) / max(1, cost - base_cost)
-                if value > step_value:
-                    step, step_value = trial, value
-        if step is None:
-            return best
-        best = step
-
-
-def _evolve(
-    table: _CostTable,
-    gains: Contributions,
-    options: dict[int, list[float]],
-    limit: int,
-    seed: int,
-    *,
-    exclude_full: bool = False,
-    population: int = 48,
-    generations: int = 40,
-) -> _Sparse:
-    rng = random.Random(seed)
-    n = len(table.layers)
-    layer_ids = list(options)
-
-    def mutate(c: _Sparse) -> _Sparse:
-        weights = dict(c.weights)
-        k = c.bias_k
-        if rng.random() < 0.4:
-            k = min(n, max(0, k + rng.randint(-max(1, n // 8), max(1, n // 8))))
-        if layer_ids and rng.random() < 0.8:
-            i = rng.choice(layer_ids)
-            choice = rng.choice([0.0, *options[i]])
-            if choice == 0.0:
-                weights.pop(i, None)
-            else:
-                weights[i] = choice
-        return _Sparse(k, tuple(sorted(weights.items())))
-
-    def crossover(a: _Sparse, b: _Sparse) -> _Sparse:
-        ids = {i for i, _ in a.weights} | {i for i, _ in b.weights}
-        da, db = dict(a.weights), dict(b.weights)
-        weights = {}
-        for i in ids:
-            pick = da.get(i) if rng.random() < 0.5 else db.get(i)
-            if pick:
-                weights[i] = pick
-        return _Sparse(rng.choice((a.bias_k, b.bias_k)), tuple(sorted(weights.items())))
-
-    greedy = _greedy(table, gains, options, limit, exclude_full)
-
-    def fitness(c: _Sparse) -> float:
-        return _fitness(c, table, gains, limit, exclude_full)
-
-    pool = [greedy, _Sparse(0, ())]
-    while len(pool) < population:
-        pool.append(mutate(rng.choice(pool)))
-    for _ in range(generations):
-        ranked = sorted(set(pool), key=fitness, reverse=True)
-        parents = ranked[: max(2, population // 4)]
-        pool = list(parents)
-        while len(pool) < population:
-            child = crossover(rng.choice(parents), rng.choice(parents)) if rng.random() < 0.5 else None
-            pool.append(mutate(child or rng.choice(parents)))
-    return max(set(pool), key=lambda c: (fitness(c), -table.needed(c)))
-
-
-def _to_scheme(c: _Sparse) -> Any:
-    return Sparse(
-        bias_last_k=c.bias_k,
-        weight_layers=tuple(i for i, _ in c.weights),
-        channel_ratios=tuple(r for _, r in c.weights),
-    )
-
-
 # -- plan -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """A candidate that fits, ranked by gain, then less compute, then less memory."""
+
+    score: float
+    needed: int
+    flops: int
+    scheme: Any
+    report: MemoryReport
+    recompute: bool
+
+    @property
+    def key(self) -> tuple[float, int, int]:
+        return (self.score, -self.flops, -self.needed)
 
 
 def _int8_hint(budget: Budget, replan: Callable[[Budget], Plan]) -> str:
@@ -382,6 +334,7 @@ def plan(
     lr: float = 0.05,
     weight_layers: Sequence[int] | None = None,
     seed: int = 0,
+    recompute: bool = True,
 ) -> Plan:
     """Choose the update scheme for ``model`` that fits ``budget`` and promises the most accuracy.
 
@@ -406,6 +359,10 @@ def plan(
         weight_layers: layer indices whose weights the analysis measures (default all; others get no
             gain); use it to bound the analysis on deep models.
         seed: seeds the fine-tuning runs and the evolutionary search.
+        recompute: also weigh each named (or given) scheme with its blocks recomputed
+            (``prepare(..., recompute=True)``; exact gradients, one more forward of each block), where the
+            model has blocks. It wins only where it fits and the same scheme without it does not (or a
+            better scheme fits only with it): at equal gain, less compute wins, then less memory.
 
     Raises:
         BudgetExceededError: no candidate fits; the message gives the smallest achievable figure and
@@ -434,38 +391,51 @@ def plan(
         gains = prior_contributions(layers, ratios)
 
     considered: list[Candidate] = []
-    best: tuple[float, int, Any, MemoryReport] | None = None
-    smallest: tuple[int, Any] | None = None
+    best: _Choice | None = None
+    smallest: tuple[int, Any, bool] | None = None
+    exact: dict[str, tuple[int, int | None]] = {}  # scheme JSON -> (needed, FLOPs) without recompute
 
-    def weigh(scheme: Any, score: float, report: MemoryReport | None, bound: int | None) -> None:
+    def weigh(
+        scheme: Any, score: float, report: MemoryReport | None, bound: int | None, rc: bool = False
+    ) -> None:
         nonlocal best, smallest
         needed = budget_bytes_needed(report, budget) if report is not None else int(bound or 0)
         fits = report is not None and budget.fits(needed)
         how: Literal["estimated", "bound"] = "estimated" if report is not None else "bound"
-        considered.append(Candidate(scheme.to_dict(), needed, score, fits, how))
-        if report is not None and (smallest is None or needed < smallest[0]):
-            smallest = (needed, scheme)
-        if fits and report is not None and (best is None or (score, -needed) > (best[0], -best[1])):
-            best = (score, needed, scheme, report)
+        flops = report.step_flops if report is not None else None
+        considered.append(Candidate(scheme.to_dict(), needed, score, fits, how, rc, flops))
+        if report is None:
+            return
+        if not rc:
+            exact[scheme.to_json()] = (needed, flops)
+        if smallest is None or needed < smallest[0]:
+            smallest = (needed, scheme, rc)
+        choice = _Choice(score, needed, flops or 0, scheme, report, rc)
+        if fits and (best is None or choice.key > best.key):
+            best = choice
 
+    blocks = find_blocks(model, head) if recompute else []
     fixed = [resolve_scheme(c) for c in (candidates if candidates is not None else NAMED_SCHEMES)]
     for scheme in fixed:
-        try:
-            prepared = prepare(model, scheme, head=head)
-        except OnDeviceError as exc:
-            logger.info("plan skips %s: %s", scheme.name, exc)
-            continue
-        trainable = [p for p in prepared.model.parameters() if p.requires_grad]
-        if not trainable:
-            continue
-        bound = 2 * distinct_storage_bytes(trainable)
-        score = gains.named_gain.get(scheme.name, 0.0) if scheme.name in NAMED_SCHEMES else 0.0
-        if bound > budget.total_bytes:
-            weigh(scheme, score, None, bound)
-            continue
-        report = estimate(prepared.model, shape, optimizer=optimizer, loss_fn=loss_fn,
-                          frozen_param_bits=bits, copy_model=False)  # fmt: skip
-        weigh(scheme, score, report, None)
+        for rc in (False, True) if blocks else (False,):
+            try:
+                prepared = prepare(model, scheme, head=head, recompute=rc)
+            except OnDeviceError as exc:
+                logger.info("plan skips %s%s: %s", scheme.name, " + recompute" if rc else "", exc)
+                continue
+            trainable = [p for p in prepared.model.parameters() if p.requires_grad]
+            if not trainable:
+                break
+            bound = 2 * distinct_storage_bytes(trainable)
+            score = gains.named_gain.get(scheme.name, 0.0) if scheme.name in NAMED_SCHEMES else 0.0
+            if bound > budget.total_bytes:
+                weigh(scheme, score, None, bound)
+                break  # recomputation does not shrink the trainable state
+            report = estimate(prepared.model, shape, optimizer=optimizer, loss_fn=loss_fn,
+                              frozen_param_bits=bits, copy_model=False)  # fmt: skip
+            if rc and exact.get(scheme.to_json(), (0, None))[1] == report.step_flops:
+                continue  # backward never reaches a block (e.g. last_layer): nothing is recomputed
+            weigh(scheme, score, report, None, rc)
 
     if search_sparse and layers:
         table = _CostTable(model, head, shape, budget, optimizer=optimizer, loss_fn=loss_fn)
@@ -499,33 +469,34 @@ def plan(
                 budget_bytes=budget.total_bytes,
                 smallest_bytes=0,
             )
-        needed, scheme = smallest
+        needed, scheme, rc = smallest
         if not budget.count_frozen_params and not budget.counts_process:
             frozen = ""
         elif budget.frozen_param_bits > 8:
             frozen = _int8_hint(budget, lambda b: plan(
                 model, b, input_shape, data, batch_size=batch_size, candidates=candidates,
                 search_sparse=search_sparse, ratios=ratios, optimizer=optimizer, loss_fn=loss_fn, head=head,
-                steps=steps, lr=lr, weight_layers=weight_layers, seed=seed))  # fmt: skip
+                steps=steps, lr=lr, weight_layers=weight_layers, seed=seed, recompute=recompute))  # fmt: skip
         else:
             frozen = ", or keep frozen weights out of the budget (e.g. in flash)"
         raise BudgetExceededError(
             f"no update scheme of {type(model).__name__} fits the budget of {budget} "
             f"({budget.total_bytes} bytes) at input {shape}: the smallest achievable is {needed} bytes "
-            f"({format_bytes(needed)}) with {_describe(scheme.to_dict())}. Raise the budget, lower the "
+            f"({format_bytes(needed)}) with {_describe(scheme.to_dict(), rc)}. Raise the budget, lower the "
             f"batch size or resolution{frozen}",
             budget_bytes=budget.total_bytes,
             smallest_bytes=needed,
         )
-    score, needed, scheme, report = best
+    score, needed, scheme, report, rc = best.score, best.needed, best.scheme, best.report, best.recompute
     float_needed = None
     if bits == 8 and (budget.count_frozen_params or budget.counts_process):
-        floats = prepare(model, scheme, head=head).model
+        floats = prepare(model, scheme, head=head, recompute=rc).model
         if quantizable_frozen(floats):  # the report is the int8-held model's: what would float32 need?
             float_report = estimate(floats, shape, optimizer=optimizer, loss_fn=loss_fn, copy_model=False)
             float32 = dataclasses.replace(budget, frozen_param_bits=32)
             float_needed = budget_bytes_needed(float_report, float32)
-    considered.sort(key=lambda c: (not c.fits, -c.score, c.needed_bytes))
+    considered.sort(key=lambda c: (not c.fits, -c.score, c.step_flops or 0, c.needed_bytes))
+    exact_needed, exact_flops = exact.get(scheme.to_json(), (None, None)) if rc else (None, None)
     result = Plan(
         scheme=scheme,
         report=report,
@@ -536,6 +507,11 @@ def plan(
         score_source=gains.source,
         frozen_weights="float" if float_needed is None else "int8",
         float_needed_bytes=float_needed,
+        recompute=recomputed_blocks(prepare(model, scheme, head=head, recompute=True).model) if rc else (),
+        exact_flops=exact_flops,
+        exact_needed_bytes=exact_needed,
     )
-    logger.info("plan under %s: %s, %d bytes, gain %.3f", budget, _describe(scheme.to_dict()), needed, score)
+    logger.info(
+        "plan under %s: %s, %d bytes, gain %.3f", budget, _describe(scheme.to_dict(), rc), needed, score
+    )
     return result

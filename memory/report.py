@@ -43,6 +43,7 @@ _CUDA_FIELDS = (
     "cuda_reserved_bytes",
     "rss_before_bytes",
     "rss_peak_bytes",
+    "step_flops",
 )
 
 
@@ -87,6 +88,9 @@ class MemoryReport:
             reset just before the step; elsewhere the lifetime peak). ``rss_added_bytes`` is the rise. The
             trackers that count tensors run Python on every op, which adds a little of its own; the
             ``bench/memory.py`` RSS columns measure an untracked step in a fresh process.
+        step_flops: the FLOPs of the step's matrix products, convolutions and attention (forward,
+            backward and any forward that backward runs again, as recomputed blocks do), counted by
+            :class:`memory.flops.FlopCount` (``memory.estimate`` only; ``None`` for measurements).
     """
 
     activation_bytes: int
@@ -106,6 +110,7 @@ class MemoryReport:
     cuda_reserved_bytes: int | None = None
     rss_before_bytes: int | None = None
     rss_peak_bytes: int | None = None
+    step_flops: int | None = None
 
     def __post_init__(self) -> None:
         if self.frozen_param_bytes is None:
@@ -202,6 +207,9 @@ class MemoryReport:
         lines = [f"Memory of one training step ({self.source})", "", "| what | bytes | size |"]
         lines.append("|---|---:|---:|")
         lines += [f"| {what} | {value} | {format_bytes(value)} |" for what, value in rows]
+        if self.step_flops is not None:
+            lines.append(f"| compute of the step (matmul/conv FLOPs) | {self.step_flops} | "
+                         f"{self.step_flops / 1e9:.3g} GFLOP |")  # fmt: skip
         lines += [
             "",
             "A budget is compared with activations + trainable parameters + gradients + optimizer state "

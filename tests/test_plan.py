@@ -59,7 +59,7 @@ def test_plan_picks_the_best_scheme_that_fits_and_serialises() -> None:
     assert tight.scheme.name in ("sparse", "last_layer")
     assert all(c.score <= tight.score for c in tight.considered if c.fits)
     assert json.loads(json.dumps(tight.to_dict()))["needed_bytes"] == tight.needed_bytes
-    assert "| candidate | needed | fits | gain | how |" in tight.to_markdown()
+    assert "| candidate | needed | fits | gain | compute | how |" in tight.to_markdown()
 
 
 def test_infeasible_budget_names_the_smallest_achievable_figure() -> None:

@@ -27,7 +27,10 @@ flash); --int8-frozen counts frozen weights at 8 bits, --count-frozen/--no-count
 A Linux board's --device, and --budget with --process-rss, budget the process instead: the peak resident
 memory the eager step adds above `import torch, ondevice` (tensor peak x allocator factor + the step's
 fixed overhead of kernel code and allocator, measured under memory.process.lean_process()); the output
-says which figure it compares.
+says which figure it compares. On a model with blocks (the zoo ViT, transformers' layers) the planner also
+weighs each scheme with its blocks recomputed in backward (exact gradients, one more forward of each
+block; the candidates table gives every step's FLOPs) and picks it only where it is what makes a scheme
+fit; --no-recompute leaves it out. With --scheme, --recompute reports that scheme recomputed.
 """
 
 
@@ -64,6 +67,15 @@ def plan_command(
         ),
     ] = False,
     optimizer: Annotated[str | None, typer.Option(help="sgd | adam (default: SGD with momentum).")] = None,
+    recompute: Annotated[
+        bool | None,
+        typer.Option(
+            "--recompute/--no-recompute",
+            help="With --scheme: recompute the model's blocks in backward. With --budget/--device: whether "
+            "the plan may (default) weigh recomputation.",
+            show_default=False,
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
 ) -> None:
@@ -84,13 +96,14 @@ def plan_command(
         model=model, width_mult=width_mult, resolution=resolution, num_classes=num_classes,
         batch_size=batch_size, scheme=scheme, budget=budget, device=device, int8_frozen=int8_frozen,
         count_frozen=count_frozen, optimizer=optimizer, process_rss=process_rss,
+        recompute=recompute,
     )  # fmt: skip
     try:
         payload, text = _run(request, progress=not json_output)
     except BudgetExceededError as exc:
         fail(
             f"{exc}. Flags: --budget or --device, --batch-size, --resolution, --int8-frozen, "
-            f"--count-frozen/--no-count-frozen"
+            f"--count-frozen/--no-count-frozen, --recompute/--no-recompute"
         )
         return
     except OnDeviceError as exc:
@@ -120,6 +133,7 @@ class PlanRequest:
     count_frozen: bool | None
     optimizer: str | None
     process_rss: bool
+    recompute: bool | None = None
 
     def model_kwargs(self) -> dict[str, Any]:
         """The zoo model's arguments: the head, and the width and resolution where given."""
@@ -138,19 +152,21 @@ def _run(request: PlanRequest, *, progress: bool) -> tuple[dict[str, Any], str]:
     net = create_model(request.model, **kwargs)
     head = {"model": request.model, "model_kwargs": kwargs, "batch_size": request.batch_size}
     if request.scheme is not None:
-        prepared = ondevice.prepare(net, request.scheme)
+        prepared = ondevice.prepare(net, request.scheme, recompute=bool(request.recompute))
         report = memory.estimate(
             prepared,
             batch_size=request.batch_size,
             optimizer=request.optimizer,
             frozen_param_bits=8 if request.int8_frozen else 32,
         )
-        return {**head, "scheme": prepared.scheme.to_dict(), "report": report.to_dict()}, report.to_markdown()
+        payload = {**head, "scheme": prepared.scheme.to_dict(), "recompute": list(prepared.recompute)}
+        return {**payload, "report": report.to_dict()}, report.to_markdown()
     budget = _budget(request)
     with console.status("planning (estimating candidate schemes on fake tensors)", spinner="dots") as status:
         if not progress:
             status.stop()
-        chosen = memory.plan(net, budget, batch_size=request.batch_size, optimizer=request.optimizer)
+        chosen = memory.plan(net, budget, batch_size=request.batch_size, optimizer=request.optimizer,
+                             recompute=request.recompute is not False)  # fmt: skip
     return {**head, "plan": chosen.to_dict()}, chosen.to_markdown()
 
 
