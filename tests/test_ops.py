@@ -875,3 +875,33 @@ def test_replacing_a_child_after_a_forward_changes_what_runs() -> None:
     out = ours(x)
     assert torch.equal(out, model(x))
     assert _graph_nodes(out).count("_ConvBatchNormFnBackward") == 1  # only the depthwise conv -> BN
+
+
+class _TokenHead(nn.Module):
+    """A frozen body and a head on the first token, as ViT classifiers call theirs (``hidden[:, 0]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x)[:, 0])
+
+
+def test_a_trained_linear_on_a_view_keeps_the_view_not_the_storage_behind_it() -> None:
+    import memory
+    import ondevice
+
+    torch.manual_seed(0)
+    net, x, y = _TokenHead(), torch.randn(4, 33, 16), torch.tensor([0, 1, 2, 0])
+    reports, grads = {}, {}
+    for saving in (False, True):
+        prepared = ondevice.prepare(net, "last_layer", memory_saving=saving)
+        reports[saving] = memory.measure(prepared, x, target=y)
+        prepared.model.zero_grad()
+        nn.functional.cross_entropy(prepared(x), y).backward()
+        grads[saving] = prepared.model.head.weight.grad.clone()
+    assert torch.equal(grads[True], grads[False])  # the same values, so the same gradient bit for bit
+    assert reports[False].activation_bytes == 4 * 33 * 16 * 4  # stock: the whole body output, for one token
+    assert reports[True].activation_bytes == 4 * 16 * 4

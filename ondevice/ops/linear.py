@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ondevice.ops.registry import MemorySavingModule, register_op
 
-__all__ = ["MemorySavingLinear", "linear_backward"]
+__all__ = ["MemorySavingLinear", "compact_if_pinning", "linear_backward"]
 
 
 def linear_backward(
@@ -48,12 +48,28 @@ def linear_backward(
     return grad_x, grad_w, grad_b
 
 
+def compact_if_pinning(x: Tensor) -> Tensor:
+    """``x``, or a compact copy of it when ``x`` is a view using at most half of its storage.
+
+    What autograd keeps is a tensor, and a view keeps its whole storage alive: a classifier on the CLS
+    token (``hidden[:, 0]``, as transformers' ViT and timm's ViT call their head) would keep the whole
+    sequence's hidden states for a weight gradient that needs one token of them. A copy of the view is
+    the same values (so the same gradients, bit for bit) and frees the rest for reuse.
+    """
+    if x.untyped_storage().nbytes() >= 2 * x.numel() * x.element_size():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 class MemorySavingLinear(MemorySavingModule, nn.Linear):
-    """``nn.Linear`` keeping its input for backward only when its weight trains (as stock autograd does)."""
+    """``nn.Linear`` keeping its input for backward only when its weight trains (as stock autograd does),
+    and then never more of it than it uses (:func:`compact_if_pinning`)."""
 
     stock_type = nn.Linear
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            x = compact_if_pinning(x)
         return F.linear(x, self.weight, self.bias)
 
 
