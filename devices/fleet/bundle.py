@@ -1,9 +1,13 @@
-"""What provisioning copies to every Pi: the ondevice wheel and the shared pretrained backbone files.
+"""What provisioning copies to every Pi: the ondevice wheel, the shared pretrained backbone files and,
+for Pis without internet, a wheelhouse.
 
 The wheel is built here from the source checkout (``pip wheel --no-deps``), so a Pi never needs the
 repository; the backbone files are the server's ``<cache>/pretrained/*.safetensors``: the server sends a
 digest of the frozen backbone each round and a device whose backbone differs refuses the round, so every
-device must hold the server's files rather than pretrain its own.
+device must hold the server's files rather than pretrain its own. A wheelhouse is a folder of wheels for
+the Pis' platform (pinned flwr and torch and every dependency of them and of ondevice), filled on a
+machine with internet by :data:`WHEELHOUSE_COMMAND`; provisioning copies it and installs with
+``pip install --no-index --find-links``, so the Pi needs no package index.
 """
 
 from __future__ import annotations
@@ -17,7 +21,19 @@ import ondevice
 from ondevice.errors import ConfigError
 from ondevice.pretrain import default_cache_dir
 
-__all__ = ["Bundle", "BundleError", "build_wheel", "find_backbones", "source_root"]
+__all__ = ["WHEELHOUSE_COMMAND", "Bundle", "BundleError", "build_wheel", "find_backbones", "source_root"]
+
+WHEELHOUSE_COMMAND = (
+    "pip download -d WHEELHOUSE --only-binary=:all: --python-version 3.11 "
+    "--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 "
+    "'flwr==1.41.*' 'torch==2.13.0' dist/ondevice-*.whl"
+)
+"""How to fill a wheelhouse for 64-bit Raspberry Pi OS (Bookworm: aarch64, Python 3.11, glibc 2.36) on a
+machine with internet: the ondevice wheel's dependencies and the pinned flwr and torch (PyPI's aarch64
+torch wheels are CPU-only; recent ones are tagged manylinux_2_28, numpy's and most others'
+manylinux2014). The flwr and torch pins must match the inventory's ``flower_version`` and ``torch``."""
+
+_REQUIRED_IN_WHEELHOUSE = ("flwr", "torch")
 
 
 class BundleError(ConfigError):
@@ -26,10 +42,12 @@ class BundleError(ConfigError):
 
 @dataclass(frozen=True)
 class Bundle:
-    """Local files provisioning copies over SFTP: one wheel and the backbone files."""
+    """Local files provisioning copies over SFTP: one wheel, the backbone files and, optionally, a
+    wheelhouse (a folder of wheels for the Pis' platform; with it the Pis install with no package index)."""
 
     wheel: Path
     backbones: tuple[Path, ...]
+    wheelhouse: Path | None = None
 
     def __post_init__(self) -> None:
         if self.wheel.suffix != ".whl" or not self.wheel.is_file():
@@ -45,6 +63,34 @@ class Bundle:
         for path in self.backbones:
             if not path.is_file():
                 raise BundleError(f"backbone file {path} does not exist")
+        if self.wheelhouse is not None:
+            self._check_wheelhouse(self.wheelhouse)
+
+    @staticmethod
+    def _check_wheelhouse(folder: Path) -> None:
+        if not folder.is_dir():
+            raise BundleError(
+                f"wheelhouse {folder} is not a folder; pass --wheelhouse DIR, a folder filled with "
+                f"`{WHEELHOUSE_COMMAND}`"
+            )
+        names = {_distribution(path) for path in folder.glob("*.whl")}
+        missing = [name for name in _REQUIRED_IN_WHEELHOUSE if name not in names]
+        if missing:
+            found = ", ".join(sorted(names)) or "no wheels"
+            raise BundleError(
+                f"wheelhouse {folder} has no {' or '.join(missing)} wheel (it holds {found}); the Pis "
+                f"install from it with no package index, so fill it with `{WHEELHOUSE_COMMAND}`"
+            )
+
+    @property
+    def wheelhouse_files(self) -> tuple[Path, ...]:
+        """The wheels of the wheelhouse, sorted by name (none without a wheelhouse)."""
+        return tuple(sorted(self.wheelhouse.glob("*.whl"))) if self.wheelhouse is not None else ()
+
+
+def _distribution(wheel: Path) -> str:
+    """The normalised distribution name of a wheel file (``Flwr-1.41.0-py3-none-any.whl`` -> ``flwr``)."""
+    return wheel.name.split("-", 1)[0].lower().replace("_", "-").replace(".", "-")
 
 
 def source_root() -> Path:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-from devices.fleet.bundle import Bundle
+from devices.fleet.bundle import WHEELHOUSE_COMMAND, Bundle
 from devices.fleet.inventory import Host
 from devices.fleet.remote import (
     MIN_PYTHON,
@@ -36,6 +36,7 @@ from devices.fleet.remote import (
     provision_script,
     systemctl_script,
     unit_path,
+    wheelhouse_dir,
 )
 
 __all__ = ["Action", "HostResult", "Outcome", "run_action", "run_fleet", "summary"]
@@ -270,12 +271,25 @@ async def _until_running(conn: Any, host: Host, *, wait_s: float, settle_s: floa
     return state
 
 
-async def _upload(conn: Any, host: Host, bundle: Bundle) -> None:
-    """Copy the wheel and the backbone files over SFTP into the folders :func:`prepare_script` made."""
+async def _upload(conn: Any, host: Host, bundle: Bundle) -> int:
+    """Copy the wheel, the backbone files and the wheelhouse over SFTP into the folders
+    :func:`prepare_script` made; returns how many wheelhouse wheels were copied.
+
+    A wheelhouse wheel already on the host with the same size is not copied again (a wheel's name holds
+    its version, and torch alone is over 100 MB), so provisioning the fleet again copies only what changed.
+    """
+    copied = 0
     async with conn.start_sftp_client() as sftp:
         await sftp.put(str(bundle.wheel), f"{dist_dir(host)}/{bundle.wheel.name}")
         for path in bundle.backbones:
             await sftp.put(str(path), f"{cache_dir(host)}/pretrained/{path.name}")
+        for path in bundle.wheelhouse_files:
+            remote = f"{wheelhouse_dir(host)}/{path.name}"
+            if await sftp.exists(remote) and (await sftp.stat(remote)).size == path.stat().st_size:
+                continue
+            await sftp.put(str(path), remote)
+            copied += 1
+    return copied
 
 
 async def _perform(
@@ -319,10 +333,18 @@ async def _perform(
         prepared = await _run(conn, host, prepare_script(host), 60)
         if prepared.exit_status != 0:
             raise _exit_failure("creating the folders", prepared)
-        await _upload(conn, host, bundle)
-        done = await _run(conn, host, provision_script(host, bundle.wheel.name))
+        copied = await _upload(conn, host, bundle)
+        offline = bundle.wheelhouse is not None
+        done = await _run(conn, host, provision_script(host, bundle.wheel.name, offline=offline))
         if done.exit_status != 0:
-            raise _exit_failure("provisioning", done)
+            failure = _exit_failure("provisioning", done)
+            if offline and "No matching distribution" in f"{done.stdout}{done.stderr}":
+                failure = _HostFailureError(
+                    failure.outcome,
+                    f"{failure.detail}; the wheelhouse lacks a wheel this Pi can install (its machine and "
+                    f"Python: `ondevice fleet check`): refill it with `{WHEELHOUSE_COMMAND}`",
+                )
+            raise failure
         state = await _until_running(conn, host, wait_s=restart_wait_s, settle_s=settle_s)
         if not state.running:
             raise _not_running(host, state, "after provisioning")
@@ -333,8 +355,9 @@ async def _perform(
             host,
             action,
             Outcome.OK,
-            f"{version}, {host.flower_requirement}, {len(bundle.backbones)} backbone file(s); "
-            f"{unit_path(host)} enabled, {state}",
+            f"{version}, {host.flower_requirement}, {len(bundle.backbones)} backbone file(s)"
+            + (f", offline from {len(bundle.wheelhouse_files)} wheel(s) ({copied} copied)" if offline else "")
+            + f"; {unit_path(host)} enabled, {state}",
             done,
         )
     if action in (Action.START, Action.RESTART):

@@ -16,12 +16,14 @@ __all__ = [
     "check_script",
     "dist_dir",
     "logs_script",
+    "pip_install_args",
     "prepare_script",
     "provision_script",
     "render_supernode_unit",
     "systemctl_script",
     "systemd_quote",
     "unit_path",
+    "wheelhouse_dir",
 ]
 
 MIN_PYTHON = (3, 11)
@@ -44,6 +46,11 @@ def unit_path(host: Host) -> str:
 def dist_dir(host: Host) -> str:
     """Where provisioning copies the ondevice wheel on the host."""
     return f"{host.remote_root}/dist"
+
+
+def wheelhouse_dir(host: Host) -> str:
+    """Where provisioning copies the wheelhouse (``--wheelhouse``) on the host."""
+    return f"{host.remote_root}/wheelhouse"
 
 
 def cache_dir(host: Host) -> str:
@@ -127,32 +134,41 @@ def check_script(host: Host) -> str:
 
 
 def prepare_script(host: Host) -> str:
-    """Create the folders provisioning copies into (wheel, pretrained backbone, Flower home, state)."""
+    """Create the folders provisioning copies into (wheel, wheelhouse, pretrained backbone, Flower home)."""
     q = shlex.quote
     root = host.remote_root
-    folders = [root, dist_dir(host), cache_dir(host) + "/pretrained", root + "/flwr-home"]
+    folders = [root, dist_dir(host), wheelhouse_dir(host), f"{cache_dir(host)}/pretrained"]
+    folders.append(f"{root}/flwr-home")
     return f"mkdir -p {' '.join(q(f) for f in folders)}"
 
 
 VERIFY_IMPORT = "import ondevice, federated; print('ondevice', ondevice.__version__)"
 
 
-def provision_script(host: Host, wheel_name: str) -> str:
+def pip_install_args(host: Host, wheel_name: str, *, offline: bool = False) -> list[str]:
+    """The ``pip install`` command (argv) that puts pinned Flower, torch and the copied ondevice wheel into
+    the host's venv; ``offline``: from the copied wheelhouse only (``--no-index --find-links``)."""
+    args = [f"{host.remote_root}/venv/bin/pip", "install", "--upgrade"]
+    if offline:
+        args += ["--no-index", "--find-links", wheelhouse_dir(host)]
+    return [*args, host.flower_requirement, host.torch_spec, f"{dist_dir(host)}/{wheel_name}"]
+
+
+def provision_script(host: Host, wheel_name: str, *, offline: bool = False) -> str:
     """After the wheel and backbone were copied: venv, install, verify, install the unit, (re)start it.
 
-    Installs pinned Flower and torch with the copied ondevice wheel, checks that the venv imports
+    Installs pinned Flower and torch with the copied ondevice wheel (``offline``: from the copied
+    wheelhouse, with no package index; see :func:`pip_install_args`), checks that the venv imports
     ``ondevice`` and ``federated`` (printing ``ondevice <version>``), writes and enables the unit and
     restarts it; the caller then reads the unit's real state.
     """
     q = shlex.quote
     root = host.remote_root
     sudo = _sudo(host)
-    wheel = f"{dist_dir(host)}/{wheel_name}"
     steps = [
         "set -e",
         f"{q(host.python)} -m venv {q(root + '/venv')}",
-        f"{q(root + '/venv/bin/pip')} install --upgrade {q(host.flower_requirement)} {q(host.torch_spec)} "
-        f"{q(wheel)}",
+        " ".join(q(arg) for arg in pip_install_args(host, wheel_name, offline=offline)),
         f"{q(root + '/venv/bin/python')} -c {q(VERIFY_IMPORT)}",
         f"printf '%s' {q(render_supernode_unit(host))} | {sudo}tee {q(unit_path(host))} > /dev/null",
         f"{sudo}usermod -a -G dialout {q(host.user)}",

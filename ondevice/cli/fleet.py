@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from devices.fleet import Bundle, build_wheel, find_backbones, load_inventory, run_fleet, summary
+from devices.fleet.bundle import WHEELHOUSE_COMMAND
 from ondevice.cli._app import app, configure_logging, console, fail, interrupted, plain, print_json, say
 from ondevice.errors import OnDeviceError
 
@@ -32,6 +33,14 @@ _BACKBONE = typer.Option(
     "pretrained/ folder).",
     dir_okay=False,
 )
+_WHEELHOUSE = typer.Option(
+    None,
+    "--wheelhouse",
+    help="Folder of wheels for the Pis (pinned flwr, torch and every dependency): copied over SFTP and "
+    "installed with `pip install --no-index --find-links`, so the Pis need no internet. Fill it on a machine "
+    "with internet: " + WHEELHOUSE_COMMAND,
+    file_okay=False,
+)
 _WAIT_S = typer.Option(60.0, "--wait-s", help="Seconds to wait for the unit to run, per host.")
 
 
@@ -49,7 +58,11 @@ def _run(
     try:
         selected = load_inventory(inventory).select(hosts)
         if action == "provision":
-            options["bundle"] = _bundle(options.pop("wheel"), options.pop("backbone"))  # type: ignore[arg-type]
+            options["bundle"] = _bundle(
+                options.pop("wheel"),  # type: ignore[arg-type]
+                options.pop("backbone"),  # type: ignore[arg-type]
+                options.pop("wheelhouse"),  # type: ignore[arg-type]
+            )
     except OnDeviceError as error:
         fail(error)
         return
@@ -99,15 +112,18 @@ def _run(
         raise typer.Exit(1)
 
 
-def _bundle(wheel: Path | None, backbones: list[Path] | None) -> object:
-    """The wheel (given, or built from this checkout) and the backbone files (given, or the local cache's)."""
+def _bundle(wheel: Path | None, backbones: list[Path] | None, wheelhouse: Path | None) -> object:
+    """The wheel (given, or built from this checkout), the backbone files (given, or the local cache's) and
+    the wheelhouse, if given."""
     import tempfile
 
     if wheel is None:
         with console.status(plain("building the ondevice wheel (pip wheel --no-deps)..."), spinner="dots"):
             wheel = build_wheel(Path(tempfile.mkdtemp(prefix="ondevice-wheel-")))
         say(f"built {wheel}")
-    return Bundle(wheel=wheel, backbones=tuple(backbones) if backbones else find_backbones())
+    return Bundle(
+        wheel=wheel, backbones=tuple(backbones) if backbones else find_backbones(), wheelhouse=wheelhouse
+    )
 
 
 @fleet_app.command("check")
@@ -130,15 +146,17 @@ def provision(
     concurrency: int = _CONCURRENCY,
     wheel: Path | None = _WHEEL,
     backbone: list[Path] | None = _BACKBONE,
+    wheelhouse: Path | None = _WHEELHOUSE,
     wait_s: float = _WAIT_S,
     verbose: bool = _VERBOSE,
 ) -> None:
     """Copy the ondevice wheel and the pretrained backbone, install them in a venv, install + start the unit.
 
     Over SFTP: the wheel (built from this checkout unless --wheel) and the backbone files (this machine's
-    pretrained cache unless --backbone); then a venv with pinned flwr/torch and the wheel, a check that it
-    imports ondevice and federated, and the flower-supernode unit, enabled and started: a host whose unit
-    does not keep running fails.
+    pretrained cache unless --backbone) and, for Pis without internet, the --wheelhouse; then a venv with
+    pinned flwr/torch and the wheel (from the wheelhouse alone when given), a check that it imports
+    ondevice and federated, and the flower-supernode unit, enabled and started: a host whose unit does not
+    keep running fails.
     """
     _run(
         "provision",
@@ -149,6 +167,7 @@ def provision(
         verbose,
         wheel=wheel,
         backbone=backbone,
+        wheelhouse=wheelhouse,
         restart_wait_s=wait_s,
     )
 
