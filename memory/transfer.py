@@ -10,7 +10,7 @@ import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -18,16 +18,21 @@ from memory.measure import measure
 from ondevice.data import load_digits, transfer_split
 from ondevice.errors import ConfigError
 from ondevice.optim import OptimizerConfig, resolve_optimizer
-from ondevice.prepared import prepare
+from ondevice.prepared import find_head, prepare
 from ondevice.pretrain import pretrain_with_report
+from ondevice.recompute import RecomputeChoice, resolve_recompute
 from ondevice.schemes import Scheme, resolve_scheme
 from ondevice.trainer import Trainer, evaluate
 
-__all__ = ["DEFAULT_TRANSFER_SCHEMES", "SchemeOutcome", "TransferResult", "run_transfer"]
+__all__ = ["COMPRESS_MODES", "DEFAULT_TRANSFER_SCHEMES", "CompressMode", "SchemeOutcome", "TransferResult",
+           "run_transfer"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRANSFER_SCHEMES: tuple[str, ...] = ("full", "last_layer", "bias", "lite_residual", "sparse", "lora")
+CompressMode = Literal["int8", "2bit"]
+#: What ``compress=`` takes besides None (``prepare``'s ``compress``).
+COMPRESS_MODES: tuple[str, ...] = get_args(CompressMode)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class SchemeOutcome:
     activation_bytes: int | None = None
     #: Bytes of the frozen parameters as the step holds them (int8 ones at 1 byte, ``memory.measure``).
     frozen_bytes: int | None = None
+    #: The compression that applied (``None`` where the model has no smooth activation to compress).
+    compress: str | None = None
+    #: The blocks that were recomputed in backward (empty where none were asked for or found).
+    recomputed_blocks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,10 +67,12 @@ class TransferResult:
     epochs: int
     optimizer: dict[str, Any]
     outcomes: tuple[SchemeOutcome, ...] = field(default_factory=tuple)
-    #: ``"int8"`` when what smooth activations keep was compressed (``prepare(compress=...)``).
+    #: ``"int8"`` or ``"2bit"``: the asked-for compression of what smooth activations keep (``prepare``).
     compress: str | None = None
     #: ``"int8"`` when frozen Conv/Linear weights were held in int8 (``prepare(frozen_weights=...)``).
     frozen_weights: str = "float"
+    #: What ``recompute=`` asked for: ``True``/``False`` or block names (``prepare(recompute=...)``).
+    recompute: bool | tuple[str, ...] = False
 
     def outcome(self, scheme: str) -> SchemeOutcome:
         for item in self.outcomes:
@@ -69,11 +80,35 @@ class TransferResult:
                 return item
         raise ConfigError(f"no outcome for scheme {scheme!r}; ran {[o.scheme for o in self.outcomes]}")
 
+    def mode_notes(self) -> tuple[str, ...]:
+        """A line for each asked-for mode that changed nothing for a scheme that ran (prepare warned so)."""
+        notes = []
+        ran = [o for o in self.outcomes if not o.skipped]
+        uncompressed = [o.scheme for o in ran if o.compress is None]
+        if self.compress and uncompressed:
+            notes.append(
+                f"compress={self.compress!r} changed nothing in {self.model} under "
+                f"{', '.join(uncompressed)}: it has no GELU/SiLU/Hardswish/Sigmoid/Tanh activations "
+                f"to compress (ReLU-family masks are exact already), so these figures are exact training's"
+            )
+        plain = [o.scheme for o in ran if not o.recomputed_blocks]
+        if self.recompute and plain:
+            notes.append(
+                f"recompute={self.recompute!r} changed nothing in {self.model} under {', '.join(plain)}: no "
+                f"blocks to recompute were found, so these figures are those of training without it"
+            )
+        return tuple(notes)
+
     def to_dict(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["source_classes"] = list(self.source_classes)
         payload["target_classes"] = list(self.target_classes)
-        payload["outcomes"] = [asdict(o) for o in self.outcomes]
+        payload["outcomes"] = [
+            asdict(o) | {"recomputed_blocks": list(o.recomputed_blocks)} for o in self.outcomes
+        ]
+        if isinstance(self.recompute, tuple):
+            payload["recompute"] = list(self.recompute)
+        payload["mode_notes"] = list(self.mode_notes())
         return payload
 
     def to_markdown(self) -> str:
@@ -105,6 +140,26 @@ def _resolve_schemes(schemes: Sequence[Scheme | str]) -> list[Scheme]:
     return resolved
 
 
+def _check_modes(compress: object, recompute: object) -> bool | tuple[str, ...]:
+    """``compress`` and the type of ``recompute`` checked before any work; ``recompute`` as stored."""
+    if compress is not None and compress not in COMPRESS_MODES:
+        raise ConfigError(
+            f"compress must be None, {' or '.join(map(repr, COMPRESS_MODES))}, got {compress!r}; e.g. "
+            f"compress='2bit' for GELU/SiLU networks"
+        )
+    if isinstance(recompute, bool):
+        return recompute
+    if (
+        isinstance(recompute, str)
+        or not isinstance(recompute, Sequence)
+        or not all(isinstance(name, str) for name in recompute)
+    ):
+        raise ConfigError(
+            f"recompute must be True, False or a tuple of block names, got {recompute!r}; e.g. recompute=True"
+        )
+    return tuple(recompute)
+
+
 def run_transfer(
     model: str = "cnn",
     *,
@@ -118,8 +173,9 @@ def run_transfer(
     seed: int = 0,
     progress: bool = False,
     on_outcome: Callable[[SchemeOutcome], None] | None = None,
-    compress: str | None = None,
+    compress: CompressMode | None = None,
     frozen_weights: str = "float",
+    recompute: RecomputeChoice = False,
     **model_kwargs: Any,
 ) -> TransferResult:
     """Pretrain ``model`` on ``source_classes`` (cached), then adapt it to ``target_classes`` per scheme.
@@ -127,17 +183,29 @@ def run_transfer(
     Every scheme gets a fresh copy of the pretrained backbone with a new head for the target classes,
     the same training data, optimizer, epochs and seed. Schemes that do not apply to the model (LoRA on
     a network without Linear layers but the head) are reported as skipped. ``compress="int8"`` keeps what
-    smooth activations save for backward in 8 bits (lossy; see ``prepare``), so that its
-    accuracy cost can be measured against the same run without it; ``frozen_weights="int8"`` holds the
-    frozen weights in int8 (see ``prepare``) for the same comparison. Every outcome reports the bytes one
-    training step keeps for backward and the bytes of its frozen parameters.
+    smooth activations save for backward in 8 bits, ``compress="2bit"`` keeps 2 bits per element that pick
+    one of four derivative levels (both lossy; see ``prepare``), so that their accuracy cost can be measured
+    against the same run without them; ``recompute=True`` (or block names) keeps only each block's inputs
+    and recomputes the block in backward (exact); ``frozen_weights="int8"`` holds the frozen weights in
+    int8 (see ``prepare``) for the same comparison. A mode that cannot apply to the model changes nothing,
+    as in ``prepare`` (which warns): each outcome says what applied (``compress``, ``recomputed_blocks``)
+    and :meth:`TransferResult.mode_notes` lists what did not; a combination ``prepare`` refuses for a
+    scheme (a block that cannot be recomputed) makes that scheme's outcome skipped, with the reason. Every
+    outcome reports the bytes one training step keeps for backward and the bytes of its frozen parameters.
+
+    Raises:
+        ConfigError: a bad scheme, optimizer, ``compress`` or ``recompute`` (unknown block names are found
+            after pretraining, before any adaptation).
     """
     config = resolve_optimizer(optimizer, lr=lr)
     resolved = _resolve_schemes(schemes)  # before any work: a typo must not cost a pretraining run
+    recompute = _check_modes(compress, recompute)
     pre = pretrain_with_report(
         model, classes=tuple(source_classes), seed=seed, progress=progress, **model_kwargs
     )
     backbone = pre.model
+    if not isinstance(recompute, bool):
+        resolve_recompute(backbone, recompute, find_head(backbone))  # unknown block names: before training
     shape = backbone.input_shape
     if len(shape) == 3:
         data = load_digits(image_size=(shape[1], shape[2]), channels=shape[0])
@@ -153,7 +221,7 @@ def run_transfer(
             torch.manual_seed(seed)
             net.replace_head(len(target_classes))
             try:
-                prepared = prepare(net, scheme, copy_model=False, compress=compress,  # type: ignore[arg-type]
+                prepared = prepare(net, scheme, copy_model=False, compress=compress, recompute=recompute,
                                    frozen_weights=frozen_weights)  # type: ignore[arg-type]  # fmt: skip
             except ConfigError as exc:
                 outcome = SchemeOutcome(scheme.name, float("nan"), 0, 0, 0.0, skipped=str(exc).split(";")[0])
@@ -178,6 +246,8 @@ def run_transfer(
             train_seconds=fit.seconds,
             activation_bytes=step.activation_bytes,
             frozen_bytes=step.frozen_param_bytes,
+            compress=prepared.compress,
+            recomputed_blocks=tuple(report.recompute),
         )
         logger.info("transfer %s/%s: accuracy %.4f in %.1f s", model, scheme.name, accuracy, fit.seconds)
         outcomes.append(outcome)
@@ -194,4 +264,5 @@ def run_transfer(
         outcomes=tuple(outcomes),
         compress=compress,
         frozen_weights=frozen_weights,
+        recompute=recompute,
     )

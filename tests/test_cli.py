@@ -53,7 +53,7 @@ def test_transfer_int8_compression_is_reported_and_leaves_a_relu_network_alone()
 def test_transfer_rejects_an_unknown_compression() -> None:
     result = runner.invoke(app, ["transfer", "--quick", "--compress", "int4"])
     assert result.exit_code == 2
-    assert "--compress must be 'none' or 'int8', got 'int4'" in result.output
+    assert "--compress must be one of 'none', 'int8', '2bit', got 'int4'" in result.output
     assert "Traceback" not in result.output
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from memory import format_bytes
-from memory.transfer import SchemeOutcome, run_transfer
+from memory.transfer import COMPRESS_MODES, SchemeOutcome, run_transfer
 from ondevice.cli._app import (
     INTERRUPTED_EXIT_CODE,
     app,
@@ -56,8 +56,19 @@ def transfer(
     quick: Annotated[bool, typer.Option("--quick", help="A fast pass: 2 epochs per scheme.")] = False,
     compress: Annotated[
         str,
-        typer.Option(help="none, or int8: keep what smooth activations save in 8 bits (lossy)."),
+        typer.Option(
+            help="none; int8: keep what smooth activations (GELU, SiLU, ...) save in 8 bits; 2bit: keep 2 "
+            "bits per element that pick one of 4 derivative levels. Both lossy; a ReLU network is left alone."
+        ),
     ] = "none",
+    recompute: Annotated[
+        bool,
+        typer.Option(
+            "--recompute",
+            help="Keep only each block's inputs and recompute the block in backward (exact, one more forward "
+            "per block).",
+        ),
+    ] = False,
     frozen_weights: Annotated[
         str,
         typer.Option(help="float, or int8: hold the frozen Conv/Linear/Embedding weights in int8 (lossy)."),
@@ -70,8 +81,9 @@ def transfer(
     Ctrl-C stops it, prints the schemes finished so far and exits with status 130.
     """
     configure_logging(verbose)
-    if compress not in ("none", "int8"):
-        fail(f"--compress must be 'none' or 'int8', got {compress!r}")
+    if compress != "none" and compress not in COMPRESS_MODES:
+        allowed = ", ".join(repr(mode) for mode in ("none", *COMPRESS_MODES))
+        fail(f"--compress must be one of {allowed}, got {compress!r}")
     if frozen_weights not in ("float", "int8"):
         fail(f"--frozen-weights must be 'float' or 'int8', got {frozen_weights!r}")
     names = _scheme_names(schemes)
@@ -99,8 +111,9 @@ def transfer(
                 seed=seed,
                 progress=not json_output,
                 on_outcome=announce,
-                compress=None if compress == "none" else compress,
+                compress=None if compress == "none" else compress,  # type: ignore[arg-type]
                 frozen_weights=frozen_weights,
+                recompute=recompute,
             )
     except KeyboardInterrupt:
         done = ", ".join(o.scheme for o in finished) or "none"
@@ -122,10 +135,14 @@ def transfer(
         payload["total_seconds"] = total_s
         print_json(payload)
         return
-    packed = (", activations int8" if result.compress else "") + (
-        ", frozen weights int8" if result.frozen_weights == "int8" else ""
+    packed = (
+        (f", activations {result.compress}" if result.compress else "")
+        + (", frozen weights int8" if result.frozen_weights == "int8" else "")
+        + (", blocks recomputed" if result.recompute else "")
     )
     _table(result.outcomes, f"Transfer digits 0-4 -> 5-9 ({model}, {epochs} epochs, Adam lr {lr:g}{packed})")
+    for note in result.mode_notes():
+        say(plain("note: ", "bold yellow"), note)
     say(f"source accuracy of the pretrained backbone: {result.source_accuracy:.4f}; total {total_s:.1f} s")
 
 
