@@ -6,7 +6,11 @@ every command it is sent through ``/bin/sh`` in its own home directory, with fak
 that keep the unit's state in files), and serves SFTP, so provisioning's copies and systemd control run
 for real but touch nothing outside that directory. The fake venv's ``pip`` only logs what it is asked
 to install and its ``python`` imports ``ondevice`` only once a wheel was "installed": nothing is really
-installed or started (a real-process fleet needs real Pis or containers). :class:`StandInFleet` starts
+installed or started. They are for rehearsing the commands in seconds (``examples/fleet/walkthrough.py``)
+and for what crosses SSH and SFTP (host keys, refused keys, silent and down hosts, per-host outcomes);
+what the commands do on a Pi is tested with ``tests/devices/process_standins.py``, which keeps these
+SSH servers and replaces the stubs by a real venv, a real offline ``pip install`` and a service manager
+that runs the unit's ``flower-supernode``. :class:`StandInFleet` starts
 several in a background event loop, writes a client key, a ``known_hosts`` file and an inventory, and
 can add a host that is down (closed port), one that refuses the client key, one whose host key does not
 match ``known_hosts`` and one that accepts TCP connections but never speaks (``silent``).

@@ -104,7 +104,7 @@ class ProcessStandInFleet(StandInFleet):
             pid = int(path.read_text())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if alive(pid) else None
 
     def stop_services(self, service: str = "ondevice-supernode", timeout_s: float = 20.0) -> None:
         """End every supervisor (and its SuperNode's process group) these stand-ins started, by PID."""
@@ -116,19 +116,19 @@ class ProcessStandInFleet(StandInFleet):
                     pid = int(path.read_text())
                 except (OSError, ValueError):
                     continue
-                if _alive(pid):
+                if alive(pid):
                     try:
                         os.killpg(pid, signal.SIGTERM)
                     except ProcessLookupError:
                         continue
                     deadline = time.monotonic() + timeout_s
-                    while _alive(pid) and time.monotonic() < deadline:
+                    while alive(pid) and time.monotonic() < deadline:
                         time.sleep(0.2)
-                    if _alive(pid):
+                    if alive(pid):
                         os.killpg(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 import ondevice.cli.fleet  # noqa: F401  (registers the subcommand)
 from devices.fleet import (
-    Action,
     Bundle,
     BundleError,
     Host,
@@ -84,12 +83,15 @@ def test_check_reports_each_host_precisely(fleet) -> None:
     assert hung.startswith("pi-hung (127.0.0.1:") and "accepts TCP" in hung and "sshd" in hung
 
 
-def test_provision_start_status_logs_restart_stop(fleet, bundle: Bundle) -> None:
+def test_every_action_reports_each_host_precisely(fleet, bundle: Bundle) -> None:
+    """Provision, start, restart and stop across a fleet with broken hosts: each host gets its own outcome
+    and the others go on. What the actions do on a host (a real venv and pip install, SuperNodes that
+    really start, stop, restart and fail) is tests/devices/test_fleet_processes.py's; these stand-ins'
+    venv, pip and systemctl are shell stubs, so only what crosses SSH and SFTP is checked here."""
     inventory = load_inventory(fleet.inventory_path)
     healthy = inventory.select("pi-1,pi-2")
     results = run_fleet(inventory.hosts, "provision", bundle=bundle, **FAST)
     assert outcomes(results) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK, "pi-3": Outcome.OK, **BROKEN}
-    assert results[0].detail.startswith("ondevice 0+standin, flwr==1.41.*, 1 backbone file(s)")
     for host in healthy:
         home = fleet.hosts[host.name].home
         unit = (home / "systemd" / "ondevice-supernode.service").read_text()
@@ -100,57 +102,11 @@ def test_provision_start_status_logs_restart_stop(fleet, bundle: Bundle) -> None
         copied = root / "cache" / "pretrained" / bundle.backbones[0].name
         assert copied.read_bytes() == bundle.backbones[0].read_bytes()
         assert f"ONDEVICE_CACHE_DIR={root}/cache" in unit
-        pip_log = (home / "state" / "pip.log").read_text()
-        assert "flwr==1.41.*" in pip_log and "torch" in pip_log
-        assert str(root / "dist" / bundle.wheel.name) in pip_log
-        assert "dialout" in (home / "state" / "usermod.log").read_text()
-        assert (home / "state" / "ondevice-supernode.enabled").exists()
-        assert fleet.hosts[host.name].state() == "active"  # provisioning leaves it running
 
-    stopped = run_fleet(healthy, "stop")
-    assert [r.detail for r in stopped] == ["inactive", "inactive"]
-    # A unit that is not running is a failed host in status, whatever the reason.
-    assert outcomes(run_fleet(healthy, "status")) == {"pi-1": Outcome.FAILED, "pi-2": Outcome.FAILED}
-    started = run_fleet(inventory.hosts, "start", concurrency=2, **FAST)
-    assert {r.host: r.detail for r in started if r.ok} == {
-        "pi-1": "active",
-        "pi-2": "active",
-        "pi-3": "active",
-    }
-    assert fleet.hosts["pi-1"].state() == "active"
-    assert {r.detail for r in run_fleet(healthy, "status")} == {"active"}
-    logs = run_fleet(healthy, Action.LOGS, log_lines=4)
-    assert all(r.ok and len(r.stdout.splitlines()) == 4 for r in logs)
-    assert logs[0].stdout.startswith("pi-1 flower-supernode")
-
-    restarted = run_fleet(inventory.hosts, "restart", **FAST)
-    assert outcomes(restarted) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK, "pi-3": Outcome.OK, **BROKEN}
-    systemctl_log = (fleet.hosts["pi-2"].home / "state" / "systemctl.log").read_text()
-    assert "systemctl restart ondevice-supernode" in systemctl_log
-
-    stopped = run_fleet(healthy, "stop")
-    assert [r.detail for r in stopped] == ["inactive", "inactive"]
-
-
-def test_a_unit_that_fails_is_a_failed_host_in_start_and_status(fleet, tmp_path: Path) -> None:
-    inventory = load_inventory(fleet.inventory_path)
-    hosts = inventory.select("pi-1,pi-2")
-    broken = fleet.hosts["pi-2"].home / "state" / "broken"
-    broken.touch()
-    try:
-        started = run_fleet(hosts, "start", **FAST)
-        status = run_fleet(hosts, "status")
-        result = CliRunner().invoke(
-            app, ["fleet", "status", "-i", str(fleet.inventory_path), "--hosts", "pi-1,pi-2"]
-        )
-    finally:
-        broken.unlink()
-        run_fleet(hosts, "stop")
-    for results in (started, status):
-        assert outcomes(results) == {"pi-1": Outcome.OK, "pi-2": Outcome.FAILED}
-        assert "failed" in results[1].detail and "fleet logs --hosts pi-2" in results[1].detail
-    assert result.exit_code == 1, result.output
-    assert "1 ok, 1 failed" in result.output
+    for action in ("stop", "start", "restart"):
+        done = run_fleet(inventory.hosts, action, **FAST)
+        assert outcomes(done) == {"pi-1": Outcome.OK, "pi-2": Outcome.OK, "pi-3": Outcome.OK, **BROKEN}
+    assert run_fleet(healthy, "stop")[0].detail == "inactive"
 
 
 def test_provision_needs_a_bundle(fleet, tmp_path: Path) -> None:

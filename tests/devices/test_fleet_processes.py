@@ -1,7 +1,8 @@
 """The fleet end to end with real processes: three stand-in Pis over real SSH are provisioned (a real venv,
 a real offline pip install of the built wheel), their SuperNodes run under a stand-in service manager and
 join a real SuperLink on loopback (TLS, node authentication), `flwr run` completes, `fleet status` shows
-each device's true state, and a device killed mid-run does not hold up the later rounds.
+each device's true state, and a device killed mid-run does not hold up the later rounds. And every fleet
+command (provision, status, logs, stop, start, restart) on SuperNodes that really run, stop and fail.
 
 Every process started here is stopped here, by PID (the SuperLink's process group, each stand-in's
 supervisor and SuperNode).
@@ -18,12 +19,16 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_loopback import Cluster, make_node_key, make_tls
-from process_standins import ProcessStandInFleet
+from flower_loopback import Cluster, free_port, make_node_key, make_tls
+from process_standins import ProcessStandInFleet, alive
+from typer.testing import CliRunner
 
-from devices.fleet import Bundle, Outcome, load_inventory, run_fleet
+import ondevice
+import ondevice.cli.fleet  # registers the subcommand
+from devices.fleet import Bundle, Outcome, load_inventory, render_supernode_unit, run_fleet
 from devices.fleet.bundle import build_wheel, find_backbones
 from devices.testing.standin import StandInSpec
+from ondevice.cli._app import app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("deployment")]
 
@@ -139,4 +144,93 @@ def test_provisioned_standins_run_a_federation_and_survive_a_dead_device(tmp_pat
     finally:
         standins.stop_services()
         cluster.stop_all()
+        standins.close()
+
+
+@pytest.mark.timeout(600)
+def test_fleet_commands_drive_real_supernodes(tmp_path: Path) -> None:
+    """provision, status, logs, stop, start, restart and a broken unit, on SuperNodes that really run.
+
+    No SuperLink listens at the inventory's address, so each SuperNode keeps trying to connect, as a Pi's
+    does while its server is down: the unit runs, and its journal is the SuperNode's own output.
+    """
+    wheel = build_wheel(tmp_path / "dist")
+    backbone = tmp_path / "cnn-0123abcd.safetensors"
+    backbone.write_bytes(bytes(range(256)) * 4)
+    bundle = Bundle(wheel=wheel, backbones=(backbone,))
+    tls = make_tls(tmp_path)
+    names = ("pi-1", "pi-2")
+    standins = ProcessStandInFleet(tmp_path / "fleet", [StandInSpec(name) for name in names])
+
+    def logs() -> str:
+        return "\n".join(
+            f"--- {name}\n" + path.read_text(errors="replace")[-2000:]
+            for name in names
+            if (path := standins.hosts[name].home / "state" / "ondevice-supernode.log").exists()
+        )
+
+    try:
+        standins.start()
+        for name in names:
+            private, _ = make_node_key(standins.hosts[name].home, "supernode.key")
+            os.chmod(private, 0o600)
+        standins.set_fleet(superlink=f"127.0.0.1:{free_port()}", root_certificates=str(tls["ca"]))
+        hosts = load_inventory(standins.inventory_path).hosts
+
+        provisioned = run_fleet(hosts, "provision", bundle=bundle, restart_wait_s=60.0, settle_s=3.0)
+        assert [r.outcome for r in provisioned] == [Outcome.OK] * 2, [r.detail for r in provisioned]
+        assert provisioned[0].detail.startswith(f"ondevice {ondevice.__version__}, flwr==1.41.*, 1 backbone")
+        for host in hosts:
+            home = standins.hosts[host.name].home
+            root = home / "ondevice"
+            assert (home / "systemd" / "ondevice-supernode.service").read_text() == render_supernode_unit(
+                host
+            )
+            assert (root / "dist" / wheel.name).read_bytes() == wheel.read_bytes()
+            assert (root / "cache" / "pretrained" / backbone.name).read_bytes() == backbone.read_bytes()
+            assert "dialout" in (home / "state" / "usermod.log").read_text()
+            assert (home / "state" / "ondevice-supernode.enabled").exists()
+        pids = {name: standins.supernode_pid(name) for name in names}
+        assert None not in pids.values(), logs()
+
+        status = run_fleet(hosts, "status")
+        assert [(r.outcome, r.detail) for r in status] == [(Outcome.OK, "active")] * 2
+        journal = run_fleet(hosts, "logs", log_lines=200)
+        assert all("Starting Flower SuperNode" in r.stdout for r in journal), logs()
+
+        stopped = run_fleet(hosts, "stop")
+        assert [r.detail for r in stopped] == ["inactive", "inactive"]
+        assert all(standins.supernode_pid(name) is None for name in names)  # the processes are gone
+        assert all(not alive(pid) for pid in pids.values() if pid is not None)
+        assert [r.outcome for r in run_fleet(hosts, "status")] == [Outcome.FAILED] * 2
+
+        started = run_fleet(hosts, "start", restart_wait_s=60.0, settle_s=3.0)
+        assert [r.outcome for r in started] == [Outcome.OK] * 2, [r.detail for r in started]
+        again = {name: standins.supernode_pid(name) for name in names}
+        assert None not in again.values() and not set(again.values()) & set(pids.values())
+        restarted = run_fleet(hosts, "restart", restart_wait_s=60.0, settle_s=3.0)
+        assert [r.outcome for r in restarted] == [Outcome.OK] * 2, [r.detail for r in restarted]
+        after = {name: standins.supernode_pid(name) for name in names}
+        assert None not in after.values() and not set(after.values()) & set(again.values())
+
+        # pi-2 loses its authentication key: its SuperNode really exits, the service manager waits
+        # RestartSec before the next try, and the fleet reports pi-2 as failed, with where to look.
+        (standins.hosts["pi-2"].home / "supernode.key").unlink()
+        victim = after["pi-2"]
+        assert victim is not None
+        os.kill(victim, signal.SIGTERM)
+        state = standins.hosts["pi-2"].home / "state" / "ondevice-supernode.state"
+        _wait_until(
+            lambda: "exited with status 1" in _journal(hosts[1:]), 120, "pi-2's SuperNode failing", logs
+        )
+        _wait_until(lambda: state.read_text().split()[0] == "activating", 30, "the restart wait", logs)
+        status = {r.host: r for r in run_fleet(hosts, "status")}
+        assert status["pi-1"].outcome is Outcome.OK and status["pi-2"].outcome is Outcome.FAILED
+        assert "activating (auto-restart)" in status["pi-2"].detail
+        assert "fleet logs --hosts pi-2" in status["pi-2"].detail
+        assert "No such file or directory" in _journal(hosts[1:])
+        cli = CliRunner().invoke(app, ["fleet", "status", "-i", str(standins.inventory_path)])
+        assert cli.exit_code == 1 and "1 ok, 1 failed" in cli.output, cli.output
+    finally:
+        standins.stop_services()
         standins.close()
