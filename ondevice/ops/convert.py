@@ -30,6 +30,7 @@ from ondevice.ops.registry import (
     op_support,
     twin_class,
 )
+from ondevice.ops.sdpa import MemorySavingAttention, attention_callers
 from ondevice.ops.sequential import MemorySavingSequential, fusable_runs, inplace_pairs, sequential_applies
 
 __all__ = ["SAVES_NOTHING", "convert", "restore", "unsupported_leaves"]
@@ -117,6 +118,12 @@ def convert(
         for name, child in list(parent.named_children()):
             if sequential_applies(child) and (inplace_pairs(child) or fusable_runs(child)):
                 setattr(parent, name, clone_module_as(child, twin_class(MemorySavingSequential, type(child))))
+    for name in attention_callers(module):  # their SDPA keeps q, k, v only (ondevice.ops.sdpa)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        attention = getattr(parent, child_name)
+        lean = clone_module_as(attention, twin_class(MemorySavingAttention, type(attention)))
+        setattr(parent, child_name, lean)
     logger.debug("converted %d layer(s) to memory-saving ops (%s)", replaced, options)
     return module
 
@@ -126,7 +133,7 @@ def restore(module: nn.Module) -> nn.Module:
     # Children before parents, so a replaced parent's (copied) child dict holds the restored layers.
     for parent in reversed(list(module.modules())):
         for name, child in list(parent.named_children()):
-            if isinstance(child, MemorySavingModule | MemorySavingSequential):
+            if isinstance(child, MemorySavingModule | MemorySavingSequential | MemorySavingAttention):
                 setattr(parent, name, child.to_stock())
     if isinstance(module, MemorySavingModule | MemorySavingSequential):
         return module.to_stock()

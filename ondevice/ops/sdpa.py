@@ -1,0 +1,180 @@
+"""Attention that keeps q, k and v only: the output and log-sum-exp are recomputed in backward.
+
+Stock autograd keeps five tensors for ``F.scaled_dot_product_attention`` on the CPU's flash kernel: q, k,
+v, the output and the per-row log-sum-exp. The output is there for one row sum (``D = rowsum(dO * O)``)
+and the log-sum-exp to rebuild the softmax; both come again, bit for bit, from one more forward of the
+same kernel on the kept q, k and v. So :class:`_LeanSDPA` keeps q, k, v, and in backward runs the flash
+kernel's forward once more and then its own backward (``_scaled_dot_product_flash_attention_for_cpu``
+and ``..._backward``, exactly what stock autograd runs): the gradients are stock's bit for bit, for one
+more attention product per layer (``4 N^2 d`` FLOPs for ``N`` tokens of width ``d``, a few per cent of a
+layer's ``24 N d^2`` at these sizes). It saves one hidden-size tensor per attention layer, a quarter of
+what attention keeps: on a bias-only ViT, whose frozen projections keep nothing, that is 1/8 of the step.
+
+It applies where stock attention would run the CPU flash kernel (``torch._fused_sdp_choice``), with no
+dropout, no boolean mask, no grouped-query broadcast and no gradient wanted for the mask; every other
+call (CUDA, the math path, dropout in training) runs stock ``F.scaled_dot_product_attention`` unchanged.
+
+Which modules call it: the attention modules of the libraries call ``F.scaled_dot_product_attention``
+inside their own ``forward`` (transformers through its attention-function registry, timm directly).
+``nn.MultiheadAttention`` is left as stock: it calls it inside ``F.multi_head_attention_forward``, itself
+a function that torch-function modes intercept, and a mode is off while it handles a call, so the inner
+call is out of its reach. :func:`attention_callers` finds
+the modules whose class's ``forward`` names one of those, and ``convert`` makes each a
+:class:`MemorySavingAttention` twin, whose ``forward`` runs the class's own under a
+``TorchFunctionMode`` that routes that one function here (only inside those modules, so the rest of the
+model runs without a Python mode). Parameters, buffers, ``state_dict`` keys and the class's other methods
+are unchanged, as for every op.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from ondevice.ops.registry import MemorySavingModule, clone_module_as
+
+__all__ = ["MemorySavingAttention", "attention_callers", "lean_attention", "lean_sdpa"]
+
+_FLASH = 1  # torch._fused_sdp_choice's index of SDPBackend.FLASH_ATTENTION
+_CALLS = frozenset({"scaled_dot_product_attention", "ALL_ATTENTION_FUNCTIONS", "attention_interface"})
+"""Names whose presence in a class's ``forward`` marks it as (possibly) calling SDPA itself."""
+
+_aten = torch.ops.aten
+
+
+class _LeanSDPA(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None
+    ) -> Tensor:
+        out, _ = _aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, mask = ctx.saved_tensors
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale
+        )
+        dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale
+        )
+        return dq, dk, dv, None, None, None
+
+
+def lean_sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor | None:
+    """``F.scaled_dot_product_attention(...)`` keeping only q, k and v, or ``None`` where it does not apply
+    (then the caller runs the stock function): not the CPU flash kernel, dropout, a boolean or
+    differentiable mask, grouped-query broadcast, no gradient wanted, or a forward that backward runs (a
+    recomputed block's, whose kept tensors live only until its backward is done)."""
+    if dropout_p != 0.0 or enable_gqa or not torch.is_grad_enabled():
+        return None
+    if torch._C._current_graph_task_id() != -1:  # a forward run by backward (a recomputed block): transient
+        return None
+    if not any(t.requires_grad for t in (query, key, value)):
+        return None
+    if query.device.type != "cpu" or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return None
+    if attn_mask is not None and (attn_mask.dtype == torch.bool or attn_mask.requires_grad):
+        return None
+    if _kernel_choice(query, key, value, attn_mask, is_causal, scale) != _FLASH:
+        return None
+    return _LeanSDPA.apply(query, key, value, attn_mask, is_causal, scale)  # type: ignore[no-any-return]
+
+
+def _kernel_choice(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None
+) -> int:
+    """The kernel stock attention picks for these inputs. The choice reads only their metadata, so the
+    Python dispatch key is left out: on fake tensors (``memory.estimate``) it is then the choice for the
+    real ones, as stock attention's own, instead of the fake mode's answer (the math path)."""
+    with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Python)):
+        return int(torch._fused_sdp_choice(query, key, value, mask, 0.0, is_causal, scale=scale))
+
+
+class _Route(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` to :func:`lean_sdpa`; everything else runs as called."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out = lean_sdpa(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def lean_attention() -> Iterator[None]:
+    """Within it, ``F.scaled_dot_product_attention`` keeps q, k and v only where :func:`lean_sdpa` applies."""
+    with _Route():
+        yield
+
+
+def _forward_names(cls: type) -> set[str]:
+    """The global and attribute names the code of ``cls.forward`` uses (through decorators' ``__wrapped__``:
+    transformers wraps its forwards)."""
+    forward = cls.__dict__.get("forward")
+    if forward is None:
+        return set()
+    code = getattr(inspect.unwrap(forward), "__code__", None)
+    return set(code.co_names) if isinstance(code, types.CodeType) else set()
+
+
+def _calls_attention(cls: type[nn.Module]) -> bool:
+    """Whether the ``forward`` ``cls`` runs (its own or the nearest base's) names an attention call."""
+    for base in cls.__mro__:
+        if "forward" in base.__dict__:
+            return bool(_forward_names(base) & _CALLS)
+    return False
+
+
+def attention_callers(model: nn.Module) -> list[str]:
+    """Qualified names of the submodules of ``model`` (not ``model`` itself) whose ``forward`` may call SDPA
+    itself (see the module docstring) and that are not yet :class:`MemorySavingAttention` (nor layers with
+    an op of their own)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and not isinstance(module, MemorySavingAttention | MemorySavingModule)
+        and _calls_attention(type(module))
+    ]
+
+
+class MemorySavingAttention(nn.Module):
+    """Mixed into an attention module's class (by ``twin_class``): its own ``forward``, run under
+    :func:`lean_attention`."""
+
+    stock_type: ClassVar[type[nn.Module]] = nn.Module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with lean_attention():
+            return super().forward(*args, **kwargs)
+
+    def to_stock(self) -> nn.Module:
+        """The module this one replaced, with the same parameters, buffers and children."""
+        return clone_module_as(self, self.stock_type)
