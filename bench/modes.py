@@ -35,10 +35,7 @@ The first run pretrains ``silu_cnn`` and ``hf_vit`` on digits 0-4 for each seed 
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import inspect
-import json
 import os
 import platform
 import statistics
@@ -54,10 +51,10 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as for bench/memory.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._transfers import emit, grid_options, grid_parser, paired, parse_transfers, pts, run_grid
 from bench.library_models import LIBRARY_MODELS, LibraryModel, _hf, library_available, logits_of
 from bench.memory import time_steps
 from memory import measure
-from memory.transfer import run_transfer
 from ondevice import PreparedModel, prepare
 from ondevice.models import ClassifierModel, InvertedResidual, list_models, register_model
 from ondevice.models.blocks import conv_bn_act
@@ -168,19 +165,6 @@ def register_bench_models() -> tuple[str, ...]:
 # --- accuracy on the digits transfer -------------------------------------------------------------------
 
 
-def parse_transfers(text: str) -> dict[str, list[str]]:
-    """``"vit/bias,hf_vit/lora"`` -> ``{"vit": ["bias"], "hf_vit": ["lora"]}`` (schemes per model)."""
-    out: dict[str, list[str]] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        model, sep, scheme = item.partition("/")
-        if not sep or not model or not scheme:
-            raise SystemExit(f"--transfers: {item!r} is not MODEL/SCHEME (e.g. vit/bias)")
-        out.setdefault(model, []).append(scheme)
-    if not out:
-        raise SystemExit("--transfers: give at least one MODEL/SCHEME, e.g. vit/bias")
-    return out
-
-
 def _summary(model: str, scheme: str, runs: dict[str, list[Any]], seeds: list[int],
              settings: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Mean and worst per mode, and the per-seed paired difference mode - exact."""
@@ -188,10 +172,9 @@ def _summary(model: str, scheme: str, runs: dict[str, list[Any]], seeds: list[in
     row: dict[str, Any] = {"model": model, "scheme": scheme, "seeds": seeds, **settings, "skipped": skipped}
     if skipped:
         return row
-    exact = [o.accuracy for o in runs["exact"]]
     for mode, outcomes in runs.items():
         acc = [o.accuracy for o in outcomes]
-        diff = [b - a for a, b in zip(exact, acc, strict=True)]
+        diff = paired(runs["exact"], outcomes)
         row[mode] = {
             "accuracy": acc,
             "accuracy_mean": statistics.fmean(acc),
@@ -219,24 +202,10 @@ def accuracy_rows(
     transfers: dict[str, list[str]], seeds: list[int], *, epochs: int | None, **model_kwargs: Any
 ) -> list[dict[str, Any]]:
     """Every model/scheme of ``transfers`` adapted under each mode on each seed."""
-    if epochs is None:
-        epochs = int(inspect.signature(run_transfer).parameters["epochs"].default)
     rows = []
     for model, schemes in transfers.items():
-        runs: dict[str, dict[str, list[Any]]] = {s: {mode: [] for mode in MODES} for s in schemes}
-        settings: dict[str, Any] = {}
-        for seed in seeds:
-            for mode, kwargs in MODES.items():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # what did not apply is in each outcome
-                    result = run_transfer(model, schemes=schemes, seed=seed, epochs=epochs, **kwargs,
-                                          **model_kwargs.get(model, {}))  # fmt: skip
-                settings = {"epochs": result.epochs, "optimizer": result.optimizer,
-                            "model_kwargs": result.model_kwargs}  # fmt: skip
-                for outcome in result.outcomes:
-                    runs[outcome.scheme][mode].append(outcome)
-                    print(f"  {model}/{outcome.scheme} seed {seed} {mode}: "
-                          f"{outcome.skipped or f'{outcome.accuracy:.4f}'}", file=sys.stderr)  # fmt: skip
+        runs, settings = run_grid(model, schemes, seeds, MODES, epochs=epochs,
+                                  model_kwargs=model_kwargs.get(model))  # fmt: skip
         rows += [_summary(model, scheme, runs[scheme], seeds, settings) for scheme in schemes]
     return rows
 
@@ -347,10 +316,6 @@ def run(transfers: dict[str, list[str]], seeds: list[int], *, quick: bool, epoch
     return result
 
 
-def _pts(value: float) -> str:
-    return f"{value * 100:+.2f}"
-
-
 def print_tables(result: dict[str, Any]) -> None:
     """Rich tables of accuracy and step time, and a line per target."""
     from rich.console import Console
@@ -376,8 +341,8 @@ def print_tables(result: dict[str, Any]) -> None:
             m = row[mode]
             mark = "" if m["applied"] else "*"
             table.add_row(row["model"], row["scheme"], mode + mark, str(row["epochs"]),
-                          f"{m['accuracy_mean']:.4f}", f"{m['accuracy_worst']:.4f}", _pts(m["diff_mean"]),
-                          _pts(m["diff_worst"]), "/".join(_pts(d) for d in m["diff"]),
+                          f"{m['accuracy_mean']:.4f}", f"{m['accuracy_worst']:.4f}", pts(m["diff_mean"]),
+                          pts(m["diff_worst"]), "/".join(pts(d) for d in m["diff"]),
                           f"{m['activation_bytes'] / 1024:.1f}")  # fmt: skip
     console.print(table)
     for row in result["accuracy"]:
@@ -417,38 +382,18 @@ def print_tables(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="how many seeds from --seed on (3; 1 with --quick)"
+    parser = grid_parser(
+        (__doc__ or "").splitlines()[0],
+        transfers_help=f"{DEFAULT_TRANSFERS}; {QUICK_TRANSFERS} on small inputs with --quick",
+        quick_epochs=1,
+        quick_help="1 seed, 1 epoch, small inputs, two timed models: a smoke test",
     )
-    parser.add_argument("--seed", type=int, default=0, help="first seed (0)")
-    parser.add_argument("--transfers", default=None,
-                        help=f"comma-separated MODEL/SCHEME of the accuracy rows ({DEFAULT_TRANSFERS}; "
-                             f"{QUICK_TRANSFERS} on small inputs with --quick)")  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="transfer epochs (run_transfer's default, 15; 1 with --quick)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the run (1)")
-    parser.add_argument("--reps", type=int, default=None, help="timing rounds (15; 2 with --quick)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--quick", action="store_true",
-                        help="1 seed, 1 epoch, small inputs, two timed models: a smoke test")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the tables")
-    parser.add_argument("--save", default="", help="also write the JSON to this file")
-    args = parser.parse_args(argv)
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    if seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {seeds}")
-    transfers = parse_transfers(args.transfers or (QUICK_TRANSFERS if args.quick else DEFAULT_TRANSFERS))
-    result = run(transfers, list(range(args.seed, args.seed + seeds)), quick=args.quick,
-                 epochs=args.epochs if args.epochs is not None else (1 if args.quick else None),
-                 reps=args.reps if args.reps is not None else (2 if args.quick else 15),
-                 threads=args.threads, batch=args.batch)  # fmt: skip
-    if args.save:
-        Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
+    args, options = grid_options(parser, argv)
+    transfers = parse_transfers(
+        args.transfers or (QUICK_TRANSFERS if args.quick else DEFAULT_TRANSFERS), example="vit/bias"
+    )
+    result = run(transfers, options.pop("seeds"), quick=args.quick, **options)
+    emit(result, args, print_tables)
     return result
 
 

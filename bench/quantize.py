@@ -33,9 +33,6 @@ Nothing here asserts a figure; the targets are reported as holding or not.
 
 from __future__ import annotations
 
-import argparse
-import inspect
-import json
 import os
 import platform
 import statistics
@@ -52,10 +49,10 @@ from torch.nn import functional as F
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as for bench/memory.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._transfers import emit, grid_options, grid_parser, paired, parse_transfers, pts, run_grid
 from bench.library_models import LIBRARY_MODELS, library_available, logits_of
 from bench.memory import time_steps, training_step
 from memory import measure
-from memory.transfer import run_transfer
 from ondevice import PreparedModel, prepare
 from ondevice.models import create_model
 from ondevice.quantize import is_int8
@@ -69,19 +66,6 @@ TARGETS = {"accuracy_points": 0.5, "weight_ratio": 0.27, "peak_x_lower": 2.0, "t
 # --- accuracy on the digits transfer -------------------------------------------------------------------
 
 
-def parse_transfers(text: str) -> dict[str, list[str]]:
-    """``"cnn/bias,vit/lora"`` -> ``{"cnn": ["bias"], "vit": ["lora"]}`` (schemes per model, in order)."""
-    out: dict[str, list[str]] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        model, sep, scheme = item.partition("/")
-        if not sep or not model or not scheme:
-            raise SystemExit(f"--transfers: {item!r} is not MODEL/SCHEME (e.g. cnn/bias)")
-        out.setdefault(model, []).append(scheme)
-    if not out:
-        raise SystemExit("--transfers: give at least one MODEL/SCHEME, e.g. cnn/bias")
-    return out
-
-
 def _summary(model: str, scheme: str, runs: dict[str, list[Any]], seeds: list[int],
              settings: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Mean and worst per format, and the per-seed paired difference int8 - float."""
@@ -90,7 +74,7 @@ def _summary(model: str, scheme: str, runs: dict[str, list[Any]], seeds: list[in
     if skipped:
         return row
     acc = {fmt: [o.accuracy for o in runs[fmt]] for fmt in FORMATS}
-    diff = [b - a for a, b in zip(acc["float"], acc["int8"], strict=True)]
+    diff = paired(runs["float"], runs["int8"])
     for fmt in FORMATS:
         row[fmt] = {
             "accuracy": acc[fmt],
@@ -111,20 +95,10 @@ def accuracy_rows(
     transfers: dict[str, list[str]], seeds: list[int], *, epochs: int | None
 ) -> list[dict[str, Any]]:
     """Every model/scheme of ``transfers`` adapted with float and with int8 frozen weights on each seed."""
-    if epochs is None:
-        epochs = int(inspect.signature(run_transfer).parameters["epochs"].default)
+    variants = {fmt: {"frozen_weights": fmt} for fmt in FORMATS}
     rows = []
     for model, schemes in transfers.items():
-        runs: dict[str, dict[str, list[Any]]] = {s: {fmt: [] for fmt in FORMATS} for s in schemes}
-        settings: dict[str, Any] = {}
-        for seed in seeds:
-            for fmt in FORMATS:
-                result = run_transfer(model, schemes=schemes, seed=seed, frozen_weights=fmt, epochs=epochs)
-                settings = {"epochs": result.epochs, "optimizer": result.optimizer}
-                for outcome in result.outcomes:
-                    runs[outcome.scheme][fmt].append(outcome)
-                    print(f"  {model}/{outcome.scheme} seed {seed} {fmt}: "
-                          f"{outcome.skipped or f'{outcome.accuracy:.4f}'}", file=sys.stderr)  # fmt: skip
+        runs, settings = run_grid(model, schemes, seeds, variants, epochs=epochs)
         rows += [_summary(model, scheme, runs[scheme], seeds, settings) for scheme in schemes]
     return rows
 
@@ -277,10 +251,6 @@ def run(transfers: dict[str, list[str]], seeds: list[int], *, quick: bool, epoch
     return result
 
 
-def _pts(value: float) -> str:
-    return f"{value * 100:+.2f}"
-
-
 def print_tables(result: dict[str, Any]) -> None:
     """Rich tables of accuracy, bytes and time, and a line per target."""
     from rich.console import Console
@@ -306,8 +276,8 @@ def print_tables(result: dict[str, Any]) -> None:
         f, q = row["float"], row["int8"]
         table.add_row(row["model"], row["scheme"], str(row["epochs"]), f"{f['accuracy_mean']:.4f}",
                       f"{f['accuracy_worst']:.4f}", f"{q['accuracy_mean']:.4f}", f"{q['accuracy_worst']:.4f}",
-                      _pts(row["diff_mean"]), _pts(row["diff_worst"]),
-                      "/".join(_pts(d) for d in row["diff"]), f"{f['frozen_bytes'] / 1024:.1f}",
+                      pts(row["diff_mean"]), pts(row["diff_worst"]),
+                      "/".join(pts(d) for d in row["diff"]), f"{f['frozen_bytes'] / 1024:.1f}",
                       f"{q['frozen_bytes'] / 1024:.1f}", "yes" if row["target_holds"] else "NO")  # fmt: skip
     console.print(table)
     for row in result["accuracy"]:
@@ -363,38 +333,17 @@ def print_tables(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="how many seeds from --seed on (3; 1 with --quick)"
+    parser = grid_parser(
+        (__doc__ or "").splitlines()[0],
+        transfers_help=f"{DEFAULT_TRANSFERS}; the cnn rows only with --quick",
+        quick_epochs=2,
+        quick_help="1 seed, 2 epochs, small inputs: a smoke test",
     )
-    parser.add_argument("--seed", type=int, default=0, help="first seed (0)")
-    parser.add_argument("--transfers", default=None,
-                        help=f"comma-separated MODEL/SCHEME of the accuracy rows ({DEFAULT_TRANSFERS}; "
-                             "the cnn rows only with --quick)")  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="transfer epochs (run_transfer's default, 15; 2 with --quick)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the run (1)")
-    parser.add_argument("--reps", type=int, default=None, help="timing rounds (15; 2 with --quick)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, small inputs: a smoke test")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the tables")
-    parser.add_argument("--save", default="", help="also write the JSON to this file")
-    args = parser.parse_args(argv)
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    if seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {seeds}")
+    args, options = grid_options(parser, argv)
     transfers = parse_transfers(args.transfers or ("cnn/bias,cnn/lite_residual,cnn/lora" if args.quick
-                                                   else DEFAULT_TRANSFERS))  # fmt: skip
-    result = run(transfers, list(range(args.seed, args.seed + seeds)), quick=args.quick,
-                 epochs=args.epochs if args.epochs is not None else (2 if args.quick else None),
-                 reps=args.reps if args.reps is not None else (2 if args.quick else 15),
-                 threads=args.threads, batch=args.batch)  # fmt: skip
-    if args.save:
-        Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
+                                                   else DEFAULT_TRANSFERS), example="cnn/bias")  # fmt: skip
+    result = run(transfers, options.pop("seeds"), quick=args.quick, **options)
+    emit(result, args, print_tables)
     return result
 
 
