@@ -48,6 +48,13 @@ _CALLS = frozenset({"scaled_dot_product_attention", "ALL_ATTENTION_FUNCTIONS", "
 """Names whose presence in a class's ``forward`` marks it as (possibly) calling SDPA itself."""
 
 _aten = torch.ops.aten
+_FLASH_OPS = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+)
+_AVAILABLE = all(hasattr(_aten, name) for name in _FLASH_OPS) and hasattr(torch, "_fused_sdp_choice")
+"""Whether this torch has the CPU flash kernel as its own ops (the package allows older torch: stock then)."""
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 class _LeanSDPA(torch.autograd.Function):
@@ -88,9 +95,9 @@ def lean_sdpa(
     (then the caller runs the stock function): not the CPU flash kernel, dropout, a boolean or
     differentiable mask, grouped-query broadcast, no gradient wanted, or a forward that backward runs (a
     recomputed block's, whose kept tensors live only until its backward is done)."""
-    if dropout_p != 0.0 or enable_gqa or not torch.is_grad_enabled():
+    if not _AVAILABLE or dropout_p != 0.0 or enable_gqa or not torch.is_grad_enabled():
         return None
-    if torch._C._current_graph_task_id() != -1:  # a forward run by backward (a recomputed block): transient
+    if _graph_task_id() != -1:  # a forward run by backward (a recomputed block): transient
         return None
     if not any(t.requires_grad for t in (query, key, value)):
         return None
