@@ -121,6 +121,9 @@ def test_cli_plan_recompute_flags(vit: nn.Module) -> None:
     expected = memory.estimate(ondevice.prepare(vit, "bias", recompute=True), batch_size=8)
     assert payload["report"]["activation_bytes"] == expected.activation_bytes
 
+    text = runner.invoke(app, ["plan", "--model", "vit", "--scheme", "bias", "--recompute"])  # stderr
+    assert text.exit_code == 0 and f"Recomputes {len(payload['recompute'])} block(s)" in text.output
+
     probe = memory.Budget.parse("1GiB")
     tight = (_needed(vit, True, probe) + _needed(vit, False, probe)) // 2
     args = ["plan", "--model", "vit", "--budget", str(tight), "--batch-size", "8", "--json"]

@@ -160,7 +160,11 @@ def _run(request: PlanRequest, *, progress: bool) -> tuple[dict[str, Any], str]:
             frozen_param_bits=8 if request.int8_frozen else 32,
         )
         payload = {**head, "scheme": prepared.scheme.to_dict(), "recompute": list(prepared.recompute)}
-        return {**payload, "report": report.to_dict()}, report.to_markdown()
+        text = report.to_markdown()
+        if prepared.recompute:
+            blocks = f"{len(prepared.recompute)} block(s) in backward (exact gradients)"
+            text = f"Recomputes {blocks}: {', '.join(prepared.recompute)}\n\n{text}"
+        return {**payload, "report": report.to_dict()}, text
     budget = _budget(request)
     with console.status("planning (estimating candidate schemes on fake tensors)", spinner="dots") as status:
         if not progress:
