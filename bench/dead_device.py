@@ -18,120 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = ROOT / "examples" / "federated_app"
-BIN = Path(sys.executable).parent
+if __package__ in (None, ""):  # run as a script: the repository root on the path, as for bench/memory.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Deployment:
-    """A SuperLink and SuperNodes on 127.0.0.1 (insecure: loopback only), each its own process group."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.port = _free_port()
-        self.env = dict(os.environ)
-        self.env.update(
-            FLWR_HOME=str(tmp / "flwr-home"),
-            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-            FLWR_TELEMETRY_ENABLED="0",
-            FLWR_DISABLE_UPDATE_CHECK="1",
-            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        home = tmp / "flwr-home"
-        home.mkdir(parents=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n"
-        )
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, args: list[str]) -> None:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(
-            args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, start_new_session=True
-        )
-
-    def start_superlink(self) -> None:
-        self.start(
-            "superlink",
-            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port)],
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the SuperLink did not listen within 60 s") from None
-                time.sleep(0.2)
-
-    def start_supernode(self, partition: int, partitions: int) -> None:
-        state = self.tmp / f"state-{partition}"
-        self.start(
-            f"supernode-{partition}",
-            [
-                str(BIN / "flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(_free_port()),
-                "--node-config",
-                f"partition-id={partition} num-partitions={partitions} state-dir='{state}'",
-            ],
-        )
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for name in sorted(self.procs, key=lambda n: n == "superlink"):
-            self.kill(name, signal.SIGTERM)
-
-    def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=self.tmp,
-        )
-
-    def status(self, run_id: int) -> str:
-        out = self.flwr("list", "local", "--format", "json")
-        if out.returncode != 0:
-            return ""
-        for run in json.loads(out.stdout).get("runs", []):
-            if int(run.get("run-id", -1)) == run_id:
-                return str(run.get("status", ""))
-        return ""
+from bench.flower_loopback import APP_DIR, Cluster
 
 
 def one_run(
@@ -139,18 +36,18 @@ def one_run(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ondevice-dead-device-") as folder:
         tmp = Path(folder)
-        deployment = Deployment(tmp)
+        cluster = Cluster(tmp)
         try:
-            deployment.start_superlink()
+            cluster.start_superlink()
             for partition in range(3):
-                deployment.start_supernode(partition, 3)
+                cluster.start_supernode(partition, 3)
             results = tmp / "results.json"
             config = (
                 f"rounds={rounds} results-path='{results}' min-nodes=3 node-wait-s={node_wait_s} "
                 f"round-timeout-s={round_timeout_s} local-epochs=1 scheme='last_layer' lr=0.01"
             )
             started = time.monotonic()
-            out = deployment.flwr("run", str(APP_DIR), "local", "--run-config", config, "--format", "json")
+            out = cluster.flwr("run", str(APP_DIR), "local", "--run-config", config, "--format", "json")
             if out.returncode != 0:
                 raise RuntimeError(out.stdout + out.stderr)
             run_id = int(json.loads(out.stdout)["run-id"])
@@ -159,9 +56,9 @@ def one_run(
             while time.monotonic() - started < limit_s:
                 done = json.loads(results.read_text())["rounds"] if results.exists() else []
                 if kill and killed_at is None and len(done) >= 1:
-                    deployment.kill("supernode-2")  # round 2's messages are out (or about to be)
+                    cluster.stop("supernode-2", signal.SIGKILL)  # round 2's messages are out (or about to be)
                     killed_at = time.monotonic() - started
-                status = deployment.status(run_id)
+                status = cluster.run_status(run_id)
                 if status.startswith("finished"):
                     break
                 time.sleep(1.0)
@@ -185,7 +82,7 @@ def one_run(
                 ],
             }
         finally:
-            deployment.stop_all()
+            cluster.stop_all()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_loopback import Cluster, free_port, make_node_key, make_tls
 from process_standins import ProcessStandInFleet, alive
 from typer.testing import CliRunner
 
 import ondevice
 import ondevice.cli.fleet  # registers the subcommand
+from bench.flower_loopback import Cluster, free_port, make_node_key, make_tls
 from devices.fleet import Bundle, Outcome, load_inventory, render_supernode_unit, run_fleet
 from devices.fleet.bundle import build_wheel, find_backbones
 from devices.testing.standin import StandInSpec

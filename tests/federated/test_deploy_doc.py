@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_loopback import BIN, ROOT, free_port, stop_group
+
+from bench.flower_loopback import BIN, ROOT, free_port, stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("deployment")]
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flower_loopback import Cluster, make_node_key, make_tls
+
+from bench.flower_loopback import Cluster, make_node_key, make_tls
 
 # Not the "flower" group (Ray): SuperLink and SuperNodes are processes of their own, so the deployment
 # tests run on the other worker, beside the simulations, and the two groups share the run time.

@@ -1,8 +1,9 @@
-"""A real Flower SuperLink and SuperNodes on 127.0.0.1, for tests: free ports, a CA and a 127.0.0.1
-certificate, SuperNode keys, and :class:`Cluster`, which starts the processes and stops them by PID.
+"""A real Flower SuperLink and SuperNodes on 127.0.0.1: free ports, a CA and a 127.0.0.1 certificate,
+SuperNode keys, and :class:`Cluster`, which starts the processes and stops them by PID.
 
-Shared by tests/federated/test_deployment.py, tests/federated/test_deploy_doc.py and
-tests/devices/test_fleet_processes.py (``tests/`` is on ``sys.path``: its conftest lives there).
+Shared by ``bench/dead_device.py`` and the tests that run real deployments
+(tests/federated/test_deployment.py, tests/federated/test_deploy_doc.py,
+tests/devices/test_fleet_processes.py), as ``bench/library_models.py`` is by the library-model tests.
 """
 
 from __future__ import annotations
@@ -236,18 +237,23 @@ class Cluster:
         assert "run-id" in payload, f"{payload}\n{self.logs()}"
         return int(payload["run-id"])
 
+    def run_status(self, run_id: int) -> str:
+        """The run's status as `flwr list` gives it (e.g. ``finished:completed``); empty when unknown."""
+        out = self.flwr("list", "local", "--format", "json")
+        if out.returncode != 0:
+            return ""
+        for run in json.loads(out.stdout).get("runs", []):
+            if int(run.get("run-id", -1)) == run_id:
+                return str(run.get("status", ""))
+        return ""
+
     def wait_finished(self, run_id: int, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
         status = ""
         while time.monotonic() < deadline:
-            out = self.flwr("list", "local", "--format", "json")
-            if out.returncode == 0:
-                runs = json.loads(out.stdout).get("runs", [])
-                for run in runs:
-                    if int(run.get("run-id", -1)) == run_id:
-                        status = str(run.get("status", ""))
-                if status.startswith("finished"):
-                    return status
+            status = self.run_status(run_id) or status
+            if status.startswith("finished"):
+                return status
             time.sleep(1)
         raise AssertionError(
             f"run {run_id} not finished after {timeout_s} s (status {status!r}); {self.logs()}"
