@@ -20,6 +20,7 @@ from memory.contribution import LayerInfo
 from memory.estimate import OptimizerSpec, estimate, fake_copy, make_optimizer
 from memory.measure import LossFn, distinct_storage_bytes
 from ondevice import prepare
+from ondevice.ops.registry import CompressMode
 from ondevice.schemes import Sparse
 from ondevice.schemes._tree import compute_layers, layer_bias
 
@@ -42,6 +43,7 @@ class _CostTable:
         *,
         optimizer: OptimizerSpec | None,
         loss_fn: LossFn | None,
+        compress: CompressMode | None = None,
     ) -> None:
         self.budget = budget
         pairs = compute_layers(model, head)
@@ -60,7 +62,7 @@ class _CostTable:
             distinct_storage_bytes(head_module.parameters()) if head_module is not None else 0
         )
         self.head_tensors = len(list(head_module.parameters())) if head_module is not None else 0
-        all_bias = prepare(model, Sparse(bias_last_k=n, weight_layers=()), head=head)
+        all_bias = prepare(model, Sparse(bias_last_k=n, weight_layers=()), head=head, compress=compress)
         report = estimate(all_bias.model, shape, optimizer=optimizer, loss_fn=loss_fn, copy_model=False)
         order = list(report.modules)
         positions = {name: order.index(name) for name, _ in pairs if name in order}

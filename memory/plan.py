@@ -32,7 +32,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
@@ -45,6 +45,8 @@ from memory.measure import LossFn, distinct_storage_bytes
 from memory.report import MemoryReport, budget_bytes_needed, device_limits, explain_needed, needed_terms
 from ondevice import prepare
 from ondevice.errors import BudgetExceededError, ConfigError, OnDeviceError
+from ondevice.ops.convert import compressible_layers
+from ondevice.ops.registry import CompressMode
 from ondevice.prepared import find_head
 from ondevice.quantize import quantizable_frozen
 from ondevice.recompute import find_blocks, recomputed_blocks
@@ -121,6 +123,8 @@ class Plan:
         exact_flops: with ``recompute``, the step's FLOPs of the same scheme without it (what the
             recomputation costs: ``report.step_flops / exact_flops``); else ``None``.
         exact_needed_bytes: with ``recompute``, what the same scheme needs without it; else ``None``.
+        compress: the lossy compression of what smooth activations keep that every candidate was costed
+            with (``plan(..., compress=...)``, passed on to ``prepare``), or ``None``.
     """
 
     scheme: Any
@@ -135,6 +139,7 @@ class Plan:
     recompute: tuple[str, ...] = ()
     exact_flops: int | None = None
     exact_needed_bytes: int | None = None
+    compress: CompressMode | None = None
 
     @property
     def needs_int8(self) -> bool:
@@ -146,6 +151,7 @@ class Plan:
         """The ``ondevice.prepare`` call that trains this plan as it was costed."""
         extra = ', frozen_weights="int8"' if self.frozen_weights == "int8" else ""
         extra += ", recompute=True" if self.recompute else ""
+        extra += f", compress={self.compress!r}" if self.compress else ""
         return f"ondevice.prepare(model, {self.scheme.to_json()}{extra})"
 
     def __post_init__(self) -> None:
@@ -193,6 +199,7 @@ class Plan:
             "recompute": list(self.recompute),
             "exact_flops": self.exact_flops,
             "exact_needed_bytes": self.exact_needed_bytes,
+            "compress": self.compress,
             "prepare_call": self.prepare_call(),
             "considered": [c.to_dict() for c in self.considered],
         }
@@ -209,6 +216,7 @@ class Plan:
             "",
             *self._frozen_weights_lines(),
             *self._recompute_lines(),
+            *self._compress_lines(),
             explain_needed(self.report, self.budget),
             "Candidates (needed: the figure compared with the budget; compute: FLOPs of one step):",
             "",
@@ -222,6 +230,15 @@ class Plan:
                 f"{'yes' if c.fits else 'no'} | {c.score:.3f} | {_gflops(c.step_flops)} | {c.how} |"
             )
         return "\n".join(lines) + "\n\n" + self.report.to_markdown()
+
+    def _compress_lines(self) -> list[str]:
+        if not self.compress:
+            return []
+        return [
+            f"Costed with `compress={self.compress!r}`: smooth activations keep {self.compress} codes for "
+            f"backward (lossy: the gradients are approximate; `bench/modes.py` measures the accuracy cost).",
+            "",
+        ]
 
     def _recompute_lines(self) -> list[str]:
         if not self.recompute:
@@ -317,6 +334,22 @@ def _int8_hint(budget: Budget, replan: Callable[[Budget], Plan]) -> str:
     )
 
 
+def _compress_hint(budget: Budget, replan: Callable[[Budget], Plan]) -> str:
+    """The end of a "does not fit" message: whether 2-bit compression of smooth activations would fit."""
+    try:
+        alternative = replan(budget)
+    except BudgetExceededError:
+        return (
+            ", or compress what smooth activations keep (compress='2bit' does not make anything fit either)"
+        )
+    return (
+        f", or compress what smooth activations keep (lossy): with compress='2bit' "
+        f"{_describe(alternative.scheme.to_dict(), bool(alternative.recompute))} fits, needing "
+        f"{format_bytes(alternative.needed_bytes)} ({alternative.prepare_call()}; "
+        f"`ondevice plan --compress 2bit`)"
+    )
+
+
 def plan(
     model: nn.Module,
     budget: Budget | str | int | HasTrainingBudget,
@@ -335,6 +368,7 @@ def plan(
     weight_layers: Sequence[int] | None = None,
     seed: int = 0,
     recompute: bool = True,
+    compress: CompressMode | None = None,
 ) -> Plan:
     """Choose the update scheme for ``model`` that fits ``budget`` and promises the most accuracy.
 
@@ -363,6 +397,10 @@ def plan(
             (``prepare(..., recompute=True)``; exact gradients, one more forward of each block), where the
             model has blocks. It wins only where it fits and the same scheme without it does not (or a
             better scheme fits only with it): at equal gain, less compute wins, then less memory.
+        compress: cost every candidate with this lossy compression of what smooth activations keep
+            (``prepare(..., compress=...)``: ``"int8"`` or ``"2bit"``); ``None`` (default) plans exact
+            training, and when nothing fits, the error says whether ``compress="2bit"`` would make
+            something fit. A model with nothing to compress (a ReLU network) plans without it.
 
     Raises:
         BudgetExceededError: no candidate fits; the message gives the smallest achievable figure and
@@ -371,13 +409,20 @@ def plan(
     budget = Budget.parse(budget)
     shape = _batch_shape(model, input_shape, batch_size)
     head = find_head(model, head)
+    if compress is not None and compress not in get_args(CompressMode):
+        raise ConfigError(f"plan compress must be None, 'int8' or '2bit', got {compress!r}")
+    if compress is not None and not compressible_layers(model):
+        logger.info(
+            "plan: %s has no smooth activation to compress; planning without compress", type(model).__name__
+        )
+        compress = None
     for r in ratios:
         if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1:
             raise ConfigError(f"plan ratios must be in (0, 1], got {r!r}")
     bits = budget.frozen_param_bits
 
     def measure_scheme(scheme: Any) -> MemoryReport:
-        prepared = prepare(model, scheme, head=head)
+        prepared = prepare(model, scheme, head=head, compress=compress)
         return estimate(prepared.model, shape, optimizer=optimizer, loss_fn=loss_fn,
                         frozen_param_bits=bits, copy_model=False)  # fmt: skip
 
@@ -419,7 +464,7 @@ def plan(
     for scheme in fixed:
         for rc in (False, True) if blocks else (False,):
             try:
-                prepared = prepare(model, scheme, head=head, recompute=rc)
+                prepared = prepare(model, scheme, head=head, recompute=rc, compress=compress)
             except OnDeviceError as exc:
                 logger.info("plan skips %s%s: %s", scheme.name, " + recompute" if rc else "", exc)
                 continue
@@ -438,7 +483,9 @@ def plan(
             weigh(scheme, score, report, None, rc)
 
     if search_sparse and layers:
-        table = _CostTable(model, head, shape, budget, optimizer=optimizer, loss_fn=loss_fn)
+        table = _CostTable(
+            model, head, shape, budget, optimizer=optimizer, loss_fn=loss_fn, compress=compress
+        )
         options = _options(table, ratios)
         limit = _tensor_limit(budget)
         # Every layer's weights at full width is full fine-tuning: when `full` itself fits, the search
@@ -476,9 +523,16 @@ def plan(
             frozen = _int8_hint(budget, lambda b: plan(
                 model, b, input_shape, data, batch_size=batch_size, candidates=candidates,
                 search_sparse=search_sparse, ratios=ratios, optimizer=optimizer, loss_fn=loss_fn, head=head,
-                steps=steps, lr=lr, weight_layers=weight_layers, seed=seed, recompute=recompute))  # fmt: skip
+                steps=steps, lr=lr, weight_layers=weight_layers, seed=seed, recompute=recompute,
+                compress=compress))  # fmt: skip
         else:
             frozen = ", or keep frozen weights out of the budget (e.g. in flash)"
+        if compress is None and compressible_layers(model):
+            frozen += _compress_hint(budget, lambda b: plan(
+                model, b, input_shape, data, batch_size=batch_size, candidates=candidates,
+                search_sparse=search_sparse, ratios=ratios, optimizer=optimizer, loss_fn=loss_fn, head=head,
+                steps=steps, lr=lr, weight_layers=weight_layers, seed=seed, recompute=recompute,
+                compress="2bit"))  # fmt: skip
         raise BudgetExceededError(
             f"no update scheme of {type(model).__name__} fits the budget of {budget} "
             f"({budget.total_bytes} bytes) at input {shape}: the smallest achievable is {needed} bytes "
@@ -490,7 +544,7 @@ def plan(
     score, needed, scheme, report, rc = best.score, best.needed, best.scheme, best.report, best.recompute
     float_needed = None
     if bits == 8 and (budget.count_frozen_params or budget.counts_process):
-        floats = prepare(model, scheme, head=head, recompute=rc).model
+        floats = prepare(model, scheme, head=head, recompute=rc, compress=compress).model
         if quantizable_frozen(floats):  # the report is the int8-held model's: what would float32 need?
             float_report = estimate(floats, shape, optimizer=optimizer, loss_fn=loss_fn, copy_model=False)
             float32 = dataclasses.replace(budget, frozen_param_bits=32)
@@ -508,6 +562,7 @@ def plan(
         frozen_weights="float" if float_needed is None else "int8",
         float_needed_bytes=float_needed,
         recompute=recomputed_blocks(prepare(model, scheme, head=head, recompute=True).model) if rc else (),
+        compress=compress,
         exact_flops=exact_flops,
         exact_needed_bytes=exact_needed,
     )

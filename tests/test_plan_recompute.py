@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import memory
 import ondevice
 from memory.flops import FlopCount
 from ondevice.cli import app
+from ondevice.errors import BudgetExceededError, ConfigError
 from ondevice.models import create_model
 
 BATCH = 8
@@ -137,3 +139,33 @@ def test_cli_plan_recompute_flags(vit: nn.Module) -> None:
 def _ok(result: Result) -> str:
     assert result.exit_code == 0, result.output
     return result.stdout
+
+
+@pytest.mark.slow
+def test_plan_costs_a_lossy_compression_when_asked_and_says_when_it_would_fit(vit: nn.Module) -> None:
+    kwargs: dict[str, Any] = {"batch_size": BATCH, "candidates": ["bias"], "search_sparse": False,
+                              "recompute": False}  # fmt: skip
+    exact = memory.plan(vit, "1GiB", **kwargs)
+    lossy = memory.plan(vit, "1GiB", **kwargs, compress="2bit")
+    assert lossy.compress == "2bit" and "compress='2bit'" in lossy.prepare_call()
+    assert lossy.needed_bytes < exact.needed_bytes
+    prepared = ondevice.prepare(vit, "bias", compress="2bit")
+    measured = memory.measure(prepared, torch.randn(BATCH, *prepared.model.input_shape))
+    assert abs(measured.activation_bytes - lossy.report.activation_bytes) <= 0.02 * measured.activation_bytes
+    tight = (exact.needed_bytes + lossy.needed_bytes) // 2
+    with pytest.raises(BudgetExceededError, match=r"with compress='2bit' bias fits"):
+        memory.plan(vit, tight, **kwargs)
+    assert memory.plan(vit, tight, **kwargs, compress="2bit").scheme.name == "bias"
+    # a ReLU network has nothing to compress: planned as it is
+    torch.manual_seed(0)
+    assert (
+        memory.plan(create_model("cnn", num_classes=10), "1GiB", **kwargs, compress="2bit").compress is None
+    )
+    with pytest.raises(ConfigError, match="compress must be None, 'int8' or '2bit'"):
+        memory.plan(vit, "1GiB", **kwargs, compress="3bit")  # type: ignore[arg-type]
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["plan", "--model", "vit", "--budget", "1GiB", "--compress", "3bit"])
+    assert bad.exit_code == 2 and "--compress must be none, int8 or 2bit" in bad.output
+    args = ["plan", "--model", "vit", "--budget", str(tight), "--batch-size", str(BATCH), "--json"]
+    assert json.loads(_ok(runner.invoke(app, [*args, "--compress", "2bit"])))["plan"]["compress"] == "2bit"

@@ -31,6 +31,9 @@ says which figure it compares. On a model with blocks (the zoo ViT, transformers
 weighs each scheme with its blocks recomputed in backward (exact gradients, one more forward of each
 block; the candidates table gives every step's FLOPs) and picks it only where it is what makes a scheme
 fit; --no-recompute leaves it out. With --scheme, --recompute reports that scheme recomputed.
+--compress 2bit (or int8) costs every candidate with what smooth activations keep compressed (lossy:
+approximate gradients; bench/modes.py measures the accuracy cost); without it, a budget nothing fits in
+says whether 2-bit would make something fit.
 """
 
 
@@ -76,12 +79,19 @@ def plan_command(
             show_default=False,
         ),
     ] = None,
+    compress: Annotated[
+        str,
+        typer.Option(help="none | int8 | 2bit: what smooth activations keep for backward (lossy but none)."),
+    ] = "none",
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
 ) -> None:
     configure_logging(verbose)
     if sum(x is not None for x in (scheme, budget, device)) != 1:
         fail("give exactly one of --scheme NAME, --budget SIZE and --device NAME")
+        return
+    if compress not in ("none", "int8", "2bit"):
+        fail(f"--compress must be none, int8 or 2bit, got {compress!r}")
         return
     if process_rss and budget is None:
         fail("--process-rss applies to --budget SIZE (a Linux board's --device already budgets the process)")
@@ -96,14 +106,14 @@ def plan_command(
         model=model, width_mult=width_mult, resolution=resolution, num_classes=num_classes,
         batch_size=batch_size, scheme=scheme, budget=budget, device=device, int8_frozen=int8_frozen,
         count_frozen=count_frozen, optimizer=optimizer, process_rss=process_rss,
-        recompute=recompute,
+        recompute=recompute, compress=None if compress == "none" else compress,
     )  # fmt: skip
     try:
         payload, text = _run(request, progress=not json_output)
     except BudgetExceededError as exc:
         fail(
             f"{exc}. Flags: --budget or --device, --batch-size, --resolution, --int8-frozen, "
-            f"--count-frozen/--no-count-frozen, --recompute/--no-recompute"
+            f"--count-frozen/--no-count-frozen, --recompute/--no-recompute, --compress"
         )
         return
     except OnDeviceError as exc:
@@ -134,6 +144,7 @@ class PlanRequest:
     optimizer: str | None
     process_rss: bool
     recompute: bool | None = None
+    compress: str | None = None
 
     def model_kwargs(self) -> dict[str, Any]:
         """The zoo model's arguments: the head, and the width and resolution where given."""
@@ -152,14 +163,20 @@ def _run(request: PlanRequest, *, progress: bool) -> tuple[dict[str, Any], str]:
     net = create_model(request.model, **kwargs)
     head = {"model": request.model, "model_kwargs": kwargs, "batch_size": request.batch_size}
     if request.scheme is not None:
-        prepared = ondevice.prepare(net, request.scheme, recompute=bool(request.recompute))
+        prepared = ondevice.prepare(
+            net,
+            request.scheme,
+            recompute=bool(request.recompute),
+            compress=request.compress,  # type: ignore[arg-type]  # checked by the command
+        )
         report = memory.estimate(
             prepared,
             batch_size=request.batch_size,
             optimizer=request.optimizer,
             frozen_param_bits=8 if request.int8_frozen else 32,
         )
-        payload = {**head, "scheme": prepared.scheme.to_dict(), "recompute": list(prepared.recompute)}
+        payload = {**head, "scheme": prepared.scheme.to_dict(), "recompute": list(prepared.recompute),
+                   "compress": prepared.compress}  # fmt: skip
         text = report.to_markdown()
         if prepared.recompute:
             blocks = f"{len(prepared.recompute)} block(s) in backward (exact gradients)"
@@ -170,7 +187,8 @@ def _run(request: PlanRequest, *, progress: bool) -> tuple[dict[str, Any], str]:
         if not progress:
             status.stop()
         chosen = memory.plan(net, budget, batch_size=request.batch_size, optimizer=request.optimizer,
-                             recompute=request.recompute is not False)  # fmt: skip
+                             recompute=request.recompute is not False,
+                             compress=request.compress)  # type: ignore[arg-type]  # fmt: skip
     return {**head, "plan": chosen.to_dict()}, chosen.to_markdown()
 
 
