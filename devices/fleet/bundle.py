@@ -54,20 +54,27 @@ class Bundle:
             raise BundleError(
                 f"{self.wheel} is not a wheel file; pass a .whl built with `pip wheel --no-deps .`"
             )
-        if not self.backbones:
+        self.check_sources(self.backbones, self.wheelhouse)
+
+    @classmethod
+    def check_sources(cls, backbones: tuple[Path, ...], wheelhouse: Path | None) -> None:
+        """Refuse missing backbone files or a bad wheelhouse (``BundleError``): everything but the wheel,
+        which ``fleet provision`` checks this way before it spends time building one."""
+        if not backbones:
             raise BundleError(
                 "no pretrained backbone to copy; pass --backbone PATH (the server's "
                 "<cache>/pretrained/<model>-<hash>.safetensors), or pretrain once on this machine "
                 "(`ondevice simulate` does)"
             )
-        for path in self.backbones:
+        for path in backbones:
             if not path.is_file():
                 raise BundleError(f"backbone file {path} does not exist")
-        if self.wheelhouse is not None:
-            self._check_wheelhouse(self.wheelhouse)
+        if wheelhouse is not None:
+            cls.check_wheelhouse(wheelhouse)
 
     @staticmethod
-    def _check_wheelhouse(folder: Path) -> None:
+    def check_wheelhouse(folder: Path) -> None:
+        """Refuse a wheelhouse that is not a folder or lacks the flwr or torch wheel (``BundleError``)."""
         if not folder.is_dir():
             raise BundleError(
                 f"wheelhouse {folder} is not a folder; pass --wheelhouse DIR, a folder filled with "

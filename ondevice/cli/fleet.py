@@ -117,13 +117,13 @@ def _bundle(wheel: Path | None, backbones: list[Path] | None, wheelhouse: Path |
     the wheelhouse, if given."""
     import tempfile
 
+    backbone_files = tuple(backbones) if backbones else find_backbones()
+    Bundle.check_sources(backbone_files, wheelhouse)  # before the build: a bad path should cost nothing
     if wheel is None:
         with console.status(plain("building the ondevice wheel (pip wheel --no-deps)..."), spinner="dots"):
             wheel = build_wheel(Path(tempfile.mkdtemp(prefix="ondevice-wheel-")))
         say(f"built {wheel}")
-    return Bundle(
-        wheel=wheel, backbones=tuple(backbones) if backbones else find_backbones(), wheelhouse=wheelhouse
-    )
+    return Bundle(wheel=wheel, backbones=backbone_files, wheelhouse=wheelhouse)
 
 
 @fleet_app.command("check")

@@ -135,6 +135,15 @@ def test_provision_needs_a_bundle(fleet, tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2 and "missing.safetensors does not exist" in result.output
+    # without --wheel, a bad --wheelhouse or backbone is refused before the wheel is built (about 10 s)
+    for bad in (["--wheelhouse", str(tmp_path / "no-such-folder")], ["--backbone", str(tmp_path / "x.st")]):
+        args = ["fleet", "provision", "-i", str(fleet.inventory_path), "--hosts", "pi-1"]
+        if bad[0] == "--wheelhouse":
+            args += ["--backbone", str(wheel)]
+        result = CliRunner().invoke(app, [*args, *bad])
+        assert result.exit_code == 2, result.output
+        assert "building the ondevice wheel" not in result.output and "built " not in result.output
+        assert ("is not a folder" if bad[0] == "--wheelhouse" else "x.st does not exist") in result.output
 
 
 def test_rolling_restart_halts_when_a_host_does_not_come_back(fleet) -> None:
