@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
+import platform
 import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from memory.transfer import SchemeOutcome, run_transfer
 
@@ -130,3 +134,55 @@ def emit(
         print(json.dumps(result, indent=2))
     else:
         print_tables(result)
+
+
+def grid_main(
+    argv: list[str] | None,
+    *,
+    description: str,
+    transfers: tuple[str, str],
+    example: str,
+    quick_epochs: int,
+    quick_help: str,
+    transfers_help: str,
+    run: Callable[..., dict[str, Any]],
+    print_tables: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """A bench's command line: parse ``argv``, run the transfers (``transfers``: the default and the
+    ``--quick`` ones unless ``--transfers``), print or save the result, and return it."""
+    parser = grid_parser(description, transfers_help=transfers_help, quick_epochs=quick_epochs,
+                         quick_help=quick_help)  # fmt: skip
+    args, options = grid_options(parser, argv)
+    default, quick = transfers
+    chosen = parse_transfers(args.transfers or (quick if args.quick else default), example=example)
+    result = run(chosen, options.pop("seeds"), quick=args.quick, **options)
+    emit(result, args, print_tables)
+    return result
+
+
+def grid_config(
+    transfers: dict[str, list[str]],
+    seeds: list[int],
+    *,
+    quick: bool,
+    reps: int,
+    threads: int,
+    batch: int,
+    targets: dict[str, float],
+    time_ratio: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``config`` a bench's JSON opens with: what ran, on what, against which targets."""
+    return {
+        "seeds": seeds,
+        "transfers": {m: list(s) for m, s in transfers.items()},
+        **extra,
+        "batch": batch,
+        "threads": threads,
+        "reps": reps,
+        "quick": quick,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "targets": targets,
+        "time_ratio": time_ratio,
+    }

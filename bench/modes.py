@@ -36,8 +36,6 @@ The first run pretrains ``silu_cnn`` and ``hf_vit`` on digits 0-4 for each seed 
 from __future__ import annotations
 
 import importlib
-import os
-import platform
 import statistics
 import sys
 import warnings
@@ -51,7 +49,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as for bench/memory.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._transfers import emit, grid_options, grid_parser, paired, parse_transfers, pts, run_grid
+from bench._transfers import grid_config, grid_main, paired, pts, run_grid
 from bench.library_models import LIBRARY_MODELS, LibraryModel, _hf, library_available, logits_of
 from bench.memory import time_steps
 from memory import measure
@@ -295,20 +293,18 @@ def run(transfers: dict[str, list[str]], seeds: list[int], *, quick: bool, epoch
     names = tuple(n for n in TIME_MODELS if library_available(LIBRARY_MODELS[n].library))
     larger = tuple(n for n, m in LARGER_TIME_MODELS.items() if library_available(m.library))
     result: dict[str, Any] = {
-        "config": {
-            "seeds": seeds,
-            "transfers": {m: list(s) for m, s in transfers.items()},
-            "modes": MODES,
-            "registered_models": list(registered),
-            "batch": batch,
-            "threads": threads,
-            "reps": reps,
-            "quick": quick,
-            "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "targets": TARGETS,
-            "time_ratio": "median over interleaved rounds of (mode CPU time / stock CPU time)",
-        },
+        "config": grid_config(
+            transfers,
+            seeds,
+            quick=quick,
+            reps=reps,
+            threads=threads,
+            batch=batch,
+            targets=TARGETS,
+            time_ratio="median over interleaved rounds of (mode CPU time / stock CPU time)",
+            modes=MODES,
+            registered_models=list(registered),
+        ),
         "accuracy": accuracy_rows(transfers, seeds, epochs=epochs, vit=ZOO_VIT),
         "time": time_rows(names=names[:2] if quick else (*names, *larger), batch=batch, reps=reps),
     }
@@ -382,19 +378,17 @@ def print_tables(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line entry point (see the module docstring)."""
-    parser = grid_parser(
-        (__doc__ or "").splitlines()[0],
-        transfers_help=f"{DEFAULT_TRANSFERS}; {QUICK_TRANSFERS} on small inputs with --quick",
+    return grid_main(
+        argv,
+        description=(__doc__ or "").splitlines()[0],
+        transfers=(DEFAULT_TRANSFERS, QUICK_TRANSFERS),
+        example="vit/bias",
         quick_epochs=1,
         quick_help="1 seed, 1 epoch, small inputs, two timed models: a smoke test",
+        transfers_help=f"{DEFAULT_TRANSFERS}; {QUICK_TRANSFERS} on small inputs with --quick",
+        run=run,
+        print_tables=print_tables,
     )
-    args, options = grid_options(parser, argv)
-    transfers = parse_transfers(
-        args.transfers or (QUICK_TRANSFERS if args.quick else DEFAULT_TRANSFERS), example="vit/bias"
-    )
-    result = run(transfers, options.pop("seeds"), quick=args.quick, **options)
-    emit(result, args, print_tables)
-    return result
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ Nothing here asserts a figure; the targets are reported as holding or not.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import warnings
@@ -49,7 +47,7 @@ from torch.nn import functional as F
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as for bench/memory.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._transfers import emit, grid_options, grid_parser, paired, parse_transfers, pts, run_grid
+from bench._transfers import grid_config, grid_main, paired, pts, run_grid
 from bench.library_models import LIBRARY_MODELS, library_available, logits_of
 from bench.memory import time_steps, training_step
 from memory import measure
@@ -231,18 +229,16 @@ def run(transfers: dict[str, list[str]], seeds: list[int], *, quick: bool, epoch
     """The whole benchmark as a JSON-ready dict."""
     torch.set_num_threads(threads)
     result: dict[str, Any] = {
-        "config": {
-            "seeds": seeds,
-            "transfers": {m: list(s) for m, s in transfers.items()},
-            "batch": batch,
-            "threads": threads,
-            "reps": reps,
-            "quick": quick,
-            "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "targets": TARGETS,
-            "time_ratio": "median over interleaved rounds of (int8 CPU time / float CPU time)",
-        },
+        "config": grid_config(
+            transfers,
+            seeds,
+            quick=quick,
+            reps=reps,
+            threads=threads,
+            batch=batch,
+            targets=TARGETS,
+            time_ratio="median over interleaved rounds of (int8 CPU time / float CPU time)",
+        ),
         "accuracy": accuracy_rows(transfers, seeds, epochs=epochs),
         "bytes": byte_rows(quick=quick, batch=batch),
         "time": step_time(quick=quick, batch=batch, reps=reps),
@@ -333,18 +329,17 @@ def print_tables(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line entry point (see the module docstring)."""
-    parser = grid_parser(
-        (__doc__ or "").splitlines()[0],
-        transfers_help=f"{DEFAULT_TRANSFERS}; the cnn rows only with --quick",
+    return grid_main(
+        argv,
+        description=(__doc__ or "").splitlines()[0],
+        transfers=(DEFAULT_TRANSFERS, "cnn/bias,cnn/lite_residual,cnn/lora"),
+        example="cnn/bias",
         quick_epochs=2,
         quick_help="1 seed, 2 epochs, small inputs: a smoke test",
+        transfers_help=f"{DEFAULT_TRANSFERS}; the cnn rows only with --quick",
+        run=run,
+        print_tables=print_tables,
     )
-    args, options = grid_options(parser, argv)
-    transfers = parse_transfers(args.transfers or ("cnn/bias,cnn/lite_residual,cnn/lora" if args.quick
-                                                   else DEFAULT_TRANSFERS), example="cnn/bias")  # fmt: skip
-    result = run(transfers, options.pop("seeds"), quick=args.quick, **options)
-    emit(result, args, print_tables)
-    return result
 
 
 if __name__ == "__main__":

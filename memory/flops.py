@@ -16,6 +16,7 @@ formula for the CPU's flash attention.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,9 @@ def _cpu_flash_backward(
     return int(sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape))
 
 
+@functools.cache
 def _formulas() -> dict[Any, Callable[..., int]]:
+    """torch's formulas and the CPU flash ones, by op (built once per process)."""
     formulas: dict[Any, Callable[..., int]] = dict(flop_registry)
     for name, formula in (
         ("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash),

@@ -32,7 +32,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -46,10 +46,10 @@ from memory.report import MemoryReport, budget_bytes_needed, device_limits, expl
 from ondevice import prepare
 from ondevice.errors import BudgetExceededError, ConfigError, OnDeviceError
 from ondevice.ops.convert import compressible_layers
-from ondevice.ops.registry import CompressMode
+from ondevice.ops.registry import COMPRESS_MODES, CompressMode
 from ondevice.prepared import find_head
 from ondevice.quantize import quantizable_frozen
-from ondevice.recompute import find_blocks, recomputed_blocks
+from ondevice.recompute import find_blocks
 from ondevice.schemes import Scheme, Sparse, resolve_scheme
 from ondevice.schemes._tree import compute_layers
 
@@ -311,7 +311,7 @@ class _Choice:
     flops: int
     scheme: Any
     report: MemoryReport
-    recompute: bool
+    recompute: tuple[str, ...]  # the blocks recomputed (empty: exact ops alone)
 
     @property
     def key(self) -> tuple[float, int, int]:
@@ -409,7 +409,7 @@ def plan(
     budget = Budget.parse(budget)
     shape = _batch_shape(model, input_shape, batch_size)
     head = find_head(model, head)
-    if compress is not None and compress not in get_args(CompressMode):
+    if compress is not None and compress not in COMPRESS_MODES:
         raise ConfigError(f"plan compress must be None, 'int8' or '2bit', got {compress!r}")
     if compress is not None and not compressible_layers(model):
         logger.info(
@@ -441,9 +441,14 @@ def plan(
     exact: dict[str, tuple[int, int | None]] = {}  # scheme JSON -> (needed, FLOPs) without recompute
 
     def weigh(
-        scheme: Any, score: float, report: MemoryReport | None, bound: int | None, rc: bool = False
+        scheme: Any,
+        score: float,
+        report: MemoryReport | None,
+        bound: int | None,
+        recomputed: tuple[str, ...] = (),
     ) -> None:
         nonlocal best, smallest
+        rc = bool(recomputed)
         needed = budget_bytes_needed(report, budget) if report is not None else int(bound or 0)
         fits = report is not None and budget.fits(needed)
         how: Literal["estimated", "bound"] = "estimated" if report is not None else "bound"
@@ -455,7 +460,7 @@ def plan(
             exact[scheme.to_json()] = (needed, flops)
         if smallest is None or needed < smallest[0]:
             smallest = (needed, scheme, rc)
-        choice = _Choice(score, needed, flops or 0, scheme, report, rc)
+        choice = _Choice(score, needed, flops or 0, scheme, report, recomputed)
         if fits and (best is None or choice.key > best.key):
             best = choice
 
@@ -480,7 +485,7 @@ def plan(
                               frozen_param_bits=bits, copy_model=False)  # fmt: skip
             if rc and exact.get(scheme.to_json(), (0, None))[1] == report.step_flops:
                 continue  # backward never reaches a block (e.g. last_layer): nothing is recomputed
-            weigh(scheme, score, report, None, rc)
+            weigh(scheme, score, report, None, prepared.recompute)
 
     if search_sparse and layers:
         table = _CostTable(
@@ -541,7 +546,8 @@ def plan(
             budget_bytes=budget.total_bytes,
             smallest_bytes=needed,
         )
-    score, needed, scheme, report, rc = best.score, best.needed, best.scheme, best.report, best.recompute
+    score, needed, scheme, report = best.score, best.needed, best.scheme, best.report
+    rc = bool(best.recompute)
     float_needed = None
     if bits == 8 and (budget.count_frozen_params or budget.counts_process):
         floats = prepare(model, scheme, head=head, recompute=rc, compress=compress).model
@@ -561,7 +567,7 @@ def plan(
         score_source=gains.source,
         frozen_weights="float" if float_needed is None else "int8",
         float_needed_bytes=float_needed,
-        recompute=recomputed_blocks(prepare(model, scheme, head=head, recompute=True).model) if rc else (),
+        recompute=best.recompute,
         compress=compress,
         exact_flops=exact_flops,
         exact_needed_bytes=exact_needed,

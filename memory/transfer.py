@@ -10,17 +10,18 @@ import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
 from memory.measure import measure
 from ondevice.data import load_digits, transfer_split
 from ondevice.errors import ConfigError
+from ondevice.ops.registry import COMPRESS_MODES, CompressMode
 from ondevice.optim import OptimizerConfig, resolve_optimizer
 from ondevice.prepared import find_head, prepare
 from ondevice.pretrain import pretrain_with_report
-from ondevice.recompute import RecomputeChoice, resolve_recompute
+from ondevice.recompute import RecomputeChoice, check_recompute_choice, resolve_recompute
 from ondevice.schemes import Scheme, resolve_scheme
 from ondevice.trainer import Trainer, evaluate
 
@@ -30,9 +31,6 @@ __all__ = ["COMPRESS_MODES", "DEFAULT_TRANSFER_SCHEMES", "CompressMode", "Scheme
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRANSFER_SCHEMES: tuple[str, ...] = ("full", "last_layer", "bias", "lite_residual", "sparse", "lora")
-CompressMode = Literal["int8", "2bit"]
-#: What ``compress=`` takes besides None (``prepare``'s ``compress``).
-COMPRESS_MODES: tuple[str, ...] = get_args(CompressMode)
 
 
 @dataclass(frozen=True)
@@ -147,17 +145,7 @@ def _check_modes(compress: object, recompute: object) -> bool | tuple[str, ...]:
             f"compress must be None, {' or '.join(map(repr, COMPRESS_MODES))}, got {compress!r}; e.g. "
             f"compress='2bit' for GELU/SiLU networks"
         )
-    if isinstance(recompute, bool):
-        return recompute
-    if (
-        isinstance(recompute, str)
-        or not isinstance(recompute, Sequence)
-        or not all(isinstance(name, str) for name in recompute)
-    ):
-        raise ConfigError(
-            f"recompute must be True, False or a tuple of block names, got {recompute!r}; e.g. recompute=True"
-        )
-    return tuple(recompute)
+    return check_recompute_choice(recompute)
 
 
 def run_transfer(

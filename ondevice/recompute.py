@@ -42,6 +42,7 @@ __all__ = [
     "RecomputeConflictError",
     "RecomputedBlock",
     "apply_recompute",
+    "check_recompute_choice",
     "find_blocks",
     "recomputed_blocks",
     "resolve_recompute",
@@ -270,10 +271,11 @@ def recomputed_blocks(model: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, m in model.named_modules() if isinstance(m, RecomputedBlock))
 
 
-def resolve_recompute(model: nn.Module, choice: RecomputeChoice, head: str | None) -> tuple[str, ...]:
-    """The block names ``choice`` stands for in ``model`` (validated; see ``prepare``'s ``recompute``)."""
+def check_recompute_choice(choice: object) -> bool | tuple[str, ...]:
+    """``choice`` as a :data:`RecomputeChoice` (a bool, or the block names in order without repeats), its
+    type checked without a model (so a caller can refuse it before any work)."""
     if isinstance(choice, bool):
-        return tuple(find_blocks(model, head)) if choice else ()
+        return choice
     if (
         isinstance(choice, str)
         or not isinstance(choice, Sequence)
@@ -283,7 +285,15 @@ def resolve_recompute(model: nn.Module, choice: RecomputeChoice, head: str | Non
             f"recompute must be True, False or a tuple of block names, got {choice!r}; e.g. "
             f"recompute=True, or recompute=('encoder.layer.0',)"
         )
-    names = tuple(dict.fromkeys(choice))
+    return tuple(dict.fromkeys(choice))
+
+
+def resolve_recompute(model: nn.Module, choice: RecomputeChoice, head: str | None) -> tuple[str, ...]:
+    """The block names ``choice`` stands for in ``model`` (validated; see ``prepare``'s ``recompute``)."""
+    checked = check_recompute_choice(choice)
+    if isinstance(checked, bool):
+        return tuple(find_blocks(model, head)) if checked else ()
+    names = checked
     found = find_blocks(model, head)
     for name in names:
         try:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
 VARIANT_KEYS = {
     "saved_bytes",
     "peak_bytes",
@@ -30,15 +27,10 @@ VARIANT_KEYS = {
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_quick_bench_reports_every_case_and_ondevice_saves_no_more_than_stock() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", "--schemes", "last_layer,bias,lora"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+def test_quick_bench_reports_every_case_and_ondevice_saves_no_more_than_stock(
+    run_bench: Callable[..., dict[str, Any]],
+) -> None:
+    result = run_bench("memory.py", "--quick", "--schemes", "last_layer,bias,lora", timeout=900)
     assert result["config"]["threads"] == 1 and result["config"]["quick"] is True
     assert result["config"]["rss_steps"] == 10
     assert "native conv" in result["config"]["rss_settings"]["ondevice"]
@@ -69,15 +61,8 @@ def test_quick_bench_reports_every_case_and_ondevice_saves_no_more_than_stock() 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_ablation_reports_every_setting() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--ablation", "--quick", "--json", "--rss-steps", "2"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+def test_ablation_reports_every_setting(run_bench: Callable[..., dict[str, Any]]) -> None:
+    result = run_bench("memory.py", "--ablation", "--quick", "--rss-steps", "2", timeout=900)
     rows = result["rows"]
     assert {"torch defaults", "SDK policy", "stock, torch defaults"} <= set(rows)
     for row in rows.values():

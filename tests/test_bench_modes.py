@@ -3,25 +3,20 @@ must whatever the machine (no timing is checked: the step-time ratios are only r
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "modes.py"
 MODES = ("exact", "2bit", "int8", "recompute")
 
 
 @pytest.mark.integration
-def test_quick_bench_reports_accuracy_per_mode_against_exact_and_step_time_against_stock() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+def test_quick_bench_reports_accuracy_per_mode_against_exact_and_step_time_against_stock(
+    run_bench: Callable[..., dict[str, Any]],
+) -> None:
+    result = run_bench("modes.py", "--quick")
     config = result["config"]
     assert config["quick"] is True and config["seeds"] == [0] and config["threads"] == 1
     assert config["transfers"] == {"vit": ["bias"], "silu_cnn": ["bias"]}

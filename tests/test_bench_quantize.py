@@ -3,15 +3,12 @@ they must whatever the machine (no timing is checked: the step-time ratio is onl
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "quantize.py"
 BYTE_KEYS = {
     "frozen_param_bytes",
     "param_bytes",
@@ -22,12 +19,10 @@ BYTE_KEYS = {
 
 
 @pytest.mark.integration
-def test_quick_bench_reports_accuracy_bytes_peak_and_time_for_float_and_int8() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+def test_quick_bench_reports_accuracy_bytes_peak_and_time_for_float_and_int8(
+    run_bench: Callable[..., dict[str, Any]],
+) -> None:
+    result = run_bench("quantize.py", "--quick")
     config = result["config"]
     assert config["quick"] is True and config["seeds"] == [0] and config["threads"] == 1
     assert config["transfers"] == {"cnn": ["bias", "lite_residual", "lora"]}

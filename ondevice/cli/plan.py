@@ -14,6 +14,7 @@ from devices import get_profile
 from ondevice.cli._app import app, configure_logging, console, fail, print_json
 from ondevice.errors import BudgetExceededError, OnDeviceError, UnknownNameError
 from ondevice.models import create_model, model_defaults
+from ondevice.ops.registry import COMPRESS_MODES
 
 _HELP = """Estimate the memory of one training step (no compute: fake tensors), or plan the update scheme.
 
@@ -90,7 +91,7 @@ def plan_command(
     if sum(x is not None for x in (scheme, budget, device)) != 1:
         fail("give exactly one of --scheme NAME, --budget SIZE and --device NAME")
         return
-    if compress not in ("none", "int8", "2bit"):
+    if compress != "none" and compress not in COMPRESS_MODES:
         fail(f"--compress must be none, int8 or 2bit, got {compress!r}")
         return
     if process_rss and budget is None:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from memory import format_bytes
-from memory.transfer import COMPRESS_MODES, SchemeOutcome, run_transfer
+from memory.transfer import SchemeOutcome, run_transfer
 from ondevice.cli._app import (
     INTERRUPTED_EXIT_CODE,
     app,
@@ -22,6 +22,7 @@ from ondevice.cli._app import (
     say,
 )
 from ondevice.errors import OnDeviceError
+from ondevice.ops.registry import COMPRESS_MODES
 from ondevice.schemes import list_schemes, resolve_scheme
 
 _DEFAULT_SCHEMES = "full,last_layer,bias,lite_residual,sparse"

@@ -38,6 +38,8 @@ from torch import nn
 from ondevice.errors import ConfigError, UnknownNameError
 
 __all__ = [
+    "COMPRESS_MODES",
+    "CompressMode",
     "MaskMode",
     "MemorySavingModule",
     "OpFactory",
@@ -58,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 MaskMode = Literal["bit", "byte"]
 CompressMode = Literal["int8", "2bit"]
+#: What ``compress=`` takes besides ``None``, everywhere it is taken (``prepare``, transfer, plan, the CLI).
+COMPRESS_MODES: tuple[str, ...] = get_args(CompressMode)
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class OpOptions:
     def __post_init__(self) -> None:
         if self.mask not in get_args(MaskMode):
             raise ConfigError(f"mask must be one of 'bit', 'byte', got {self.mask!r}")
-        if self.compress is not None and self.compress not in get_args(CompressMode):
+        if self.compress is not None and self.compress not in COMPRESS_MODES:
             raise ConfigError(f"compress must be None or 'int8' or '2bit', got {self.compress!r}")
 
 

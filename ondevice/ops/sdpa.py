@@ -151,12 +151,16 @@ def _forward_names(cls: type) -> set[str]:
     return set(code.co_names) if isinstance(code, types.CodeType) else set()
 
 
+_CALLERS: dict[type, bool] = {}
+
+
 def _calls_attention(cls: type[nn.Module]) -> bool:
-    """Whether the ``forward`` ``cls`` runs (its own or the nearest base's) names an attention call."""
-    for base in cls.__mro__:
-        if "forward" in base.__dict__:
-            return bool(_forward_names(base) & _CALLS)
-    return False
+    """Whether the ``forward`` ``cls`` runs (its own or the nearest base's) names an attention call (read
+    once per class: ``convert`` asks for every module of every model it converts)."""
+    if cls not in _CALLERS:
+        owner = next((base for base in cls.__mro__ if "forward" in base.__dict__), None)
+        _CALLERS[cls] = owner is not None and bool(_forward_names(owner) & _CALLS)
+    return _CALLERS[cls]
 
 
 def attention_callers(model: nn.Module) -> list[str]:
