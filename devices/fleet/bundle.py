@@ -12,8 +12,12 @@ machine with internet by :data:`WHEELHOUSE_COMMAND`; provisioning copies it and 
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,16 @@ import ondevice
 from ondevice.errors import ConfigError
 from ondevice.pretrain import default_cache_dir
 
-__all__ = ["WHEELHOUSE_COMMAND", "Bundle", "BundleError", "build_wheel", "find_backbones", "source_root"]
+__all__ = [
+    "WHEELHOUSE_COMMAND",
+    "Bundle",
+    "BundleError",
+    "build_lock",
+    "build_lock_path",
+    "build_wheel",
+    "find_backbones",
+    "source_root",
+]
 
 WHEELHOUSE_COMMAND = (
     "pip download -d WHEELHOUSE --only-binary=:all: --python-version 3.11 "
@@ -111,23 +124,48 @@ def source_root() -> Path:
     return root
 
 
+def build_lock_path(root: Path) -> Path:
+    """The lock file that serialises wheel builds of the source tree ``root`` (see :func:`build_lock`)."""
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"ondevice-wheel-build-{digest}.lock"
+
+
+@contextmanager
+def build_lock(root: Path) -> Iterator[None]:
+    """Hold the tree's build lock: setuptools builds inside ``root`` (``build/``, ``*.egg-info``), so two
+    builds of one tree at once (two ``fleet provision`` runs, parallel tests) break each other. Waits for a
+    build in progress; where there is no ``fcntl`` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with build_lock_path(root).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_wheel(out_dir: Path, *, root: Path | None = None, timeout_s: float = 600.0) -> Path:
     """Build the ondevice wheel from ``root`` (default: :func:`source_root`) into ``out_dir``; its path.
 
     Runs ``python -m pip wheel --no-deps --no-build-isolation``: the build backend (setuptools) must be
-    installed here, and nothing is downloaded.
+    installed here, and nothing is downloaded. One build of a tree at a time (:func:`build_lock`).
     """
     root = root or source_root()
     out_dir.mkdir(parents=True, exist_ok=True)
     before = set(out_dir.glob("*.whl"))
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-    done = subprocess.run(
-        [*command, "--wheel-dir", str(out_dir), str(root)],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    with build_lock(root):
+        done = subprocess.run(
+            [*command, "--wheel-dir", str(out_dir), str(root)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         raise BundleError(f"building the ondevice wheel in {root} failed: {tail}; pass --wheel PATH instead")

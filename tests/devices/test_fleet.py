@@ -315,3 +315,38 @@ def test_build_wheel_from_the_checkout_holds_every_package(tmp_path: Path) -> No
     ):
         assert module in names, module
     assert Bundle(wheel=wheel, backbones=(wheel,)).wheel == wheel
+
+
+def test_wheel_builds_of_one_tree_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """setuptools builds inside the tree, so two builds at once (parallel tests, two provisions) broke each
+    other; build_wheel runs pip while holding the tree's lock, and a second holder has to wait."""
+    import fcntl
+    import subprocess
+
+    from devices.fleet import bundle as bundle_module
+
+    root = tmp_path / "tree"
+    root.mkdir()
+
+    def lock_is_taken() -> bool:
+        with bundle_module.build_lock_path(root).open("a") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return False
+
+    with bundle_module.build_lock(root):
+        assert lock_is_taken()
+    assert not lock_is_taken()
+    held_during_pip = []
+
+    def pip(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        held_during_pip.append(lock_is_taken())
+        return subprocess.CompletedProcess(args, 1, "", "ERROR: stop here")
+
+    monkeypatch.setattr(bundle_module.subprocess, "run", pip)
+    with pytest.raises(BundleError, match="stop here"):
+        bundle_module.build_wheel(tmp_path / "dist", root=root)
+    assert held_during_pip == [True] and not lock_is_taken()
