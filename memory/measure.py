@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 
 from memory.process import RssReading, trim
 from memory.report import MemoryReport
+from ondevice._kept import storage_key
 from ondevice.errors import ConfigError
 from ondevice.ops.convert import unsupported_leaves
 from ondevice.ops.placeholder import allocating_placeholder
@@ -66,18 +67,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], Tensor]
-
-
-def storage_key(t: Tensor) -> int | None:
-    """An id of ``t``'s underlying storage, unique among live storages (``None`` if it has none).
-
-    Uses the storage implementation's address (``UntypedStorage._cdata``) rather than ``data_ptr()``,
-    which fake and meta tensors do not have.
-    """
-    try:
-        return int(t.untyped_storage()._cdata)
-    except (RuntimeError, NotImplementedError):  # sparse, mkldnn and other storage-less layouts
-        return None
 
 
 def distinct_storage_bytes(tensors: Iterable[Tensor | None]) -> int:
@@ -122,14 +111,23 @@ class SavedTensorTracker:
     @contextmanager
     def track(self, model: nn.Module | None = None) -> Iterator[SavedTensorTracker]:
         """Count saved tensors inside the block; attribute them to ``model``'s submodules if given."""
+        with self.attributing(model), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield self
+
+    @contextmanager
+    def attributing(self, model: nn.Module | None) -> Iterator[None]:
+        """Inside it, saved tensors are attributed to the ``model`` submodule whose forward is running.
+
+        The forward hooks this registers can change how a layer runs (a fused Sequential runs unfused
+        under hooks), so a step that runs forwards again in backward (recomputed blocks) must keep them
+        registered until its backward is done, for the recomputation to run as the forward did."""
         handles = []
         if model is not None:
             for name, module in model.named_modules():
                 handles.append(module.register_forward_pre_hook(self._enter(name)))
                 handles.append(module.register_forward_hook(self._leave(name), always_call=True))
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                yield self
+            yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -329,14 +327,15 @@ def training_step_report(
     cuda = _cuda_device(model, inputs) if read_allocator else None
     allocator = _AllocatorReading(cuda) if cuda is not None else None
     with live:
-        with saved.track(model), int8_saved_weights() if int8_hooks else nullcontext():
-            output = model(*inputs)
-        if allocator is not None:
-            allocator.after_forward()
-        activation_bytes = saved.saved_bytes
-        modules = saved.by_module()
-        loss(output, target).backward()
-        del output
+        with saved.attributing(model):  # through backward: recomputed blocks run their forward again there
+            with saved.track(), int8_saved_weights() if int8_hooks else nullcontext():
+                output = model(*inputs)
+            if allocator is not None:
+                allocator.after_forward()
+            activation_bytes = saved.saved_bytes
+            modules = saved.by_module()
+            loss(output, target).backward()
+            del output
         gradient_bytes = distinct_storage_bytes(p.grad for p in trainable)
         opt.step()
         optimizer_state_bytes = distinct_storage_bytes(_tensors(list(opt.state.values())))

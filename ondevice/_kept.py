@@ -19,13 +19,18 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ondevice._example import ExampleSpec
 
-__all__ = ["kept_bytes"]
+__all__ = ["kept_bytes", "storage_key"]
 
 
-def _storage_key(t: Tensor) -> int | None:
+def storage_key(t: Tensor) -> int | None:
+    """An id of ``t``'s underlying storage, unique among live storages (``None`` if it has none).
+
+    Uses the storage implementation's address (``UntypedStorage._cdata``) rather than ``data_ptr()``,
+    which fake and meta tensors do not have.
+    """
     try:
         return int(t.untyped_storage()._cdata)
-    except (RuntimeError, NotImplementedError):  # storage-less layouts
+    except (RuntimeError, NotImplementedError):  # sparse, mkldnn and other storage-less layouts
         return None
 
 
@@ -39,12 +44,12 @@ def kept_bytes(model: nn.Module, names: Sequence[str], example: ExampleSpec) -> 
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         fake = mode.from_tensor(tensor.detach())
         state[name] = fake.requires_grad_(tensor.requires_grad) if tensor.is_floating_point() else fake
-    excluded = {key for key in (_storage_key(t) for t in state.values()) if key is not None}
+    excluded = {key for key in (storage_key(t) for t in state.values()) if key is not None}
     saved: dict[int, tuple[int, str]] = {}
     stack = [""]
 
     def pack(t: Tensor) -> Tensor:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key is not None and key not in excluded and key not in saved:
             saved[key] = (t.untyped_storage().nbytes(), stack[-1])
         return t.detach()

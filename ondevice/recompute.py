@@ -3,13 +3,27 @@
 ``prepare(..., recompute=True)`` (or a tuple of block names) turns each chosen block into a
 :class:`RecomputedBlock`: a twin of the block's own class (as :func:`ondevice.ops.twin_class` makes them
 for layers), so the block keeps its name, its parameters, its other methods and its ``state_dict`` keys.
-Its forward runs the block's own ``forward`` inside :class:`_Recompute`, an autograd Function that runs it
-without building a graph, saves only the block's tensor arguments (through ``save_for_backward``, so
-``memory.measure`` and ``memory.estimate`` see exactly what is kept) and the random-number state, and in
-backward runs the block again from those inputs under the same random state and differentiates it. The
-gradients are those of the block run once (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
-Cost", Sec. 3; ``torch.utils.checkpoint`` does the same, but keeps its inputs where saved-tensor hooks
-cannot count them). The price is one more forward of each recomputed block per step.
+
+Its forward builds the block's autograd graph as stock PyTorch does, under saved-tensor hooks that hold
+each tensor the graph saves in a slot (:class:`_Call`). When the forward returns, every slot whose tensor
+is not alive anyway (an input, an output, a parameter or a buffer of the block) lets its tensor go, and
+:class:`_Hold`, an identity on the block's outputs, keeps the block's inputs through ``save_for_backward``
+(so ``memory.measure`` and ``memory.estimate`` see exactly what is kept). Backward reaches ``_Hold`` before
+any node of the block: it runs the block again from its inputs under the forward's random-number state and
+refills the slots, and stops as soon as the last one it needs is back, so the ops after it (a block's last
+projection, its residual sum, its closing norm) do not run again. The block's own nodes then run their
+stock backward. The gradients are those of the block run once (Chen et al. 2016, "Training Deep Nets with
+Sublinear Memory Cost", Sec. 3; ``torch.utils.checkpoint``'s non-reentrant mode works the same way, but
+keeps its inputs where saved-tensor hooks cannot count them). The price is one more forward of each
+recomputed block, up to the last tensor its backward needs.
+
+Inside a recomputed block what the ops keep lives only while its backward runs, so they run for speed:
+attention keeps its output and log-sum-exp rather than computing them a third time
+(:func:`ondevice.ops.sdpa.keep_attention`), and a LayerNorm keeps its output where that recovers its input
+exactly (:func:`ondevice.ops.norm.share_norm_output`): a post-norm block (BERT's) then ends with a tensor
+kept anyway, and its recomputation stops before its feed-forward's second projection. Small tensors saved
+after the last large one (a norm's statistics) are kept rather than recomputed, for the same reason.
+Gradients equal stock's to float rounding (relative 1e-7; the norm's input comes back as ``(y - b) / w``).
 
 Blocks (:func:`find_blocks`): the zoo's registered blocks; else the repeated layers of a model -- the
 modules that are an element of a ``ModuleList``/``Sequential`` beside others of their type and hold at
@@ -23,7 +37,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +45,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ondevice._example import ExampleSpec
+from ondevice._kept import storage_key
 from ondevice.errors import ConfigError
 from ondevice.models.blocks import block_types
+from ondevice.ops.norm import share_norm_output
 from ondevice.ops.registry import clone_module_as, twin_class
+from ondevice.ops.sdpa import keep_attention
 from ondevice.schemes._tree import leaves, replace_submodule
 from ondevice.schemes.lite_residual import residual_blocks
 
@@ -118,8 +135,6 @@ class _Replay:
         self.spec = spec
         self.leaves = leaves_  # non-tensor leaves of (args, kwargs); tensor slots are None
         self.slots = slots  # positions of the tensor leaves
-        self.out_spec: TreeSpec | None = None
-        self.out_leaves: list[Any] = []
         self.cpu_rng: Tensor | None = None
         self.cuda_rng: dict[int, Tensor] = {}
         self.autocast: dict[str, tuple[bool, torch.dtype]] = {}
@@ -181,44 +196,143 @@ def _norm_stats(block: nn.Module) -> Iterator[None]:
                     getattr(module, key).copy_(value)
 
 
-class _Recompute(torch.autograd.Function):
-    """Run a block without a graph, keep its tensor inputs, recompute and differentiate it in backward."""
+@contextmanager
+def _transient(inputs: Sequence[Tensor]) -> Iterator[None]:
+    """How a recomputed block's ops run: what they keep lives only until the block's backward is done, so
+    attention keeps its output rather than computing it again, and a LayerNorm keeps its output (the
+    block's own, for a norm that ends the block: kept anyway, so the recomputation stops before it)."""
+    with keep_attention(), share_norm_output(inputs):
+        yield
+
+
+class _StopRecompute(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised inside a recomputation once every tensor backward still needs has come again."""
+
+
+class _Slot:
+    """One tensor the block's forward saved for backward: kept (an input, an output, a parameter or a
+    buffer: alive anyway) or dropped at the end of the forward and refilled by the recomputation."""
+
+    __slots__ = ("dropped", "meta", "tensor")
+
+    def __init__(self, t: Tensor) -> None:
+        self.tensor: Tensor | None = t
+        self.meta = (t.shape, t.dtype, t.device)
+        self.dropped = False
+
+
+class _Call:
+    """One forward of a recomputed block: the tensors its autograd graph saved, in the order it saved them.
+
+    The forward builds the block's graph as stock autograd does, under saved-tensor hooks that put each
+    saved tensor in a :class:`_Slot`; when it returns, :meth:`release` drops every slot that is not alive
+    anyway. :meth:`recompute` (from :class:`_Hold`'s backward, before any node of the block runs) runs the
+    block again from its inputs under the forward's random state and refills the dropped slots, stopping
+    as soon as the last of them is refilled: the ops after it (a block's last projection, a residual sum)
+    do not run again. Each node unpacks its slot once, which then lets the tensor go.
+    """
+
+    def __init__(self, replay: _Replay, inputs: Sequence[Tensor]) -> None:
+        self.replay = replay
+        self.slots: list[_Slot] = []
+        self.needs = [t.requires_grad for t in inputs]
+
+    def pack(self, t: Tensor) -> _Slot:
+        slot = _Slot(t)
+        self.slots.append(slot)
+        return slot
+
+    def unpack(self, slot: _Slot) -> Tensor:
+        t = slot.tensor
+        if t is None:
+            raise RuntimeError(
+                f"{self.replay.block.stock_type.__name__} (recomputed in backward) was reached in backward "
+                f"other than through its outputs, so it was not recomputed; a tensor made inside a "
+                f"recomputed block can leave it only as its output: prepare with recompute=False for this "
+                f"model, or name other blocks"
+            )
+        if slot.dropped:
+            slot.tensor = None  # its node has it now; stock autograd lets a saved tensor go the same way
+        return t
+
+    def release(self, alive: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+        """Drop the slots whose storage is not one of ``alive``'s (the block's inputs, outputs, parameters
+        and buffers), but for the small ones (1/16 of the inputs' bytes or less: a norm's statistics) the
+        block saved after the last large one: keeping them lets the recomputation stop at that one. Returns
+        the tensors kept that are not ``alive``'s, for :class:`_Hold` to save."""
+        keys = {k for k in (storage_key(t) for t in alive) if k is not None}
+        for slot in self.slots:
+            assert slot.tensor is not None
+            if storage_key(slot.tensor) not in keys:
+                slot.dropped = True
+        small = sum(t.numel() * t.element_size() for t in inputs) // 16
+        kept: list[Tensor] = []
+        for slot in reversed(self.slots):
+            if not slot.dropped:
+                continue
+            assert slot.tensor is not None
+            if slot.tensor.numel() * slot.tensor.element_size() > small:
+                break
+            slot.dropped = False
+            kept.append(slot.tensor)
+        for slot in self.slots:
+            if slot.dropped:
+                slot.tensor = None
+        return kept
+
+    def recompute(self, inputs: Sequence[Tensor]) -> None:
+        """Run the block again from ``inputs`` and refill the dropped slots (see the class docstring)."""
+        missing = [i for i, slot in enumerate(self.slots) if slot.dropped and slot.tensor is None]
+        if not missing:
+            return
+        last, slots, counter = missing[-1], self.slots, iter(range(len(self.slots) + 1))
+        name = self.replay.block.stock_type.__name__
+
+        def pack(t: Tensor) -> None:
+            i = next(counter)
+            if i >= len(slots) or slots[i].meta != (t.shape, t.dtype, t.device):
+                raise RuntimeError(
+                    f"{name} saved different tensors when recomputed in backward than in its forward "
+                    f"(tensor {i}: {(tuple(t.shape), t.dtype)}), so its forward is not repeatable (it "
+                    f"branches on state that changed); prepare with recompute=False or name other blocks"
+                )
+            if slots[i].dropped and slots[i].tensor is None:
+                slots[i].tensor = t.detach()
+            if i == last:
+                raise _StopRecompute
+
+        def never(_: None) -> Tensor:  # the recomputation's own graph is thrown away, never unpacked
+            raise AssertionError("unreachable")
+
+        # as in the forward (saved-tensor hooks, memory.measure's among them, may unpack a detached alias)
+        again = [t.detach().requires_grad_(need) for t, need in zip(inputs, self.needs, strict=True)]
+        with _norm_stats(self.replay.block), torch.enable_grad(), _transient(again), self.replay.replayed():
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, never):
+                    self.replay.run(again)
+            except _StopRecompute:
+                pass
+
+
+class _Hold(torch.autograd.Function):
+    """The block's outputs, passed through; it keeps the block's inputs (and any output a node inside the
+    block saved) for backward, where it is reached first and recomputes the block (:meth:`_Call.recompute`).
+
+    It saves through ``save_for_backward``, so ``memory.measure`` and ``memory.estimate`` count exactly
+    what a recomputed block keeps."""
 
     @staticmethod
-    def forward(ctx: Any, replay: _Replay, n_inputs: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        inputs = tensors[:n_inputs]
-        replay.capture(inputs)
-        out = replay.run(inputs)
-        flat, replay.out_spec = tree_flatten(out)
-        replay.out_leaves = [None if isinstance(leaf, Tensor) else leaf for leaf in flat]
-        outs = tuple(leaf for leaf in flat if isinstance(leaf, Tensor))
-        ctx.replay = replay
-        ctx.n_inputs = n_inputs
-        ctx.params = tensors[n_inputs:]
-        ctx.save_for_backward(*inputs)
+    def forward(ctx: Any, call: _Call, n_inputs: int, n_saved: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.call, ctx.n_inputs = call, n_inputs
+        ctx.save_for_backward(*tensors[: n_inputs + n_saved])
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(o for o in outs if not o.is_floating_point()))
-        return outs
+        return tuple(t.view_as(t) for t in tensors[n_inputs + n_saved :])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        replay: _Replay = ctx.replay
-        needs = ctx.needs_input_grad[2:]
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=False)]
-        wrt = [t for t, need in zip([*inputs, *ctx.params], needs, strict=True) if need]
-        found: Sequence[Tensor | None] = [None] * len(wrt)
-        with _norm_stats(replay.block), torch.enable_grad():  # statistics go back once the graph is used
-            with replay.replayed():
-                out = replay.run(inputs)
-            outs = [leaf for leaf in tree_flatten(out)[0] if isinstance(leaf, Tensor)]
-            pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
-            if pairs and wrt:
-                found = torch.autograd.grad(
-                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
-                )
-            del out, outs, pairs
-        it = iter(found)
-        return (None, None, *(next(it) if need else None for need in needs))
+        saved = ctx.saved_tensors
+        ctx.call.recompute(saved[: ctx.n_inputs])
+        return (None, None, None, *(None for _ in saved), *grads)
 
 
 class RecomputedBlock(nn.Module):
@@ -260,10 +374,23 @@ class RecomputedBlock(nn.Module):
         if not params and not any(t.requires_grad for t in tensors):
             return stock_forward(self, *args, **kwargs)  # nothing to differentiate: autograd keeps nothing
         replay = _Replay(self, spec, [None if isinstance(leaf, Tensor) else leaf for leaf in flat], slots)
-        outs = _Recompute.apply(replay, len(tensors), *tensors, *params)
-        it = iter(outs)
-        flat_out = [next(it) if leaf is None else leaf for leaf in replay.out_leaves]
-        return tree_unflatten(flat_out, cast(TreeSpec, replay.out_spec))
+        replay.capture(tensors)
+        call = _Call(replay, tensors)
+        with torch.autograd.graph.saved_tensors_hooks(call.pack, call.unpack), _transient(tensors):
+            out = stock_forward(self, *args, **kwargs)
+        flat_out, out_spec = tree_flatten(out)
+        outs = [i for i, leaf in enumerate(flat_out) if isinstance(leaf, Tensor) and leaf.requires_grad]
+        if not outs:
+            return out  # nothing outside the block can reach its graph
+        returned = [leaf for leaf in flat_out if isinstance(leaf, Tensor)]
+        also = call.release([*tensors, *returned, *self.parameters(), *self.buffers()], tensors)
+        saved_keys = {storage_key(slot.tensor) for slot in call.slots if slot.tensor is not None}
+        inputs_keys = {storage_key(t) for t in tensors}
+        also += [t for t in returned if storage_key(t) in saved_keys - inputs_keys]  # kept by a node inside
+        held = _Hold.apply(call, len(tensors), len(also), *tensors, *also, *(flat_out[i] for i in outs))
+        for i, t in zip(outs, held, strict=True):
+            flat_out[i] = t
+        return tree_unflatten(flat_out, out_spec)
 
 
 def recomputed_blocks(model: nn.Module) -> tuple[str, ...]:

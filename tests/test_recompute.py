@@ -58,9 +58,13 @@ def _gradients(
 
 
 def _assert_same_gradients(ours: dict[str, torch.Tensor], stock: dict[str, torch.Tensor]) -> None:
+    """Equal at relative 1e-5, each tensor on its own scale but no finer than 1e-3 of the largest gradient
+    (an attention key's bias has an exactly zero gradient: stock's is rounding noise of 1e-12)."""
     assert ours.keys() == stock.keys() and stock
+    largest = max(grad.abs().max().item() for grad in stock.values())
     for name, grad in stock.items():
-        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item(), msg=name)
+        scale = max(grad.abs().max().item(), 1e-3 * largest)
+        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def _library_model(name: str) -> nn.Module:

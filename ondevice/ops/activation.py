@@ -283,9 +283,11 @@ class _SmoothMixin(MemorySavingModule):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad) or getattr(self, "inplace", False):
+        compress = self.op_options.compress
+        if not (compress and torch.is_grad_enabled() and x.requires_grad) or getattr(self, "inplace", False):
+            # exact: stock autograd keeps the same one tensor (the input; Sigmoid's and Tanh's output)
             return super().forward(x)  # type: ignore[safe-super]
-        return _SmoothFn.apply(x, self._spec(), self.op_options.compress)
+        return _SmoothFn.apply(x, self._spec(), compress)
 
 
 class MemorySavingSiLU(_SmoothMixin, nn.SiLU):
@@ -401,6 +403,8 @@ class _LibraryActivationOp(MemorySavingModule):
         spec = self._spec()
         if spec is None:
             return _DerivedFn.apply(x, library_forward, compress, self.step)
+        if not compress:
+            return library_forward(x)  # one fused op: stock keeps its input alone, as _SmoothFn would
         return _SmoothFn.apply(x, spec, compress)
 
 

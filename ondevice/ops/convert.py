@@ -123,6 +123,8 @@ def convert(
         parent = module.get_submodule(parent_name)
         attention = getattr(parent, child_name)
         lean = clone_module_as(attention, twin_class(MemorySavingAttention, type(attention)))
+        if options.compress is not None:  # a lossy mode: q, k and v in float16 too
+            lean.half_attention = True
         setattr(parent, child_name, lean)
     logger.debug("converted %d layer(s) to memory-saving ops (%s)", replaced, options)
     return module

@@ -25,12 +25,17 @@ by its own ``drop`` and ``act`` children), timm's ``LayerNorm``/``LayerNorm2d`` 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn import functional as F
 
+from ondevice._kept import storage_key
 from ondevice.ops.registry import MemorySavingModule, register_op
 
 __all__ = [
@@ -40,6 +45,8 @@ __all__ = [
     "MemorySavingGroupNorm",
     "MemorySavingLayerNorm",
     "layer_norm",
+    "output_recovers_input",
+    "share_norm_output",
 ]
 
 
@@ -166,14 +173,53 @@ class MemorySavingGroupNorm(MemorySavingModule, nn.GroupNorm):
         return _GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)
 
 
+_SHARE: ContextVar[frozenset[int] | None] = ContextVar("ondevice_share_norm_output", default=None)
+_MAX_SHIFT = 1e3
+"""The largest ``|bias / weight|`` for which the normalised input comes back from the output to ~1e-4
+of float32's precision (the error of ``(y - bias) / weight`` is about ``eps * |bias / weight|``)."""
+
+
+@contextmanager
+def share_norm_output(kept: Iterable[Tensor] = ()) -> Iterator[None]:
+    """Within it, a LayerNorm whose input needs a gradient keeps its *output* (and ``1/std``) rather than its
+    input where that is exact (:func:`output_recovers_input`): the normalised input is ``(y - bias) /
+    weight``. It pays where the output is kept anyway: by the next layer (a trained projection), or as the
+    output of a recomputed block (``ondevice.recompute``), which then stops its recomputation earlier. A
+    norm whose input is one of ``kept`` (kept anyway: a recomputed block's inputs) keeps its input."""
+    token = _SHARE.set(frozenset(k for k in (storage_key(t) for t in kept) if k is not None))
+    try:
+        yield
+    finally:
+        _SHARE.reset(token)
+
+
+def output_recovers_input(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether a LayerNorm's normalised input comes back from its output to float precision: on the CPU
+    (the check reads the scale, which on an accelerator would wait for it), a scale without zeros and
+    ``|bias / weight| <= 1e3``."""
+    if x.device.type != "cpu" or weight is None:
+        return x.device.type == "cpu"
+    if isinstance(weight, FakeTensor) or isinstance(x, FakeTensor):
+        return True  # an estimate: a fake scale has no values (a real step decides the same on real ones)
+    with torch.no_grad():
+        magnitude = weight.abs()
+        if not bool((magnitude > 0).all()):
+            return False
+        return bias is None or bool(((bias.abs() / magnitude) <= _MAX_SHIFT).all())
+
+
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int], eps: float
-    ) -> Tensor:
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int], eps: float,
+        share: bool = False,
+    ) -> Tensor:  # fmt: skip
         out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, weight, bias, eps)
-        ctx.shape = shape
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        ctx.shape, ctx.shared = shape, False
+        if ctx.needs_input_grad[0] and share:
+            ctx.shared = True
+            ctx.save_for_backward(out, rstd, weight, bias)
+        elif ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(x, mean, rstd, weight, bias)
         else:
             ctx.stats_shape = mean.shape
@@ -182,26 +228,50 @@ class _LayerNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, mean, rstd, weight, bias = ctx.saved_tensors
-        if x is None:
-            x = grad_out
-            mean = rstd = grad_out.new_zeros(ctx.stats_shape)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            grad_out, x, ctx.shape, mean, rstd, weight, bias, mask
-        )
+        if ctx.shared:
+            out, rstd, weight, bias = ctx.saved_tensors
+            x_hat = out if bias is None else out - bias
+            x_hat = x_hat if weight is None else x_hat.div_(weight) if bias is not None else x_hat / weight
+            # the kernel on x_hat with mean 0 and 1/std 1 gives the scale's and bias's gradients as they are,
+            # and the input's divided by the true 1/std
+            grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad_out, x_hat, ctx.shape, torch.zeros_like(rstd), torch.ones_like(rstd), weight, bias, mask
+            )
+            if grad_x is not None:
+                grad_x = grad_x.mul_(rstd)
+        else:
+            x, mean, rstd, weight, bias = ctx.saved_tensors
+            if x is None:
+                x = grad_out
+                mean = rstd = grad_out.new_zeros(ctx.stats_shape)
+            grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad_out, x, ctx.shape, mean, rstd, weight, bias, mask
+            )
         return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
-                None, None)  # fmt: skip
+                None, None, None)  # fmt: skip
 
 
 def layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     """``nn.LayerNorm.forward`` (``F.layer_norm`` with ``norm``'s tensors) through the memory-saving op.
 
-    Runs stock ``F.layer_norm`` where the op would keep what stock keeps, or nothing needs a gradient.
+    Runs stock ``F.layer_norm`` where the op would keep what stock keeps, or nothing needs a gradient; under
+    :func:`share_norm_output`, keeps the output where that is exact.
     """
-    if not torch.is_grad_enabled() or _stock_keeps_the_same(x, norm.weight, norm.bias, input_needed=True):
+    if not torch.is_grad_enabled():
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    return _LayerNormFn.apply(x, norm.weight, norm.bias, list(norm.normalized_shape), norm.eps)
+    shared = _SHARE.get()
+    if (
+        shared is not None
+        and x.requires_grad
+        and storage_key(x) not in shared
+        and output_recovers_input(x, norm.weight, norm.bias)
+    ):
+        shape = list(norm.normalized_shape)
+        return _LayerNormFn.apply(x, norm.weight, norm.bias, shape, norm.eps, True)  # type: ignore[no-any-return]
+    if _stock_keeps_the_same(x, norm.weight, norm.bias, input_needed=True):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return _LayerNormFn.apply(x, norm.weight, norm.bias, list(norm.normalized_shape), norm.eps)  # type: ignore[no-any-return]
 
 
 class MemorySavingLayerNorm(MemorySavingModule, nn.LayerNorm):

@@ -32,16 +32,18 @@ import inspect
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from ondevice.ops.registry import MemorySavingModule, clone_module_as
 
-__all__ = ["MemorySavingAttention", "attention_callers", "lean_attention", "lean_sdpa"]
+__all__ = ["MemorySavingAttention", "attention_callers", "keep_attention", "lean_attention", "lean_sdpa"]
 
 _FLASH = 1  # torch._fused_sdp_choice's index of SDPBackend.FLASH_ATTENTION
 _CALLS = frozenset({"scaled_dot_product_attention", "ALL_ATTENTION_FUNCTIONS", "attention_interface"})
@@ -55,30 +57,62 @@ _FLASH_OPS = (
 _AVAILABLE = all(hasattr(_aten, name) for name in _FLASH_OPS) and hasattr(torch, "_fused_sdp_choice")
 """Whether this torch has the CPU flash kernel as its own ops (the package allows older torch: stock then)."""
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_KEEP = ContextVar("ondevice_keep_attention", default=False)
+
+
+@contextmanager
+def keep_attention() -> Iterator[None]:
+    """Within it, attention keeps what stock keeps (its output and log-sum-exp too): in a block that is
+    recomputed in backward, whose kept tensors live only while that block's backward runs, recomputing
+    the attention a second time would cost compute and save nothing that lasts."""
+    token = _KEEP.set(True)
+    try:
+        yield
+    finally:
+        _KEEP.reset(token)
+
+
+_HALF_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _half(t: Tensor) -> Tensor:
+    """``t`` in float16 where it is float32 and fits float16's range (checked on real tensors; an estimate's
+    fake ones are taken to fit), else ``t`` itself."""
+    if t.dtype != torch.float32:
+        return t
+    if not isinstance(t, FakeTensor):
+        low, high = torch.aminmax(t)  # no temporary the size of t
+        if not bool(high < _HALF_MAX) or not bool(low > -_HALF_MAX):
+            return t
+    return t.to(torch.float16)
 
 
 class _LeanSDPA(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None
-    ) -> Tensor:
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None,
+        half: bool = False,
+    ) -> Tensor:  # fmt: skip
         out, _ = _aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
         )
+        if half:
+            q, k, v = _half(q), _half(k), _half(v)
         ctx.save_for_backward(q, k, v, mask)
-        ctx.is_causal, ctx.scale = is_causal, scale
+        ctx.is_causal, ctx.scale, ctx.dtype = is_causal, scale, out.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, mask = ctx.saved_tensors
+        q, k, v = (t.to(ctx.dtype) for t in ctx.saved_tensors[:3])
+        mask = ctx.saved_tensors[3]
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale
         )
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def lean_sdpa(
@@ -90,14 +124,18 @@ def lean_sdpa(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    *,
+    half: bool = False,
 ) -> Tensor | None:
     """``F.scaled_dot_product_attention(...)`` keeping only q, k and v, or ``None`` where it does not apply
     (then the caller runs the stock function): not the CPU flash kernel, dropout, a boolean or
     differentiable mask, grouped-query broadcast, no gradient wanted, or a forward that backward runs (a
-    recomputed block's, whose kept tensors live only until its backward is done)."""
+    recomputed block's, whose kept tensors live only until its backward is done). With ``half`` (the lossy
+    ``compress`` modes) it keeps q, k and v in float16 where they fit its range: half the bytes, and a
+    gradient taken at inputs rounded to 11 significant bits."""
     if not _AVAILABLE or dropout_p != 0.0 or enable_gqa or not torch.is_grad_enabled():
         return None
-    if _graph_task_id() != -1:  # a forward run by backward (a recomputed block): transient
+    if _KEEP.get() or _graph_task_id() != -1:  # a recomputed block's, or a forward backward runs: transient
         return None
     if not any(t.requires_grad for t in (query, key, value)):
         return None
@@ -107,7 +145,7 @@ def lean_sdpa(
         return None
     if _kernel_choice(query, key, value, attn_mask, is_causal, scale) != _FLASH:
         return None
-    return _LeanSDPA.apply(query, key, value, attn_mask, is_causal, scale)  # type: ignore[no-any-return]
+    return _LeanSDPA.apply(query, key, value, attn_mask, is_causal, scale, half)  # type: ignore[no-any-return]
 
 
 def _kernel_choice(
@@ -123,21 +161,26 @@ def _kernel_choice(
 class _Route(TorchFunctionMode):
     """Routes ``F.scaled_dot_product_attention`` to :func:`lean_sdpa`; everything else runs as called."""
 
+    def __init__(self, half: bool = False) -> None:
+        super().__init__()
+        self.half = half
+
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            out = lean_sdpa(*args, **kwargs)
+            out = lean_sdpa(*args, **kwargs, half=self.half)
             if out is not None:
                 return out
         return func(*args, **kwargs)
 
 
 @contextmanager
-def lean_attention() -> Iterator[None]:
-    """Within it, ``F.scaled_dot_product_attention`` keeps q, k and v only where :func:`lean_sdpa` applies."""
-    with _Route():
+def lean_attention(half: bool = False) -> Iterator[None]:
+    """Within it, ``F.scaled_dot_product_attention`` keeps q, k and v only where :func:`lean_sdpa` applies
+    (in float16 with ``half``)."""
+    with _Route(half):
         yield
 
 
@@ -178,14 +221,18 @@ def attention_callers(model: nn.Module) -> list[str]:
 
 class MemorySavingAttention(nn.Module):
     """Mixed into an attention module's class (by ``twin_class``): its own ``forward``, run under
-    :func:`lean_attention`."""
+    :func:`lean_attention`; ``half_attention`` (set by ``convert`` under a lossy ``compress`` mode) keeps
+    q, k and v in float16."""
 
     stock_type: ClassVar[type[nn.Module]] = nn.Module
+    half_attention: bool = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with lean_attention():
+        with lean_attention(self.half_attention):
             return super().forward(*args, **kwargs)
 
     def to_stock(self) -> nn.Module:
         """The module this one replaced, with the same parameters, buffers and children."""
-        return clone_module_as(self, self.stock_type)
+        stock = clone_module_as(self, self.stock_type)
+        stock.__dict__.pop("half_attention", None)
+        return stock
