@@ -482,8 +482,9 @@ def prepare(
         compress: what smooth activations (SiLU, GELU, Hardswish, Sigmoid, Tanh) keep for backward:
             ``"int8"``, their input in 8 bits with a per-group scale; ``"2bit"``, 2 bits per element that
             select a 4-level step derivative (ReGELU2/ReSiLU2; forward exact, backward approximate).
-            Both lossy and off by default; ReLU-family masks are exact anyway. On a model without such
-            layers a warning says so and nothing changes.
+            Under both, attention keeps q, k and v in float16 where they fit its range. Both lossy and
+            off by default; ReLU-family masks are exact anyway. On a model without such activations a
+            warning says so and nothing changes.
         copy_model: work on a deep copy (default) so the caller's model is untouched.
         example_input: a batch (or its shape, e.g. ``(1, 3, 224, 224)``) the model can be traced with, to
             place lite residual branches and count what layers keep. Default: what the model states (zoo

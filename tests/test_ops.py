@@ -905,3 +905,17 @@ def test_a_trained_linear_on_a_view_keeps_the_view_not_the_storage_behind_it() -
     assert torch.equal(grads[True], grads[False])  # the same values, so the same gradient bit for bit
     assert reports[False].activation_bytes == 4 * 33 * 16 * 4  # stock: the whole body output, for one token
     assert reports[True].activation_bytes == 4 * 16 * 4
+
+
+def test_a_cpu_placeholder_reads_as_zeros_in_its_input_layout() -> None:
+    """A convolution's oneDNN backward reads its input to compute the weight gradient even when only the
+    bias's is asked for: leftover memory there could hold denormals (several times slower), zeros cannot."""
+    from ondevice.ops.placeholder import allocating_placeholder, shape_placeholder
+
+    like = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)
+    scratch = torch.full((2, 3, 5, 7), 1e-40)  # denormal leftovers the allocator might hand out again
+    del scratch
+    stand_in = shape_placeholder(like.shape, like, torch.channels_last)
+    assert not allocating_placeholder()
+    assert stand_in.shape == like.shape and stand_in.stride() == like.stride() and stand_in.dtype == like.dtype
+    assert torch.equal(stand_in, torch.zeros_like(like))

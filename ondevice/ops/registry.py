@@ -77,7 +77,8 @@ class OpOptions:
             ``"2bit"`` keeps 2 bits per element, which of four intervals the input fell in, and backward
             uses a 4-level step derivative (ReGELU2/ReSiLU2; forward unchanged, gradient approximate; see
             ``ondevice.ops._compress``). Activations without a 2-bit derivative (Mish, QuickGELU, ...)
-            keep 8 bits under ``"2bit"``.
+            keep 8 bits under ``"2bit"``. Under either lossy mode attention keeps q, k and v in float16
+            where they fit its range (``ondevice.ops.sdpa``).
     """
 
     mask: MaskMode = "bit"

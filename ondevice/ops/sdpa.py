@@ -72,19 +72,17 @@ def keep_attention() -> Iterator[None]:
         _KEEP.reset(token)
 
 
-_HALF_MAX = float(torch.finfo(torch.float16).max)
-
-
 def _half(t: Tensor) -> Tensor:
-    """``t`` in float16 where it is float32 and fits float16's range (checked on real tensors; an estimate's
-    fake ones are taken to fit), else ``t`` itself."""
+    """``t`` in float16 where it is float32 and fits float16's range (checked on real tensors, on the half
+    copy: a value beyond the range became infinite; an estimate's fake ones are taken to fit), else ``t``."""
     if t.dtype != torch.float32:
         return t
+    half = t.to(torch.float16)
     if not isinstance(t, FakeTensor):
-        low, high = torch.aminmax(t)  # no temporary the size of t
-        if not bool(high < _HALF_MAX) or not bool(low > -_HALF_MAX):
+        low, high = torch.aminmax(half)  # no temporary the size of t
+        if bool(torch.isinf(high)) or bool(torch.isinf(low)):
             return t
-    return t.to(torch.float16)
+    return half
 
 
 class _LeanSDPA(torch.autograd.Function):
