@@ -179,13 +179,10 @@ def _autocast(states: dict[str, tuple[bool, torch.dtype]]) -> Iterator[None]:
 
 
 @contextmanager
-def _norm_stats(block: nn.Module) -> Iterator[None]:
+def _norm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Put back the running statistics a recomputation in training mode updates a second time."""
-    norms = [
-        m
-        for m in block.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-    ]
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._NormBase)]
+    norms = [m for m in norms if m.training and m.track_running_stats]
     kept = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
     try:
         yield
@@ -232,10 +229,11 @@ class _Call:
     do not run again. Each node unpacks its slot once, which then lets the tensor go.
     """
 
-    def __init__(self, replay: _Replay, inputs: Sequence[Tensor]) -> None:
+    def __init__(self, replay: _Replay, inputs: Sequence[Tensor], modules: Sequence[nn.Module]) -> None:
         self.replay = replay
         self.slots: list[_Slot] = []
         self.needs = [t.requires_grad for t in inputs]
+        self.modules = modules  # the block's, for the norms whose statistics a recomputation puts back
 
     def pack(self, t: Tensor) -> _Slot:
         slot = _Slot(t)
@@ -306,7 +304,7 @@ class _Call:
 
         # as in the forward (saved-tensor hooks, memory.measure's among them, may unpack a detached alias)
         again = [t.detach().requires_grad_(need) for t, need in zip(inputs, self.needs, strict=True)]
-        with _norm_stats(self.replay.block), torch.enable_grad(), _transient(again), self.replay.replayed():
+        with _norm_stats(self.modules), torch.enable_grad(), _transient(again), self.replay.replayed():
             try:
                 with torch.autograd.graph.saved_tensors_hooks(pack, never):
                     self.replay.run(again)
@@ -370,12 +368,13 @@ class RecomputedBlock(nn.Module):
                 )
         slots = [i for i, leaf in enumerate(flat) if isinstance(leaf, Tensor)]
         tensors = [flat[i] for i in slots]
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params and not any(t.requires_grad for t in tensors):
+        modules = list(self.modules())
+        own = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        if not any(t.requires_grad for t in (*own, *tensors)):
             return stock_forward(self, *args, **kwargs)  # nothing to differentiate: autograd keeps nothing
         replay = _Replay(self, spec, [None if isinstance(leaf, Tensor) else leaf for leaf in flat], slots)
         replay.capture(tensors)
-        call = _Call(replay, tensors)
+        call = _Call(replay, tensors, modules)
         with torch.autograd.graph.saved_tensors_hooks(call.pack, call.unpack), _transient(tensors):
             out = stock_forward(self, *args, **kwargs)
         flat_out, out_spec = tree_flatten(out)
@@ -383,7 +382,7 @@ class RecomputedBlock(nn.Module):
         if not outs:
             return out  # nothing outside the block can reach its graph
         returned = [leaf for leaf in flat_out if isinstance(leaf, Tensor)]
-        also = call.release([*tensors, *returned, *self.parameters(), *self.buffers()], tensors)
+        also = call.release([*tensors, *returned, *own], tensors)
         saved_keys = {storage_key(slot.tensor) for slot in call.slots if slot.tensor is not None}
         inputs_keys = {storage_key(t) for t in tensors}
         also += [t for t in returned if storage_key(t) in saved_keys - inputs_keys]  # kept by a node inside

@@ -917,5 +917,6 @@ def test_a_cpu_placeholder_reads_as_zeros_in_its_input_layout() -> None:
     del scratch
     stand_in = shape_placeholder(like.shape, like, torch.channels_last)
     assert not allocating_placeholder()
-    assert stand_in.shape == like.shape and stand_in.stride() == like.stride() and stand_in.dtype == like.dtype
+    assert stand_in.shape == like.shape and stand_in.stride() == like.stride()
+    assert stand_in.dtype == like.dtype
     assert torch.equal(stand_in, torch.zeros_like(like))

@@ -25,6 +25,7 @@ by its own ``drop`` and ``act`` children), timm's ``LayerNorm``/``LayerNorm2d`` 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -193,19 +194,38 @@ def share_norm_output(kept: Iterable[Tensor] = ()) -> Iterator[None]:
         _SHARE.reset(token)
 
 
+_SMALLEST_SCALE: dict[int, tuple[weakref.ref[Tensor], int, float]] = {}
+"""Per scale tensor (by id, with a weak reference that tells a reused id apart): its version and its smallest
+magnitude, so a frozen scale is read once."""
+
+
+def _smallest_magnitude(weight: Tensor) -> float:
+    known = _SMALLEST_SCALE.get(id(weight))
+    if known is not None and known[0]() is weight and known[1] == weight._version:
+        return known[2]
+    with torch.no_grad():
+        smallest = float(weight.abs().min())
+    if known is None or known[0]() is not weight:  # a new tensor: forget it when it goes
+        weakref.finalize(weight, _SMALLEST_SCALE.pop, id(weight), None)
+    _SMALLEST_SCALE[id(weight)] = (weakref.ref(weight), weight._version, smallest)
+    return smallest
+
+
 def output_recovers_input(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether a LayerNorm's normalised input comes back from its output to float precision: on the CPU
     (the check reads the scale, which on an accelerator would wait for it), a scale without zeros and
-    ``|bias / weight| <= 1e3``."""
+    ``max |bias| <= 1e3 * min |weight|`` (so ``|bias / weight| <= 1e3`` everywhere)."""
     if x.device.type != "cpu" or weight is None:
         return x.device.type == "cpu"
     if isinstance(weight, FakeTensor) or isinstance(x, FakeTensor):
         return True  # an estimate: a fake scale has no values (a real step decides the same on real ones)
+    smallest = _smallest_magnitude(weight)
+    if smallest <= 0.0:
+        return False
+    if bias is None:
+        return True
     with torch.no_grad():
-        magnitude = weight.abs()
-        if not bool((magnitude > 0).all()):
-            return False
-        return bias is None or bool(((bias.abs() / magnitude) <= _MAX_SHIFT).all())
+        return float(torch.linalg.vector_norm(bias, float("inf"))) <= _MAX_SHIFT * smallest
 
 
 class _LayerNormFn(torch.autograd.Function):

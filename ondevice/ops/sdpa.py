@@ -226,6 +226,8 @@ class MemorySavingAttention(nn.Module):
     half_attention: bool = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if _KEEP.get():  # in a recomputed block: stock attention, without the function mode's cost
+            return super().forward(*args, **kwargs)
         with lean_attention(self.half_attention):
             return super().forward(*args, **kwargs)
 
