@@ -36,6 +36,7 @@ from ondevice.errors import (
 )
 from ondevice.ops import convert, supported_types
 from ondevice.ops.convert import effective_compress
+from ondevice.ops.norm import mark_shared_norms
 from ondevice.quantize import FROZEN_WEIGHT_FORMATS, int8_saved_weights, quantize_frozen_weights
 from ondevice.recompute import RecomputeChoice, apply_recompute
 from ondevice.schemes import Scheme, resolve_scheme
@@ -547,6 +548,7 @@ def prepare(
     if memory_saving:
         compress = effective_compress(work, compress)  # warns and is None where nothing would change
         convert(work, mask=mask, compress=compress)
+        mark_shared_norms(work, example)  # LayerNorms whose output the next layer keeps keep only that
     recomputed = apply_recompute(work, recompute, head=head_name, example=example)
     int8_layers = tuple(quantize_frozen_weights(work)) if frozen_weights == "int8" else ()
     stock, example_text = stock_layers(work, example) if memory_saving else ((), None)

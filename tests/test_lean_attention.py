@@ -71,7 +71,12 @@ def test_library_attention_keeps_q_k_v_only_with_stock_gradients(name: str) -> N
         prepared.model.zero_grad()
         reports[label] = memory.measure(prepared, x, target=y, loss_fn=_loss)
     assert grads["stock"].keys() == grads["lean"].keys()
-    assert all(torch.equal(grads["stock"][k], grads["lean"][k]) for k in grads["stock"])  # bit for bit
+    if not any(getattr(m, "share_output", False) for m in lean.modules()):
+        assert all(torch.equal(grads["stock"][k], grads["lean"][k]) for k in grads["stock"])  # bit for bit
+    else:  # a LayerNorm whose output the head keeps keeps only that: its input comes back to float rounding
+        largest = max(g.abs().max().item() for g in grads["stock"].values())
+        for k, g in grads["stock"].items():
+            torch.testing.assert_close(grads["lean"][k], g, rtol=1e-5, atol=1e-6 * largest, msg=k)
     # per call, stock keeps the output (q's rows x v's width) and the log-sum-exp (q's rows, float32) more
     assert calls.shapes
     dropped = sum(

@@ -6,6 +6,8 @@
 * A recomputed block's recomputation stops at the last tensor its backward needs: on a post-norm block
   (BERT's) it runs neither the feed-forward's second projection nor the closing norm again, counted by
   ``memory.flops.FlopCount`` against a full forward of the block, with stock gradients.
+* A LayerNorm whose output a LoRA'd projection keeps (found by ``prepare`` on a fake forward) keeps only
+  that and ``1/std``: one norm input less per such norm, measured and estimated alike, stock gradients.
 * Under ``compress="2bit"`` attention keeps q, k and v in float16 (half of what the exact lean attention
   keeps, measured), close to exact gradients; values beyond float16's range stay float32.
 """
@@ -181,3 +183,47 @@ def test_values_beyond_half_range_stay_float32() -> None:
     F.scaled_dot_product_attention(ref_q, ref_k, ref_v).backward(grad)
     assert ref_v.grad is not None
     torch.testing.assert_close(v.grad, ref_v.grad, rtol=1e-2, atol=1e-2 * ref_v.grad.abs().max().item())
+
+
+@needs_transformers
+def test_layer_norms_whose_output_lora_keeps_keep_only_that() -> None:
+    spec = LIBRARY_MODELS["transformers/vit"]
+    model: Any = spec.build(seed=0)
+    x, y = spec.example(4), spec.targets(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = ondevice.prepare(model, "lora")
+        stock_lora = ondevice.prepare(model, "lora", memory_saving=False)
+        bias = ondevice.prepare(model, "bias")
+    lora.load_trainable(stock_lora.trainable_tensors())
+    shared = [n for n, m in lora.named_modules() if getattr(m, "share_output", False)]
+    # the norms before attention and before the MLP: their outputs feed LoRA'd projections
+    assert sorted(shared) == [
+        f"model.vit.layers.{i}.layernorm_{w}" for i in (0, 1) for w in ("after", "before")
+    ]
+    assert not any(
+        getattr(m, "share_output", False) for m in bias.modules()
+    )  # frozen projections keep nothing
+    report = memory.measure(lora, x, target=y, loss_fn=_loss)
+    assert (
+        memory.estimate(lora, tuple(x.shape), target=y, loss_fn=_loss).activation_bytes
+        == report.activation_bytes
+    )
+    for name in shared:
+        del lora.get_submodule(name).share_output
+    unshared = memory.measure(lora, x, target=y, loss_fn=_loss)
+    tokens = 4 * (spec.resolution // model.config.patch_size) ** 2 + 4  # and a class token per sample
+    per_norm = tokens * model.config.hidden_size * 4 + tokens * 4  # its input and mean, float32
+    # the first norm's input (the frozen embeddings' output) needs no gradient: it keeps nothing either way
+    assert unshared.activation_bytes - report.activation_bytes == (len(shared) - 1) * per_norm
+    for name in shared:
+        lora.get_submodule(name).share_output = True
+    grads = {}
+    for label, prepared in (("stock", stock_lora), ("shared", lora)):
+        prepared.zero_grad(set_to_none=True)
+        _loss(prepared(x), y).backward()
+        grads[label] = _grads(prepared)
+    for name, grad in grads["stock"].items():
+        torch.testing.assert_close(
+            grads["shared"][name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item()
+        )

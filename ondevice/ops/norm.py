@@ -25,6 +25,7 @@ by its own ``drop`` and ``act`` children), timm's ``LayerNorm``/``LayerNorm2d`` 
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,8 +37,11 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn import functional as F
 
-from ondevice._kept import storage_key
+from ondevice._example import ExampleSpec
+from ondevice._kept import outputs_kept_by_others, storage_key
 from ondevice.ops.registry import MemorySavingModule, register_op
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MemorySavingBatchNorm1d",
@@ -46,6 +50,7 @@ __all__ = [
     "MemorySavingGroupNorm",
     "MemorySavingLayerNorm",
     "layer_norm",
+    "mark_shared_norms",
     "output_recovers_input",
     "share_norm_output",
 ]
@@ -276,22 +281,41 @@ def layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     """``nn.LayerNorm.forward`` (``F.layer_norm`` with ``norm``'s tensors) through the memory-saving op.
 
     Runs stock ``F.layer_norm`` where the op would keep what stock keeps, or nothing needs a gradient; under
-    :func:`share_norm_output`, keeps the output where that is exact.
+    :func:`share_norm_output`, or for a norm marked ``share_output`` (:func:`mark_shared_norms`: its output
+    is kept by the next layer anyway), keeps the output where that is exact.
     """
     if not torch.is_grad_enabled():
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     shared = _SHARE.get()
-    if (
-        shared is not None
-        and x.requires_grad
-        and storage_key(x) not in shared
-        and output_recovers_input(x, norm.weight, norm.bias)
-    ):
+    wanted = getattr(norm, "share_output", False) or (shared is not None and storage_key(x) not in shared)
+    if wanted and x.requires_grad and output_recovers_input(x, norm.weight, norm.bias):
         shape = list(norm.normalized_shape)
         return _LayerNormFn.apply(x, norm.weight, norm.bias, shape, norm.eps, True)  # type: ignore[no-any-return]
     if _stock_keeps_the_same(x, norm.weight, norm.bias, input_needed=True):
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return _LayerNormFn.apply(x, norm.weight, norm.bias, list(norm.normalized_shape), norm.eps)  # type: ignore[no-any-return]
+
+
+def mark_shared_norms(model: nn.Module, example: ExampleSpec | None) -> list[str]:
+    """Mark the LayerNorms of a converted ``model`` whose output another layer keeps for backward (a trained
+    projection after it: LoRA's, full fine-tuning's), found on a fake forward on a batch shaped like
+    ``example``: each then keeps that output (shared) and ``1/std`` instead of its own input, one tensor of
+    the norm's size less (memory-sharing LayerNorm, Chen et al. 2024, arXiv 2406.16282). Returns their names;
+    none without an example or where the model cannot run on fake tensors."""
+    names = [name for name, m in model.named_modules() if isinstance(m, LAYER_NORM_OPS)]
+    if not names or example is None:
+        return []
+    for name in names:
+        model.get_submodule(name).__dict__.pop("share_output", None)
+    try:
+        shared = outputs_kept_by_others(model, names, example)
+    except Exception as error:  # the model's own forward may not take a fake batch; nothing is marked
+        logger.info("could not trace %s to find LayerNorms whose output is kept: %s", type(model).__name__,
+                    error)  # fmt: skip
+        return []
+    for name in shared:
+        model.get_submodule(name).share_output = True  # type: ignore[assignment]
+    return shared
 
 
 class MemorySavingLayerNorm(MemorySavingModule, nn.LayerNorm):
@@ -367,6 +391,9 @@ class _ConvNextLayerNormOp(MemorySavingModule):
             return layer_norm(norm, features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return layer_norm(norm, features)
 
+
+LAYER_NORM_OPS = (MemorySavingLayerNorm, _TimmLayerNormOp, _TimmLayerNorm2dOp, _ConvNextLayerNormOp)
+"""The ops whose forward runs :func:`layer_norm` (and can keep their output instead of their input)."""
 
 for _cls in (
     MemorySavingBatchNorm1d,

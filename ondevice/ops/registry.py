@@ -236,6 +236,7 @@ class MemorySavingModule(nn.Module):
         """The original layer (same class as before conversion) with this layer's config and tensors."""
         stock = clone_module_as(self, self.stock_type)
         stock.__dict__.pop("op_options", None)
+        stock.__dict__.pop("share_output", None)  # set on some LayerNorm ops (ondevice.ops.norm)
         return stock
 
     def extra_repr(self) -> str:
