@@ -164,7 +164,7 @@ def test_two_bit_attention_keeps_q_k_v_in_half_with_close_gradients(name: str) -
     for param, grad in grads["exact"].items():
         if ".attention." in param and grad.norm() > 1e-3 * largest:
             error = (grads["2bit"][param] - grad).norm() / grad.norm()
-            assert error < 0.2, (param, error)
+            assert error < 0.3, (param, error)  # measured: 0.07 (BERT), 0.15 (ViT)
 
 
 def test_values_beyond_half_range_stay_float32() -> None:
