@@ -210,12 +210,13 @@ class _Slot:
     """One tensor the block's forward saved for backward: kept (an input, an output, a parameter or a
     buffer: alive anyway) or dropped at the end of the forward and refilled by the recomputation."""
 
-    __slots__ = ("dropped", "meta", "tensor")
+    __slots__ = ("dropped", "meta", "tensor", "unpacked")
 
     def __init__(self, t: Tensor) -> None:
         self.tensor: Tensor | None = t
         self.meta = (t.shape, t.dtype, t.device)
         self.dropped = False
+        self.unpacked = False
 
 
 class _Call:
@@ -242,6 +243,13 @@ class _Call:
 
     def unpack(self, slot: _Slot) -> Tensor:
         t = slot.tensor
+        if t is None and slot.unpacked:
+            raise RuntimeError(
+                f"a tensor saved inside {self.replay.block.stock_type.__name__} (recomputed in backward) "
+                f"was read twice in one backward (a custom autograd Function reading ctx.saved_tensors "
+                f"twice), and a recomputed block lets each go once read; read them once, or prepare with "
+                f"recompute=False"
+            )
         if t is None:
             raise RuntimeError(
                 f"{self.replay.block.stock_type.__name__} (recomputed in backward) was reached in backward "
@@ -250,7 +258,7 @@ class _Call:
                 f"model, or name other blocks"
             )
         if slot.dropped:
-            slot.tensor = None  # its node has it now; stock autograd lets a saved tensor go the same way
+            slot.tensor, slot.unpacked = None, True  # its node has it now; stock lets a saved tensor go so
         return t
 
     def release(self, alive: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -295,7 +303,7 @@ class _Call:
                     f"branches on state that changed); prepare with recompute=False or name other blocks"
                 )
             if slots[i].dropped and slots[i].tensor is None:
-                slots[i].tensor = t.detach()
+                slots[i].tensor, slots[i].unpacked = t.detach(), False
             if i == last:
                 raise _StopRecompute
 

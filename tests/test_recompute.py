@@ -222,3 +222,44 @@ def test_a_key_value_cache_conflicts_with_recompute_and_the_message_says_what_wo
     assert _quiet_prepare(model, recompute=True).report.recompute == tuple(
         LIBRARY_BLOCKS["transformers/gpt2"]
     )
+
+
+class _ReadsTwice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)  # type: ignore[attr-defined]
+        return x * x
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        (_again,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return 2 * x * grad
+
+
+class _Block(nn.Module):
+    def __init__(self, twice: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.twice = nn.Linear(4, 4), nn.Linear(4, 4), twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(_ReadsTwice.apply(h) if self.twice else h * h)
+
+
+def test_a_recomputed_block_backs_up_twice_with_retain_graph_and_says_when_a_function_reads_twice() -> None:
+    torch.manual_seed(0)
+    stock = _Block(twice=False)
+    ours = RecomputedBlock.from_module(copy.deepcopy(stock))
+    x = torch.randn(3, 4, requires_grad=True)
+    out = ours(x).sum()
+    out.backward(retain_graph=True)
+    first = x.grad.clone()
+    out.backward()  # the dropped tensors are recomputed again for the second backward
+    torch.testing.assert_close(x.grad, 2 * first)
+    reference = x.detach().requires_grad_(True)
+    stock(reference).sum().backward()
+    torch.testing.assert_close(first, reference.grad)
+    reads_twice = RecomputedBlock.from_module(_Block(twice=True))
+    with pytest.raises(RuntimeError, match="read twice in one backward"):
+        reads_twice(x).sum().backward()
