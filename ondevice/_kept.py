@@ -37,29 +37,47 @@ def storage_key(t: Tensor) -> int | None:
 def _fake_run(
     model: nn.Module,
     example: ExampleSpec,
-    pack: Callable[[Tensor, bool], None],
-    hooks: dict[str, tuple[Callable[..., None], Callable[..., None]]],
+    names: Sequence[str],
+    pack: Callable[[Tensor, bool, str], None],
+    on_output: Callable[[str, Any], None] | None = None,
 ) -> None:
     """Run ``model`` once on a fake batch shaped like ``example``, with fake copies of its parameters and
-    buffers, calling ``pack(t, counted)`` for each tensor autograd saves (``counted``: not a parameter or
-    buffer) and the given forward pre/post hooks of named modules."""
+    buffers. ``pack(t, counted, owner)`` sees each tensor autograd saves: ``counted`` when it is not a
+    parameter or buffer, ``owner`` the innermost named module whose forward is running ("" for none).
+    ``on_output(name, output)`` sees each named module's output."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     state: dict[str, Tensor] = {}
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         fake = mode.from_tensor(tensor.detach())
         state[name] = fake.requires_grad_(tensor.requires_grad) if tensor.is_floating_point() else fake
     excluded = {key for key in (storage_key(t) for t in state.values()) if key is not None}
+    stack = [""]
 
     def on_save(t: Tensor) -> Tensor:
         key = storage_key(t)
-        pack(t, key is not None and key not in excluded)
+        pack(t, key is not None and key not in excluded, stack[-1])
         return t.detach()
 
+    def enter(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            stack.append(name)
+
+        return hook
+
+    def leave(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if stack[-1] == name:
+                stack.pop()
+            if on_output is not None:
+                on_output(name, output)
+
+        return hook
+
     handles = []
-    for name, (enter, leave) in hooks.items():
+    for name in names:
         module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(enter))
-        handles.append(module.register_forward_hook(leave, always_call=True))
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave(name), always_call=True))
     device = next((t.device for t in state.values()), torch.device("cpu"))
     try:
         with mode, torch.autograd.graph.saved_tensors_hooks(on_save, lambda t: t):
@@ -76,27 +94,13 @@ def kept_bytes(model: nn.Module, names: Sequence[str], example: ExampleSpec) -> 
     A module nested in another named one counts towards the inner one only.
     """
     saved: dict[int, tuple[int, str]] = {}
-    stack = [""]
 
-    def pack(t: Tensor, counted: bool) -> None:
+    def pack(t: Tensor, counted: bool, owner: str) -> None:
         key = storage_key(t)
         if counted and key is not None and key not in saved:
-            saved[key] = (t.untyped_storage().nbytes(), stack[-1])
+            saved[key] = (t.untyped_storage().nbytes(), owner)
 
-    def enter(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            stack.append(name)
-
-        return hook
-
-    def leave(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if stack[-1] == name:
-                stack.pop()
-
-        return hook
-
-    _fake_run(model, example, pack, {name: (enter(name), leave(name)) for name in names})
+    _fake_run(model, example, names, pack)
     totals = dict.fromkeys(names, 0)
     for nbytes, owner in saved.values():
         if owner in totals:
@@ -110,36 +114,23 @@ def outputs_kept_by_others(model: nn.Module, names: Sequence[str], example: Exam
     outputs: dict[str, int] = {}
     saved: set[int] = set()
     alive: list[Tensor] = []  # the saved tensors stay alive, so no later storage reuses their keys
-    inside: list[str] = []
 
-    def pack(t: Tensor, counted: bool) -> None:
+    def pack(t: Tensor, counted: bool, owner: str) -> None:
         key = storage_key(t)
-        if counted and key is not None and not inside:
+        if counted and key is not None and not owner:  # saved outside the named modules' own forwards
             saved.add(key)
             alive.append(t)
 
-    def enter(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            inside.append(name)
-
-        return hook
-
-    def leave(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if inside and inside[-1] == name:
-                inside.pop()
-            if isinstance(output, Tensor):
-                key = storage_key(output)
-                if key is not None:
-                    outputs[name] = key
-                    alive.append(output)
-
-        return hook
+    def on_output(name: str, output: Any) -> None:
+        key = storage_key(output) if isinstance(output, Tensor) else None
+        if key is not None:
+            outputs[name] = key
+            alive.append(output)
 
     modes = {module: module.training for module in model.modules()}
     try:
         model.train()
-        _fake_run(model, example, pack, {name: (enter(name), leave(name)) for name in names})
+        _fake_run(model, example, names, pack, on_output)
     finally:
         for module, training in modes.items():
             module.training = training
