@@ -147,15 +147,25 @@ def grid_main(
     transfers_help: str,
     run: Callable[..., dict[str, Any]],
     print_tables: Callable[[dict[str, Any]], None],
+    targets: dict[str, float],
+    time_ratio: str,
 ) -> dict[str, Any]:
     """A bench's command line: parse ``argv``, run the transfers (``transfers``: the default and the
-    ``--quick`` ones unless ``--transfers``), print or save the result, and return it."""
+    ``--quick`` ones unless ``--transfers``) with ``--threads`` torch threads, print or save the result,
+    and return it. ``run`` returns the bench's rows, and under ``"config"`` its own settings, which
+    :func:`grid_config` completes with what every bench records (``targets``, ``time_ratio``)."""
     parser = grid_parser(description, transfers_help=transfers_help, quick_epochs=quick_epochs,
                          quick_help=quick_help)  # fmt: skip
     args, options = grid_options(parser, argv)
     default, quick = transfers
     chosen = parse_transfers(args.transfers or (quick if args.quick else default), example=example)
-    result = run(chosen, options.pop("seeds"), quick=args.quick, **options)
+    seeds = options.pop("seeds")
+    torch.set_num_threads(options["threads"])
+    rows = run(chosen, seeds, quick=args.quick, **options)
+    config = grid_config(chosen, seeds, quick=args.quick, reps=options["reps"], threads=options["threads"],
+                         batch=options["batch"], targets=targets, time_ratio=time_ratio,
+                         **rows.pop("config", {}))  # fmt: skip
+    result = {"config": config, **rows}
     emit(result, args, print_tables)
     return result
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as for bench/memory.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._transfers import grid_config, grid_main, paired, pts, run_grid
+from bench._transfers import grid_main, paired, pts, run_grid
 from bench.library_models import LIBRARY_MODELS, LibraryModel, _hf, library_available, logits_of
 from bench.memory import time_steps
 from memory import measure
@@ -287,24 +287,13 @@ def verdicts(result: dict[str, Any]) -> dict[str, bool]:
 
 def run(transfers: dict[str, list[str]], seeds: list[int], *, quick: bool, epochs: int | None, reps: int,
         threads: int, batch: int) -> dict[str, Any]:  # fmt: skip
-    """The whole benchmark as a JSON-ready dict."""
-    torch.set_num_threads(threads)
+    """The benchmark's rows as a JSON-ready dict, with its own settings under ``"config"`` (``grid_main``
+    adds the rest and runs it with ``threads`` torch threads)."""
     registered = register_bench_models()
     names = tuple(n for n in TIME_MODELS if library_available(LIBRARY_MODELS[n].library))
     larger = tuple(n for n, m in LARGER_TIME_MODELS.items() if library_available(m.library))
     result: dict[str, Any] = {
-        "config": grid_config(
-            transfers,
-            seeds,
-            quick=quick,
-            reps=reps,
-            threads=threads,
-            batch=batch,
-            targets=TARGETS,
-            time_ratio="median over interleaved rounds of (mode CPU time / stock CPU time)",
-            modes=MODES,
-            registered_models=list(registered),
-        ),
+        "config": {"modes": MODES, "registered_models": list(registered)},
         "accuracy": accuracy_rows(transfers, seeds, epochs=epochs, vit=ZOO_VIT),
         "time": time_rows(names=names[:2] if quick else (*names, *larger), batch=batch, reps=reps),
     }
@@ -388,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         transfers_help=f"{DEFAULT_TRANSFERS}; {QUICK_TRANSFERS} on small inputs with --quick",
         run=run,
         print_tables=print_tables,
+        targets=TARGETS,
+        time_ratio="median over interleaved rounds of (mode CPU time / stock CPU time)",
     )
 
 

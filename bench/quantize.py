@@ -47,7 +47,7 @@ from torch.nn import functional as F
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as for bench/memory.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._transfers import grid_config, grid_main, paired, pts, run_grid
+from bench._transfers import grid_main, paired, pts, run_grid
 from bench.library_models import LIBRARY_MODELS, library_available, logits_of
 from bench.memory import time_steps, training_step
 from memory import measure
@@ -226,19 +226,9 @@ def verdicts(result: dict[str, Any]) -> dict[str, bool]:
 
 def run(transfers: dict[str, list[str]], seeds: list[int], *, quick: bool, epochs: int | None, reps: int,
         threads: int, batch: int) -> dict[str, Any]:  # fmt: skip
-    """The whole benchmark as a JSON-ready dict."""
-    torch.set_num_threads(threads)
+    """The benchmark's rows as a JSON-ready dict (``grid_main`` adds its ``config`` and runs it with
+    ``threads`` torch threads)."""
     result: dict[str, Any] = {
-        "config": grid_config(
-            transfers,
-            seeds,
-            quick=quick,
-            reps=reps,
-            threads=threads,
-            batch=batch,
-            targets=TARGETS,
-            time_ratio="median over interleaved rounds of (int8 CPU time / float CPU time)",
-        ),
         "accuracy": accuracy_rows(transfers, seeds, epochs=epochs),
         "bytes": byte_rows(quick=quick, batch=batch),
         "time": step_time(quick=quick, batch=batch, reps=reps),
@@ -339,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         transfers_help=f"{DEFAULT_TRANSFERS}; the cnn rows only with --quick",
         run=run,
         print_tables=print_tables,
+        targets=TARGETS,
+        time_ratio="median over interleaved rounds of (int8 CPU time / float CPU time)",
     )
 
 
