@@ -9,9 +9,8 @@ and the planner can weigh an option that saves memory by computing more (recompu
 Elementwise ops, norms and the optimizer step are not counted: on the models this SDK trains they are a
 few per cent of the products' FLOPs, and they cost the same in every option the planner compares.
 
-``torch.utils.flop_counter.FlopCounterMode`` itself is not used: it also tracks modules with backward
-hooks, which refuse the ``autograd.grad`` call a recomputed block makes in backward, and it has no
-formula for the CPU's flash attention.
+``torch.utils.flop_counter.FlopCounterMode`` itself is not used: it has no formula for the CPU's flash
+attention, and it tracks modules with hooks of its own, which this count does not need.
 """
 
 from __future__ import annotations

@@ -220,8 +220,10 @@ def output_recovers_input(x: Tensor, weight: Tensor | None, bias: Tensor | None)
     """Whether a LayerNorm's normalised input comes back from its output to float precision: on the CPU
     (the check reads the scale, which on an accelerator would wait for it), a scale without zeros and
     ``max |bias| <= 100 * min |weight|`` (so ``|bias / weight| <= 100`` everywhere)."""
-    if x.device.type != "cpu" or weight is None:
-        return x.device.type == "cpu"
+    if x.device.type != "cpu":
+        return False
+    if weight is None:
+        return True
     if isinstance(weight, FakeTensor) or isinstance(x, FakeTensor):
         return True  # an estimate: a fake scale has no values (a real step decides the same on real ones)
     smallest = _smallest_magnitude(weight)
@@ -257,7 +259,8 @@ class _LayerNormFn(torch.autograd.Function):
         if ctx.shared:
             out, rstd, weight, bias = ctx.saved_tensors
             x_hat = out if bias is None else out - bias
-            x_hat = x_hat if weight is None else x_hat.div_(weight) if bias is not None else x_hat / weight
+            if weight is not None:
+                x_hat = x_hat / weight
             # the kernel on x_hat with mean 0 and 1/std 1 gives the scale's and bias's gradients as they are,
             # and the input's divided by the true 1/std
             grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
